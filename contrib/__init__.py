@@ -1,0 +1,3 @@
+"""Optional integrations with extra dependencies (``shipyard.contrib``)."""
+
+from __future__ import annotations

@@ -1,0 +1,110 @@
+"""Shipyard: deployment pipelines written in Python.
+
+This façade is the only documented import path. Names load lazily on first use, so
+``import shipyard`` in a pipelines file costs almost nothing and ``shipyard --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+from typing import Any
+
+from ._version import __version__
+
+if TYPE_CHECKING:
+    from . import plugins as _plugins_pkg
+    from ._deploy import DeployRequest
+    from ._events import Event
+    from ._events import LogLine
+    from ._exceptions import DeploymentError
+    from ._exceptions import DeploymentNotFound
+    from ._exceptions import EnvironmentLocked
+    from ._exceptions import ExitCode
+    from ._exceptions import HealthCheckFailed
+    from ._exceptions import HistoryError
+    from ._exceptions import NoPreviousDeployment
+    from ._exceptions import PipelineDefinitionError
+    from ._exceptions import PipelineFileError
+    from ._exceptions import PipelineNotFound
+    from ._exceptions import RollbackRefused
+    from ._exceptions import SecretMissing
+    from ._exceptions import ShipyardError
+    from ._exceptions import ShipyardWarning
+    from ._exceptions import StepFailed
+    from ._exceptions import UsageError
+    from ._manager import DeploymentManager
+    from ._pipeline import Deployment
+    from ._pipeline import Pipeline
+    from ._pipeline import Stage
+    from ._pipeline import Step
+    from ._pipeline import pipeline
+    from ._pipeline import stage
+    from ._plugins import hookimpl
+    from ._reports import Status
+    from ._reports import StepResult
+    from ._runner import StepContext
+    from ._secrets import Secret
+    from ._secrets import secret
+    from .hookspecs import hookspec
+    from .plugins.command import command
+    from .plugins.notify import console
+    from .plugins.notify import jsonl
+    from .plugins.python import python
+    from .plugins.wait import wait
+
+_LAZY: dict[str, str] = {
+    "Deployment": "shipyard._pipeline",
+    "DeploymentError": "shipyard._exceptions",
+    "DeploymentManager": "shipyard._manager",
+    "DeploymentNotFound": "shipyard._exceptions",
+    "DeployRequest": "shipyard._deploy",
+    "EnvironmentLocked": "shipyard._exceptions",
+    "Event": "shipyard._events",
+    "ExitCode": "shipyard._exceptions",
+    "HealthCheckFailed": "shipyard._exceptions",
+    "HistoryError": "shipyard._exceptions",
+    "LogLine": "shipyard._events",
+    "NoPreviousDeployment": "shipyard._exceptions",
+    "Pipeline": "shipyard._pipeline",
+    "PipelineDefinitionError": "shipyard._exceptions",
+    "PipelineFileError": "shipyard._exceptions",
+    "PipelineNotFound": "shipyard._exceptions",
+    "RollbackRefused": "shipyard._exceptions",
+    "Secret": "shipyard._secrets",
+    "SecretMissing": "shipyard._exceptions",
+    "ShipyardError": "shipyard._exceptions",
+    "ShipyardWarning": "shipyard._exceptions",
+    "Stage": "shipyard._pipeline",
+    "Status": "shipyard._reports",
+    "Step": "shipyard._pipeline",
+    "StepContext": "shipyard._runner",
+    "StepFailed": "shipyard._exceptions",
+    "StepResult": "shipyard._reports",
+    "UsageError": "shipyard._exceptions",
+    "command": "shipyard.plugins.command",
+    "console": "shipyard.plugins.notify",
+    "hookimpl": "shipyard._plugins",
+    "hookspec": "shipyard.hookspecs",
+    "jsonl": "shipyard.plugins.notify",
+    "pipeline": "shipyard._pipeline",
+    "python": "shipyard.plugins.python",
+    "secret": "shipyard._secrets",
+    "stage": "shipyard._pipeline",
+    "wait": "shipyard.plugins.wait",
+}
+
+__all__ = sorted([*_LAZY, "__version__"])
+
+
+def __getattr__(name: str) -> Any:
+    modname = _LAZY.get(name)
+    if modname is None:
+        raise AttributeError(f"module 'shipyard' has no attribute {name!r}")
+    value = getattr(importlib.import_module(modname), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

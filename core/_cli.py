@@ -1,0 +1,812 @@
+"""The ``shipyard`` command line: a thin click layer over the session and the store.
+
+Only click is imported at start-up; every command imports what it needs, so ``--help`` and
+``--version`` stay fast and ``list``/``plan`` never import asyncio, sqlite-utils or HTTP clients.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import TYPE_CHECKING
+from typing import Any
+from typing import NoReturn
+
+import click
+
+from ._version import __version__
+
+if TYPE_CHECKING:
+    from ._deploy import DeployRequest
+    from ._deploy import Outcome
+    from ._deploy import Session
+    from ._history import SQLiteHistory
+
+
+# -- plumbing --------------------------------------------------------------------------------------
+
+
+class _Group(click.Group):
+    """Shows Shipyard errors once, with their exit codes; loads plugin commands on demand."""
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        cmd = super().get_command(ctx, cmd_name)
+        if cmd is None and ctx.obj is not None and not ctx.resilient_parsing:
+            try:
+                ctx.obj.session.pm.add_commands(self)
+            except Exception:
+                return None
+            cmd = super().get_command(ctx, cmd_name)
+        return cmd
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from ._exceptions import ShipyardError
+
+        try:
+            return super().invoke(ctx)
+        except ShipyardError as exc:
+            _fail(exc, ctx)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            ctx.exit(130)
+
+
+def _fail(exc: Exception, ctx: click.Context) -> NoReturn:
+    from ._exceptions import PipelineFileError
+    from ._secrets import mask
+
+    state: _State | None = ctx.obj
+    verbose = state.verbose if state else 0
+    show = getattr(exc, "show", None)
+    text = show() if show else str(exc)
+    click.echo(mask(text), err=True)
+    if verbose:
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(exc, PipelineFileError) and exc.cause is not None:
+            cause = exc.cause
+        if cause is not None:
+            click.echo(mask(_user_traceback(cause)), err=True)
+    ctx.exit(getattr(exc, "exit_code", 2))
+
+
+def _user_traceback(exc: BaseException) -> str:
+    """The traceback of ``exc`` without importlib's and Shipyard's own frames."""
+    import traceback
+
+    frames = [
+        f
+        for f in traceback.extract_tb(exc.__traceback__)
+        if "importlib" not in f.filename
+        and f"{os.sep}shipyard{os.sep}" not in f.filename
+        and f"{os.sep}core{os.sep}" not in f.filename
+    ]
+    lines = ["Traceback (most recent call last, Shipyard's frames hidden):"]
+    lines += traceback.format_list(frames)
+    lines += traceback.format_exception_only(type(exc), exc)
+    return "".join(lines).rstrip()
+
+
+class _State:
+    def __init__(self, **options: Any) -> None:
+        self.options = options
+        self.verbose: int = options["verbose"]
+        self._session: Session | None = None
+
+    @property
+    def session(self) -> Session:
+        if self._session is None:
+            from ._config import Config
+            from ._deploy import Session
+
+            o = self.options
+            self._session = Session(
+                Config.resolve(
+                    file=o["file"],
+                    history=o["history"],
+                    plugins=o["plugins"],
+                    secret_files=o.get("secret_files", ()),
+                    verbose=self.verbose,
+                )
+            )
+        return self._session
+
+    def store(self, *, create: bool = False) -> SQLiteHistory:
+        return self.session.open_store(create=create)
+
+
+pass_state = click.make_pass_decorator(_State)
+
+
+def _parse_vars(values: tuple[str, ...]) -> dict[str, str]:
+    """``KEY=VALUE`` pairs; the value may contain ``=``; a later key wins."""
+    out: dict[str, str] = {}
+    for raw in values:
+        key, sep, value = raw.partition("=")
+        key = key.strip()
+        if (
+            not sep
+            or not key
+            or not (key[0].isalpha() or key[0] == "_")
+            or not all(c.isalnum() or c in "_.-" for c in key)
+        ):
+            raise click.BadParameter(
+                f"{raw!r}: expected KEY=VALUE with KEY made of letters, digits, '_', '.', '-'",
+                param_hint="--var",
+            )
+        out[key] = value
+    return out
+
+
+def _echo_json(data: Any) -> None:
+    import json
+
+    from ._secrets import mask_any
+
+    click.echo(json.dumps(mask_any(data), indent=2, sort_keys=False))
+
+
+def _table(rows: list[list[str]], headers: list[str]) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows, strict=False)]
+    click.echo("  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
+    for row in rows:
+        click.echo("  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _when(ts: str | None) -> str:
+    return (ts or "-").replace("T", " ")[:19]
+
+
+def _duration(doc: dict[str, Any]) -> str:
+    from ._console import fmt_duration
+    from ._reports import parse_ts
+    from ._reports import utcnow
+
+    if not doc.get("started_at"):
+        return "-"
+    end = doc.get("finished_at") or utcnow()
+    return fmt_duration(parse_ts(end) - parse_ts(doc["started_at"]))
+
+
+env_option = click.option("-e", "--env", "environment", required=True, help="Target environment.")
+
+
+# -- the group ---------------------------------------------------------------------------------
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "-f", "--file", "file", metavar="PATH", envvar="SHIPYARD_FILE",
+    help="Pipelines file [default: ./pipelines.py; env SHIPYARD_FILE].",
+)  # fmt: skip
+@click.option(
+    "--history", metavar="PATH|URL", envvar="SHIPYARD_HISTORY",
+    help="History store [default: .shipyard/history.db beside the pipelines file].",
+)  # fmt: skip
+@click.option(
+    "-p", "--plugin", "plugins", multiple=True, metavar="MODULE",
+    help="Load a plugin module; -p no:NAME disables one. Repeatable.",
+)  # fmt: skip
+@click.option("-v", "--verbose", count=True, help="More detail; tracebacks of pipeline errors.")
+@click.option("--debug", is_flag=True, help="Same as -v.")
+@click.version_option(
+    __version__, "--version", prog_name="shipyard", message="%(prog)s %(version)s"
+)
+@click.pass_context
+def cli(
+    ctx: click.Context,
+    file: str | None,
+    history: str | None,
+    plugins: tuple[str, ...],
+    verbose: int,
+    debug: bool,
+) -> None:
+    """Deploy pipelines written in Python.
+
+    Pipelines live in pipelines.py as @shipyard.pipeline functions. Every deployment, stage,
+    step and log line is recorded in the history, which drives status, logs and rollback.
+
+    Exit codes: 0 succeeded; 1 the deployment failed or was cancelled; 2 usage, pipelines-file or
+    not-found error; 3 the environment is locked; 130 interrupted.
+    """
+    ctx.obj = _State(
+        file=file, history=history, plugins=list(plugins), verbose=verbose + int(debug)
+    )
+    ctx.call_on_close(lambda: ctx.obj._session and ctx.obj._session.close())
+
+
+# -- list & plan -----------------------------------------------------------------------------------
+
+
+@cli.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_state
+def list_cmd(state: _State, as_json: bool) -> None:
+    """List pipelines, their environments and stages."""
+    from ._pipeline import Deployment
+    from ._pipeline import PipelineDefinitionError
+
+    pipelines = state.session.load()
+    rows = []
+    for p in pipelines.values():
+        env = (p.environments or ["*"])[0]
+        try:
+            stages = [s.name for s in p.build(Deployment(0, p.name, "<version>", env))]
+        except PipelineDefinitionError:
+            stages = []
+        rows.append(
+            {"name": p.name, "description": p.description.split("\n")[0],
+             "environments": p.environments, "rollback": p.rollback, "stages": stages}
+        )  # fmt: skip
+    if as_json:
+        _echo_json(rows)
+        return
+    if not rows:
+        click.echo(f"no pipelines in {state.session.config.pipelines_file}")
+        return
+    for r in rows:
+        envs = ", ".join(r["environments"]) if r["environments"] else "any environment"
+        click.echo(f"{r['name']}  [{envs}]  rollback={r['rollback']}")
+        if r["description"]:
+            click.echo(f"    {r['description']}")
+        click.echo(
+            f"    stages: {' -> '.join(r['stages']) or '(could not be built without a version)'}"
+        )
+
+
+@cli.command()
+@click.argument("pipeline")
+@click.argument("version")
+@env_option
+@click.option("--var", "vars_", multiple=True, metavar="K=V", help="A variable for the pipeline.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_state
+def plan(state: _State, pipeline: str, version: str, environment: str, vars_: tuple[str, ...],
+         as_json: bool) -> None:  # fmt: skip
+    """Show the resolved stages and steps of a deployment; change nothing."""
+    from ._exceptions import UsageError
+    from ._pipeline import Deployment
+    from ._secrets import mask
+
+    session = state.session
+    pipe = session.pipeline(pipeline)
+    if not pipe.allows(environment):
+        raise UsageError(
+            f"pipeline {pipe.name!r} may deploy to "
+            f"{', '.join(repr(e) for e in pipe.environments or [])}, not {environment!r}"
+        )
+    d = Deployment(0, pipe.name, version, environment, _parse_vars(vars_))
+    stages = session.build(pipe, d)
+    if as_json:
+        _echo_json(
+            {
+                "pipeline": pipe.name, "version": version, "environment": environment,
+                "stages": [
+                    {"name": s.name, "parallel": s.parallel,
+                     "continue_on_failure": s.continue_on_failure,
+                     "steps": [{"name": st.name, "kind": st.kind, "description": st.describe(),
+                                "timeout": st.timeout, "retries": st.retries} for st in s.steps]}
+                    for s in stages
+                ],
+            }
+        )  # fmt: skip
+        return
+    click.echo(f"plan: {pipe.name} {version} -> {environment}")
+    for i, s in enumerate(stages, 1):
+        flags = [
+            f
+            for f, on in (("parallel", s.parallel), ("continue on failure", s.continue_on_failure))
+            if on
+        ]
+        click.echo(f"[{i}/{len(stages)}] {s.name}" + (f" ({', '.join(flags)})" if flags else ""))
+        for st in s.steps:
+            opts = []
+            if st.timeout:
+                opts.append(f"timeout {st.timeout:g}s")
+            if st.retries:
+                opts.append(f"retries {st.retries}")
+            extra = f"  [{', '.join(opts)}]" if opts else ""
+            click.echo(mask(f"  - {st.kind}: {st.describe()}{extra}"))
+
+
+# -- deploy, rollback, retry -----------------------------------------------------------------------
+
+
+def _run(state: _State, req: DeployRequest, *, as_json: bool) -> NoReturn:
+    """Run a deployment in this process with signal handling; exit with its code."""
+    import asyncio
+    import signal
+
+    from ._console import ConsoleReporter
+    from ._deploy import RunControl
+    from ._deploy import execute
+
+    session = state.session
+    session.load()
+    reporter = ConsoleReporter(sys.stderr if as_json else sys.stdout)
+    control = RunControl()
+
+    async def main() -> Outcome:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(
+                sig, lambda s=sig: control.cancel(f"interrupted by {s.name}", by_signal=True)
+            )
+        return await execute(session, req, reporter=reporter, control=control)
+
+    outcome = asyncio.run(main())
+    if as_json:
+        store = state.store()
+        doc = store.document(outcome.id)
+        if outcome.rollback is not None:
+            doc["rollback"] = store.document(outcome.rollback.id, stages=False)
+        _echo_json(doc)
+    if outcome.rollback is not None:
+        rb = outcome.rollback
+        reporter.write(
+            f"automatic rollback #{rb.id} {rb.status}; deployment #{outcome.id} stays failed"
+        )
+    sys.exit(outcome.exit_code)
+
+
+def _detach(state: _State, argv: list[str]) -> NoReturn:
+    """Re-run ``deploy`` in a new session that outlives us; print its id once it is recorded."""
+    import subprocess
+
+    r, w = os.pipe()
+    cmd = [sys.executable, "-m", "shipyard", *argv, "--report-fd", str(w)]
+    log_dir = (
+        os.path.dirname(state.session.config.history)
+        if "://" not in state.session.config.history
+        else "."
+    )
+    os.makedirs(log_dir, mode=0o700, exist_ok=True)
+    with (
+        open(os.devnull, "rb") as devnull,
+        open(os.path.join(log_dir, "detached.log"), "ab") as log,
+    ):
+        os.chmod(log.name, 0o600)
+        subprocess.Popen(
+            cmd, stdin=devnull, stdout=log, stderr=log, pass_fds=(w,), start_new_session=True,
+            cwd=os.getcwd(),
+        )  # fmt: skip
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        data = f.read().decode()
+    if data.startswith("ID "):
+        click.echo(data[3:].strip())
+        sys.exit(0)
+    code, _, message = data.partition(" ")
+    click.echo(
+        message.strip() or "the detached deployment did not start; see detached.log", err=True
+    )
+    sys.exit(int(code) if code.isdigit() else 2)
+
+
+@cli.command()
+@click.argument("pipeline")
+@click.argument("version")
+@env_option
+@click.option("--var", "vars_", multiple=True, metavar="K=V", help="A variable for the pipeline.")
+@click.option("--detach", is_flag=True, help="Print the id and run in the background.")
+@click.option("--no-rollback", is_flag=True, help="No automatic rollback for this run.")
+@click.option(
+    "--wait-lock", type=float, default=0.0, metavar="SECONDS", help="Wait for a held lock."
+)
+@click.option("--notify", multiple=True, metavar="URL|NAME:VALUE", help="Add a notification sink.")
+@click.option(
+    "--secret-file",
+    "secret_files",
+    multiple=True,
+    metavar="PATH",
+    help="dotenv file of secrets (mode 0600).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the finished deployment as JSON.")
+@click.option("--report-fd", type=int, hidden=True)
+@pass_state
+def deploy(state: _State, pipeline: str, version: str, environment: str, vars_: tuple[str, ...],
+           detach: bool, no_rollback: bool, wait_lock: float, notify: tuple[str, ...],
+           secret_files: tuple[str, ...], as_json: bool, report_fd: int | None) -> None:  # fmt: skip
+    """Deploy VERSION of PIPELINE to an environment."""
+    from ._deploy import DeployRequest
+
+    state.options["secret_files"] = secret_files
+    variables = _parse_vars(vars_)
+    if detach:
+        argv = sys.argv[1:]
+        argv.remove("--detach")
+        state.session.load()  # report pipelines-file errors here, not in the background
+        _detach(state, argv)
+    req = DeployRequest(
+        pipeline=pipeline, version=version, environment=environment, vars=variables,
+        auto_rollback=not no_rollback, wait_lock=wait_lock, notify=list(notify),
+        args=sys.argv[1:],
+    )  # fmt: skip
+    if report_fd is not None:
+        _run_reporting(state, req, report_fd)
+    _run(state, req, as_json=as_json)
+
+
+def _run_reporting(state: _State, req: DeployRequest, fd: int) -> NoReturn:
+    """The detached child: report the id (or the early error) through ``fd``, then run."""
+    import asyncio
+
+    from ._deploy import RunControl
+    from ._deploy import execute
+    from ._exceptions import ShipyardError
+
+    pipe = os.fdopen(fd, "wb")
+
+    def on_begin(dep_id: int) -> None:
+        pipe.write(f"ID {dep_id}\n".encode())
+        pipe.close()
+
+    control = RunControl()
+
+    async def main() -> Outcome:
+        import signal
+
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(
+                sig, lambda s=sig: control.cancel(f"interrupted by {s.name}", by_signal=True)
+            )
+        return await execute(state.session, req, control=control, on_begin=on_begin)
+
+    try:
+        outcome = asyncio.run(main())
+    except ShipyardError as exc:
+        if not pipe.closed:
+            pipe.write(f"{exc.exit_code} {exc.show()}".encode())
+            pipe.close()
+        sys.exit(exc.exit_code)
+    sys.exit(outcome.exit_code)
+
+
+def _resolve_target(store: SQLiteHistory, ident: str, environment: str | None) -> dict[str, Any]:
+    from ._exceptions import UsageError
+
+    if environment is not None:
+        return store.latest(ident, environment)
+    if not ident.isdigit():
+        raise UsageError(f"{ident!r} is not a deployment id; to name a pipeline, add -e ENV")
+    return store.get(int(ident))
+
+
+@cli.command()
+@click.argument("target", metavar="ID | PIPELINE")
+@click.option(
+    "-e",
+    "--env",
+    "environment",
+    default=None,
+    help="With PIPELINE: roll back its latest deployment here.",
+)
+@click.option(
+    "--wait-lock", type=float, default=0.0, metavar="SECONDS", help="Wait for a held lock."
+)
+@click.option("--reason", default="", help="Why; recorded.")
+@click.option("--json", "as_json", is_flag=True, help="Print the rollback deployment as JSON.")
+@pass_state
+def rollback(state: _State, target: str, environment: str | None, wait_lock: float, reason: str,
+             as_json: bool) -> None:  # fmt: skip
+    """Redeploy the previous successful version (before deployment ID, or the latest one)."""
+    from ._deploy import DeployRequest
+    from ._exceptions import RollbackRefused
+
+    session = state.session
+    store = state.store()
+    x = _resolve_target(store, target, environment)
+    pipe = session.pipeline(x["pipeline"])
+    if pipe.rollback is False:
+        raise RollbackRefused(
+            f"pipeline {pipe.name!r} refuses rollback (rollback=False); deploy a version instead"
+        )
+    goal = store.rollback_target(x["id"])
+    click.echo(
+        f"rolling back deployment #{x['id']} ({x['version']}) to version {goal['version']} "
+        f"(from deployment #{goal['id']})",
+        err=as_json,
+    )
+    req = DeployRequest(
+        pipeline=x["pipeline"], version=goal["version"], environment=x["environment"],
+        vars=dict(goal.get("vars") or {}), rollback_of=x["id"], auto_rollback=False,
+        wait_lock=wait_lock, args=sys.argv[1:], reason=reason,
+    )  # fmt: skip
+    _run(state, req, as_json=as_json)
+
+
+@cli.command()
+@click.argument("deployment_id", type=int, metavar="ID")
+@click.option(
+    "--wait-lock", type=float, default=0.0, metavar="SECONDS", help="Wait for a held lock."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the new deployment as JSON.")
+@pass_state
+def retry(state: _State, deployment_id: int, wait_lock: float, as_json: bool) -> None:
+    """Run a failed, cancelled or interrupted deployment again from its first unfinished stage."""
+    from ._deploy import DeployRequest
+    from ._exceptions import UsageError
+
+    store = state.store()
+    x = store.get(deployment_id)
+    if x["status"] not in ("failed", "interrupted", "cancelled"):
+        raise UsageError(
+            f"deployment {deployment_id} is {x['status']}; only failed, cancelled or interrupted "
+            "deployments can be retried"
+        )
+    stages = store.stages(deployment_id)
+    start = next(
+        (s["idx"] for s in stages if s["status"] != "succeeded" and not (s["status"] == "skipped" and s["note"])),
+        0,
+    )  # fmt: skip
+    req = DeployRequest(
+        pipeline=x["pipeline"], version=x["version"], environment=x["environment"],
+        vars=dict(x.get("vars") or {}), retry_of=deployment_id, start_stage=start,
+        auto_rollback=True, wait_lock=wait_lock, args=sys.argv[1:],
+    )  # fmt: skip
+    pipe = state.session.pipeline(x["pipeline"])
+    from ._pipeline import Deployment
+
+    names = [
+        s.name
+        for s in state.session.build(
+            pipe, Deployment(0, pipe.name, x["version"], x["environment"], req.vars)
+        )
+    ]
+    old = [s["name"] for s in stages]
+    if names[:start] != old[:start]:
+        raise UsageError(
+            f"the stages of {pipe.name!r} changed since deployment {deployment_id} "
+            f"({' -> '.join(old)} then, {' -> '.join(names)} now); deploy the version instead"
+        )
+    _run(state, req, as_json=as_json)
+
+
+@cli.command()
+@click.argument("deployment_id", type=int, metavar="ID")
+@click.option("--reason", default="", help="Why; recorded.")
+@click.option(
+    "--wait",
+    "wait_s",
+    type=float,
+    default=10.0,
+    metavar="SECONDS",
+    help="How long to wait for it to stop.",
+)
+@pass_state
+def cancel(state: _State, deployment_id: int, reason: str, wait_s: float) -> None:
+    """Stop a running deployment (also one started by another process or --detach)."""
+    import time
+
+    from ._exceptions import UsageError
+    from ._history import current_user
+
+    store = state.store()
+    dep = store.get(deployment_id)
+    if dep["status"] not in ("running", "pending"):
+        raise UsageError(f"deployment {deployment_id} is not running (it is {dep['status']})")
+    store.request_cancel(deployment_id, user=current_user(), reason=reason)
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        store.repair(state.session.config.lock_lease)
+        status = store.get(deployment_id)["status"]
+        if status not in ("running", "pending"):
+            click.echo(f"deployment #{deployment_id} {status}")
+            return
+        time.sleep(0.1)
+    click.echo(f"cancel requested; deployment #{deployment_id} is still stopping", err=True)
+    sys.exit(1)
+
+
+@cli.command()
+@click.argument("pipeline")
+@env_option
+@click.option("--reason", required=True, help="Why the lock is broken; recorded.")
+@pass_state
+def unlock(state: _State, pipeline: str, environment: str, reason: str) -> None:
+    """Break the lock of PIPELINE in an environment by hand (recorded)."""
+    from ._history import current_user
+
+    holder = state.store(create=True).unlock(
+        pipeline, environment, user=current_user(), reason=reason
+    )
+    if holder is None:
+        click.echo(f"{pipeline!r} in {environment!r} was not locked; recorded anyway")
+    else:
+        click.echo(
+            f"unlocked {pipeline!r} in {environment!r}; deployment #{holder['deployment_id']} "
+            "is now interrupted"
+        )
+
+
+# -- reading the history ---------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("deployment_id", type=int, metavar="[ID]", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_state
+def status(state: _State, deployment_id: int | None, as_json: bool) -> None:
+    """Running and recent deployments, with stage i/N of each."""
+    store = _read_store(state)
+    if store is None:
+        click.echo("no deployments yet")
+        return
+    if deployment_id is not None:
+        docs = [store.get(deployment_id)]
+    else:
+        running = store.list(statuses=("running", "pending"), limit=100)
+        recent = [d for d in store.list(limit=10) if d["id"] not in {r["id"] for r in running}]
+        docs = running + recent
+    if as_json:
+        _echo_json(docs)
+        return
+    if not docs:
+        click.echo("no deployments yet")
+        return
+    rows = []
+    for d in docs:
+        total = d.get("stages_total") or 0
+        cur = d.get("current_stage")
+        stage = (
+            f"{(cur or 0) + 1}/{total}"
+            if total and cur is not None
+            else (f"-/{total}" if total else "-")
+        )
+        rows.append([f"#{d['id']}", d["pipeline"], d["version"], d["environment"], d["status"], stage,
+                     _when(d["started_at"]), _duration(d)])  # fmt: skip
+    _table(rows, ["id", "pipeline", "version", "env", "status", "stage", "started", "took"])
+
+
+@cli.command()
+@click.option("--pipeline", default=None, help="Only this pipeline.")
+@click.option("--env", "environment", default=None, help="Only this environment.")
+@click.option(
+    "-n", "limit", type=click.IntRange(1), default=20, show_default=True, help="How many."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_state
+def history(
+    state: _State, pipeline: str | None, environment: str | None, limit: int, as_json: bool
+) -> None:
+    """Past deployments, newest first."""
+    store = _read_store(state)
+    docs = store.list(pipeline=pipeline, environment=environment, limit=limit) if store else []
+    if as_json:
+        keys = ("id", "pipeline", "version", "environment", "status", "started_at", "finished_at",
+                "rollback_of", "retry_of", "error", "user", "host")  # fmt: skip
+        _echo_json([{k: d.get(k) for k in keys} for d in docs])
+        return
+    if not docs:
+        click.echo("no deployments yet")
+        return
+    rows = [
+        [f"#{d['id']}", d["pipeline"], d["version"], d["environment"], d["status"],
+         _when(d["started_at"]), _duration(d), d["user"] or "",
+         f"rollback of #{d['rollback_of']}" if d["rollback_of"] else (f"retry of #{d['retry_of']}" if d["retry_of"] else "")]
+        for d in docs
+    ]  # fmt: skip
+    _table(rows, ["id", "pipeline", "version", "env", "status", "started", "took", "by", "note"])
+
+
+def _read_store(state: _State) -> SQLiteHistory | None:
+    from pathlib import Path
+
+    hist = state.session.config.history
+    if "://" not in hist and not Path(hist).exists():
+        return None
+    return state.store()
+
+
+@cli.command()
+@click.argument("deployment_id", type=int, metavar="ID")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_state
+def show(state: _State, deployment_id: int, as_json: bool) -> None:
+    """One deployment: stages, steps, durations, exit codes, errors, who and where."""
+    store = state.store()
+    doc = store.document(deployment_id)
+    if as_json:
+        _echo_json(doc)
+        return
+    from ._secrets import mask
+
+    click.echo(
+        f"deployment #{doc['id']}: {doc['pipeline']} {doc['version']} -> {doc['environment']}  {doc['status']}"
+    )
+    click.echo(
+        f"  started   {_when(doc['started_at'])}   finished {_when(doc['finished_at'])}   took {_duration(doc)}"
+    )
+    click.echo(
+        f"  by        {doc['user']}{' (' + doc['ci_actor'] + ')' if doc.get('ci_actor') else ''} on {doc['host']}"
+    )
+    click.echo(f"  file      {doc['pipelines_file']}  sha256 {str(doc['file_hash'])[:12]}")
+    if doc.get("git_commit"):
+        click.echo(f"  commit    {doc['git_commit']}")
+    click.echo(f"  shipyard  {doc['shipyard_version']}")
+    if doc.get("vars"):
+        click.echo("  vars      " + " ".join(f"{k}={v}" for k, v in doc["vars"].items()))
+    if doc["rollback_of"]:
+        click.echo(f"  rollback of #{doc['rollback_of']}")
+    if doc["retry_of"]:
+        click.echo(f"  retry of  #{doc['retry_of']}")
+    if doc["error"]:
+        click.echo(mask(f"  error     {doc['error']}"))
+    total = len(doc["stages"])
+    for i, s in enumerate(doc["stages"], 1):
+        click.echo(f"[{i}/{total}] {s['name']}  {s['status']}  {_duration(s)}")
+        for st in s["steps"]:
+            code = f"  exit {st['exit_code']}" if st["exit_code"] is not None else ""
+            tries = f"  attempts {st['attempts']}" if st["attempts"] and st["attempts"] > 1 else ""
+            label = "warning" if st["warning"] else st["status"]
+            click.echo(f"  {label:<11} {st['name']}  {_duration(st)}{code}{tries}")
+            if st["error"] and st["status"] != "succeeded":
+                for line in st["error"].splitlines():
+                    click.echo(mask(f"              {line}"))
+    for a in store.audit(deployment_id=deployment_id):
+        click.echo(
+            f"  audit     {_when(a['ts'])} {a['action']} by {a['user']}: {a['reason'] or '-'}"
+        )
+
+
+@cli.command()
+@click.argument("deployment_id", type=int, metavar="ID")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing until the deployment ends.")
+@pass_state
+def logs(state: _State, deployment_id: int, follow: bool) -> None:
+    """Print the log lines of a deployment."""
+    import time
+
+    from ._reports import format_ts
+
+    store = state.store()
+    store.get(deployment_id)
+    last = 0
+    while True:
+        rows = store.logs(deployment_id, after=last)
+        for r in rows:
+            step = r["step"] or r["stream"]
+            click.echo(f"{format_ts(r['ts'])[11:23]} [{step}] {r['line']}")
+            last = r["id"]
+        if rows:
+            continue
+        if not follow:
+            return
+        store.repair(state.session.config.lock_lease)
+        if store.get(deployment_id)["status"] not in ("running", "pending"):
+            if not store.logs(deployment_id, after=last, limit=1):
+                return
+            continue
+        time.sleep(0.2)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_state
+def plugins(state: _State, as_json: bool) -> None:
+    """Loaded plugins with where they came from, their step types and notifiers."""
+    session = state.session
+    session.load(require_file=False)
+    rows = session.pm.plugin_rows()
+    if as_json:
+        _echo_json(rows)
+        return
+    for r in rows:
+        version = f" {r['version']}" if r["version"] else ""
+        click.echo(f"{r['name']}{version}  ({r['source']})")
+        if r["step_types"]:
+            click.echo(f"    step types: {', '.join(r['step_types'])}")
+        if r["notifiers"]:
+            click.echo(f"    notifiers:  {', '.join(r['notifiers'])}")
+        hooks = [
+            h
+            for h in r["hooks"]
+            if h not in ("shipyard_register_step_types", "shipyard_register_notifiers")
+        ]
+        if hooks:
+            click.echo(f"    hooks:      {', '.join(hooks)}")
+
+
+def main(argv: list[str] | None = None, prog_name: str = "shipyard") -> None:
+    """Entry point of the ``shipyard`` console script."""
+    cli.main(args=argv, prog_name=prog_name)

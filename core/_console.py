@@ -1,0 +1,119 @@
+"""The terminal reporter: progress of a deployment, fed by the event stream."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import IO
+from typing import Any
+
+from ._events import Event
+from ._reports import Status
+
+_COLORS = {
+    Status.SUCCEEDED: "32",
+    Status.FAILED: "31",
+    Status.CANCELLED: "33",
+    Status.INTERRUPTED: "33",
+    Status.SKIPPED: "90",
+    "warning": "33",
+    "bold": "1",
+    "dim": "2",
+}
+
+
+def use_color(stream: IO[str]) -> bool:
+    """Colour only on a terminal, never with ``NO_COLOR``; ``FORCE_COLOR`` forces it."""
+    if os.environ.get("NO_COLOR"):
+        return False
+    if os.environ.get("FORCE_COLOR"):
+        return True
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty()) and os.environ.get("TERM") != "dumb"
+
+
+def fmt_duration(seconds: float) -> str:
+    if seconds < 1:
+        return f"{seconds * 1000:.0f}ms"
+    if seconds < 60:
+        return f"{seconds:.2f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes}m{secs:02d}s"
+
+
+class ConsoleReporter:
+    """Prints stage i/N, output lines, each step's result and duration, and the failing error."""
+
+    def __init__(
+        self, stream: IO[str] | None = None, *, color: bool | None = None, show_output: bool = True
+    ) -> None:
+        self.stream = stream or sys.stdout
+        self.color = use_color(self.stream) if color is None else color
+        self.show_output = show_output
+        self._started: dict[Any, float] = {}
+        self._parallel = False
+
+    def _c(self, text: str, key: Any) -> str:
+        if not self.color or key not in _COLORS:
+            return text
+        return f"\x1b[{_COLORS[key]}m{text}\x1b[0m"
+
+    def write(self, text: str) -> None:
+        try:
+            self.stream.write(text + "\n")
+            self.stream.flush()
+        except (BrokenPipeError, ValueError):  # a closed terminal must not fail a deployment
+            pass
+
+    def handle(self, event: Event) -> None:
+        e: Any = event
+        d = event.deployment
+        name = event.hook
+        if name == "shipyard_step_output":
+            if self.show_output:
+                prefix = f"{e.step.name} | " if self._parallel else ""
+                dim = self._c("    │ ", "dim")
+                for ln in e.lines:
+                    self.write(f"{dim}{prefix}{ln.text}")
+        elif name == "shipyard_step_started":
+            self._started[(e.stage_index, e.index)] = time.monotonic()
+        elif name == "shipyard_step_finished":
+            start = self._started.pop((e.stage_index, e.index), time.monotonic())
+            r = e.result
+            label = "ok" if r.status is Status.SUCCEEDED else str(r.status)
+            key: Any = r.status
+            if r.warning:
+                label, key = "warning", "warning"
+            line = f"  {self._c(f'{label:<9}', key)} {e.step.name}  ({fmt_duration(time.monotonic() - start)})"
+            if r.attempts > 1:
+                line += f" after {r.attempts} attempts"
+            self.write(line)
+            if r.error and r.status is not Status.SUCCEEDED:
+                for err_line in r.error.splitlines():
+                    self.write("            " + err_line)
+        elif name == "shipyard_stage_started":
+            self._parallel = e.stage.parallel
+            extra = []
+            if e.stage.parallel:
+                extra.append("parallel")
+            if e.stage.continue_on_failure:
+                extra.append("continue on failure")
+            suffix = f" ({', '.join(extra)})" if extra else ""
+            self.write(self._c(f"[{e.index + 1}/{e.total}] {e.stage.name}", "bold") + suffix)
+        elif name == "shipyard_deployment_started":
+            self._t0 = time.monotonic()
+            rb = f", rolling back #{d.rollback_of}" if d.rollback_of else ""
+            self.write(
+                f"deploying {d.pipeline} {d.version} to {d.environment} (deployment #{d.id}{rb})"
+            )
+            if e.start_stage:
+                self.write(f"resuming at stage {e.start_stage + 1}: {e.stages[e.start_stage].name}")
+        elif name == "shipyard_rollback_started":
+            self.write(self._c(f"rolling back to version {e.target}: {e.reason}", "warning"))
+        elif name == "shipyard_deployment_finished":
+            took = time.monotonic() - getattr(self, "_t0", time.monotonic())
+            status = self._c(str(e.status), e.status)
+            self.write(f"deployment #{d.id} {status} in {fmt_duration(took)}")
+            if e.error:
+                self.write(f"  {e.error}")

@@ -1,0 +1,410 @@
+"""One command's session (config, plugins, pipelines, store) and the deployment procedure.
+
+:func:`execute` is shared by the CLI (``deploy``, ``rollback``, ``retry``) and by
+:class:`shipyard.DeploymentManager`: lock, build, check secrets, run, notify, auto-rollback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from dataclasses import field
+from typing import TYPE_CHECKING
+from typing import Any
+
+from ._config import Config
+from ._discovery import collect
+from ._discovery import load_module
+from ._exceptions import EnvironmentLocked
+from ._exceptions import NoPreviousDeployment
+from ._exceptions import PipelineDefinitionError
+from ._exceptions import PipelineNotFound
+from ._exceptions import RollbackRefused
+from ._exceptions import SecretMissing
+from ._exceptions import ShipyardError
+from ._exceptions import UsageError
+from ._pipeline import Deployment
+from ._pipeline import Pipeline
+from ._pipeline import Stage
+from ._plugins import ShipyardPluginManager
+from ._reports import Status
+
+if TYPE_CHECKING:
+    from ._history import SQLiteHistory
+
+
+class Session:
+    """What one command needs, loaded lazily: ``--help`` touches none of it."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._pm: ShipyardPluginManager | None = None
+        self._pipelines: dict[str, Pipeline[Any]] | None = None
+        self._module: Any = None
+
+    @property
+    def pm(self) -> ShipyardPluginManager:
+        if self._pm is None:
+            pm = ShipyardPluginManager()
+            pm.load(self.config.plugin_specs, autoload=self.config.autoload)
+            self.config.pluginmanager = pm
+            self._pm = pm
+        return self._pm
+
+    def load(self, *, require_file: bool = True) -> dict[str, Pipeline[Any]]:
+        """Load plugins and the pipelines file (registering its hooks), once."""
+        if self._pipelines is not None:
+            return self._pipelines
+        pm = self.pm
+        path = self.config.pipelines_file
+        pipelines: list[Pipeline[Any]] = []
+        if require_file or path.is_file():
+            self._module = load_module(path)
+            pipelines = collect(self._module, path)
+            pm.register_pipelines_module(self._module, str(path))
+        pm.finish_loading()
+        pm.configure(self.config)
+        pm.modify_collection(pipelines, self.config)
+        self._pipelines = {p.name: p for p in pipelines}
+        return self._pipelines
+
+    def pipeline(self, name: str) -> Pipeline[Any]:
+        pipelines = self.load()
+        try:
+            return pipelines[name]
+        except KeyError:
+            raise PipelineNotFound(name, pipelines, self.config.pipelines_file.name) from None
+
+    def open_store(self, *, create: bool = True) -> SQLiteHistory:
+        from ._history import open_store
+
+        store = open_store(self.config.history, create=create)
+        store.repair(self.config.lock_lease)
+        return store
+
+    def build(self, pipeline: Pipeline[Any], deployment: Deployment) -> list[Stage]:
+        """The stages of ``pipeline`` for ``deployment``; every step kind must be available."""
+        stages = pipeline.build(deployment)
+        registry = self.pm.step_types
+        for st in stages:
+            for step in st.steps:
+                known = registry.types.get(step.kind)
+                if known is None:
+                    path, line = step.location
+                    blocked = (
+                        f"; plugin {step.kind!r} is disabled"
+                        if step.kind in self.pm.blocked
+                        else ""
+                    )
+                    raise PipelineDefinitionError(
+                        f"pipeline {pipeline.name!r}, stage {st.name!r}, step {step.name!r}: step "
+                        f"type {step.kind!r} is not provided by any loaded plugin{blocked}; "
+                        "`shipyard plugins` lists what is loaded",
+                        path=path,
+                        lineno=line,
+                    )
+        return stages
+
+    def close(self) -> None:
+        if self._pm is not None:
+            self._pm.unconfigure(self.config)
+
+
+@dataclass
+class DeployRequest:
+    """What to deploy and how."""
+
+    pipeline: str
+    version: str
+    environment: str
+    vars: dict[str, str] = field(default_factory=dict)
+    rollback_of: int | None = None
+    retry_of: int | None = None
+    start_stage: int = 0
+    auto_rollback: bool = True
+    wait_lock: float = 0.0
+    notify: list[str] = field(default_factory=list)
+    args: list[str] | None = None
+    reason: str = ""
+
+
+@dataclass
+class Outcome:
+    """How a deployment ended (and its automatic rollback, if one ran)."""
+
+    id: int
+    status: Status
+    error: str | None = None
+    rollback: Outcome | None = None
+    interrupted_by_signal: bool = False
+
+    @property
+    def exit_code(self) -> int:
+        if self.interrupted_by_signal:
+            return 130
+        return 0 if self.status is Status.SUCCEEDED else 1
+
+
+class RunControl:
+    """Cancels the running deployment of this process (signal handler, ``cancel``, the API)."""
+
+    def __init__(self) -> None:
+        self.task: asyncio.Task[Any] | None = None
+        self.reason: str | None = None
+        self.by_signal = False
+
+    def cancel(self, reason: str, *, by_signal: bool = False) -> None:
+        if self.reason is None:
+            self.reason = reason
+            self.by_signal = by_signal
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+
+
+def file_hash(path: os.PathLike[str] | str) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    except OSError:
+        return None
+
+
+def git_commit(rootdir: os.PathLike[str] | str) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=rootdir, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"], cwd=rootdir,
+        capture_output=True, text=True, timeout=5,
+    )  # fmt: skip
+    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+async def _begin(
+    store: SQLiteHistory, session: Session, req: DeployRequest, control: RunControl
+) -> int:
+    from ._version import __version__
+
+    cfg = session.config
+    info = {
+        "pipelines_file": str(cfg.pipelines_file),
+        "file_hash": file_hash(cfg.pipelines_file),
+        "git_commit": await asyncio.to_thread(git_commit, cfg.rootdir),
+        "args": req.args,
+        "vars": req.vars,
+        "shipyard_version": __version__,
+    }
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + req.wait_lock
+    announced = False
+    while True:
+        try:
+            return store.begin(
+                pipeline=req.pipeline, version=req.version, environment=req.environment,
+                rollback_of=req.rollback_of, retry_of=req.retry_of, info=info,
+                lease=cfg.lock_lease,
+            )  # fmt: skip
+        except EnvironmentLocked as exc:
+            if loop.time() >= deadline or control.reason:
+                raise
+            if not announced:
+                print(f"waiting for the lock: {exc}", file=sys.stderr)
+                announced = True
+            await asyncio.sleep(0.2)
+
+
+async def execute(
+    session: Session,
+    req: DeployRequest,
+    *,
+    reporter: Any = None,
+    control: RunControl | None = None,
+    on_begin: Callable[[int], None] | None = None,
+) -> Outcome:
+    """Run one deployment from lock to notification; see the module docstring."""
+    from ._events import EventBus
+    from ._events import RollbackStarted
+    from ._history import HistoryRecorder
+    from ._notify import NotifierDispatcher
+    from ._runner import Runner
+    from ._secrets import mask
+    from ._secrets import names_in
+
+    control = control or RunControl()
+    pipe = session.pipeline(req.pipeline)
+    if not pipe.allows(req.environment):
+        allowed = ", ".join(repr(e) for e in pipe.environments or [])
+        raise UsageError(f"pipeline {pipe.name!r} may deploy to {allowed}, not {req.environment!r}")
+    if req.rollback_of is not None and pipe.rollback is False:
+        raise RollbackRefused(
+            f"pipeline {pipe.name!r} refuses rollback (rollback=False); deploy a version instead"
+        )
+    store = session.open_store()
+    previous = store.previous_version(pipe.name, req.environment)
+    dep_id = await _begin(store, session, req, control)
+    if on_begin is not None:
+        on_begin(dep_id)
+    deployment = Deployment(
+        id=dep_id, pipeline=pipe.name, version=req.version, environment=req.environment,
+        vars=dict(req.vars), previous_version=previous, rollback_of=req.rollback_of,
+    )  # fmt: skip
+    pm = session.pm
+    try:
+        stages = session.build(pipe, deployment)
+        sinks = list(pipe.notify) + [
+            pm.notifiers.create(s) for s in session.config.notify + req.notify
+        ]
+        names = names_in([st.steps for st in stages]) | names_in(sinks)
+        secrets = _load_secrets(session, names, pipe.name)
+    except ShipyardError as exc:
+        store.finish(dep_id, Status.FAILED, mask(str(exc)))
+        if reporter is not None:
+            reporter.write(f"deployment #{dep_id} failed before any step ran")
+        raise
+    recorder = HistoryRecorder(store)
+    dispatcher = NotifierDispatcher(sinks)
+    listeners: list[Any] = [recorder] + ([reporter] if reporter is not None else []) + [dispatcher]
+    bus = EventBus(listeners, pm)
+    runner = Runner(
+        pluginmanager=pm, bus=bus, secrets=secrets, rootdir=session.config.rootdir, control=control
+    )
+    note = (
+        f"stages before {req.start_stage + 1} were done by deployment {req.retry_of}"
+        if req.retry_of
+        else None
+    )
+    run_task = asyncio.ensure_future(
+        runner.run(deployment, stages, start_stage=req.start_stage, note=note)
+    )
+    control.task = run_task
+    if control.reason:
+        run_task.cancel()
+    hb = asyncio.ensure_future(_heartbeat(session.config.history, dep_id, control))
+    try:
+        status, error = await asyncio.shield(run_task)
+    except asyncio.CancelledError:
+        # Our caller was cancelled (e.g. the API's thread): stop the run and let it record.
+        control.cancel(control.reason or "cancelled")
+        status, error = await run_task
+    finally:
+        hb.cancel()
+        control.task = None
+    errors = await asyncio.to_thread(dispatcher.close)
+    if errors:
+        store.apply([], [(dep_id, None, None, _now(), "notify", e) for e in errors])
+    outcome = Outcome(
+        dep_id,
+        status,
+        error,
+        interrupted_by_signal=control.by_signal and status is Status.CANCELLED,
+    )
+    if (
+        status is Status.FAILED
+        and pipe.rollback == "auto"
+        and req.auto_rollback
+        and req.rollback_of is None
+    ):
+        try:
+            target = store.rollback_target(dep_id)
+        except NoPreviousDeployment as exc:
+            recorder.note(dep_id, f"automatic rollback skipped: {exc}")
+            recorder.flush()
+            if reporter is not None:
+                reporter.write(f"automatic rollback skipped: {exc}")
+        else:
+            bus.emit(RollbackStarted(deployment=deployment, target=target["version"],
+                                     reason=f"deployment #{dep_id} failed (rollback='auto')"))  # fmt: skip
+            rb_req = DeployRequest(
+                pipeline=pipe.name, version=target["version"], environment=req.environment,
+                vars=dict(target.get("vars") or {}), rollback_of=dep_id, auto_rollback=False,
+                notify=req.notify, args=req.args, wait_lock=max(req.wait_lock, 5.0),
+            )  # fmt: skip
+            outcome.rollback = await execute(session, rb_req, reporter=reporter, control=control)
+    store.close()
+    return outcome
+
+
+def _now() -> float:
+    import time
+
+    return time.time()
+
+
+def _load_secrets(session: Session, names: set[str], pipeline: str) -> Any:
+    from ._secrets import SecretValues
+
+    env: dict[str, str] = dict(os.environ)
+    for path in session.config.secret_files:
+        env.update(read_secret_file(path))
+    for name in names:
+        value = session.pm.resolve_secret(name, session.config)
+        if value is not None:
+            env[name] = value
+    return SecretValues.load(names, env, where=f"pipeline {pipeline!r}: ")
+
+
+def read_secret_file(path: os.PathLike[str] | str) -> dict[str, str]:
+    """Read a dotenv file of secrets; refuse one that others can read."""
+    import stat
+
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise SecretMissing(f"secret file {path}: {exc.strerror}") from None
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise SecretMissing(
+            f"secret file {path} is readable by group or others "
+            f"(mode {stat.S_IMODE(st.st_mode):o}); run `chmod 600 {path}`"
+        )
+    values: dict[str, str] = {}
+    with open(path, encoding="utf-8") as f:
+        for n, raw in enumerate(f, 1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            if line.startswith("export "):
+                line = line[7:].lstrip()
+            key, sep, value = line.partition("=")
+            key = key.strip()
+            if not sep or not key.isidentifier():
+                raise SecretMissing(f"secret file {path}:{n}: expected NAME=VALUE")
+            value = value.strip()
+            if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+                value = value[1:-1]
+            values[key] = value
+    return values
+
+
+async def _heartbeat(history: str, dep_id: int, control: RunControl) -> None:
+    """Renew the lock and watch for ``shipyard cancel`` from another process.
+
+    Uses a connection of its own from a worker thread, so a busy database never stalls the runner.
+    """
+    from ._history import open_store
+
+    interval = float(os.environ.get("SHIPYARD_HEARTBEAT", "1.0"))
+    store = None
+    try:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                if store is None:
+                    store = await asyncio.to_thread(open_store, history)
+                requested = await asyncio.to_thread(store.heartbeat, dep_id)
+            except ShipyardError:
+                continue
+            if requested and control.reason is None:
+                control.cancel(f"cancelled by {requested}")
+    finally:
+        if store is not None:
+            store.close()

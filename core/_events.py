@@ -1,0 +1,231 @@
+"""The one event stream of a deployment.
+
+The runner emits events; the history, the console, the notifiers and the plugin hooks all receive
+the same objects in the same order, so they can never disagree.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from dataclasses import field
+from typing import TYPE_CHECKING
+from typing import Any
+from typing import ClassVar
+from typing import NamedTuple
+from typing import Protocol
+
+from ._reports import Status
+from ._reports import StepResult
+from ._reports import utcnow
+
+if TYPE_CHECKING:
+    from ._pipeline import Deployment
+    from ._pipeline import Stage
+    from ._pipeline import Step
+    from ._plugins import ShipyardPluginManager
+
+
+class LogLine(NamedTuple):
+    """One line of output: when (epoch seconds), which stream, and the text (masked)."""
+
+    ts: float
+    stream: str
+    text: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Event:
+    """Base class of deployment events."""
+
+    #: The hook that carries this event to plugins.
+    hook: ClassVar[str] = ""
+    deployment: Deployment
+    ts: str = field(default_factory=utcnow)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable description, the payload of notifications."""
+        d = self.deployment
+        return {
+            "event": self.hook.removeprefix("shipyard_"),
+            "ts": self.ts,
+            "deployment": {
+                "id": d.id,
+                "pipeline": d.pipeline,
+                "version": d.version,
+                "environment": d.environment,
+                "rollback_of": d.rollback_of,
+            },
+        }
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeploymentStarted(Event):
+    hook = "shipyard_deployment_started"
+    stages: list[Stage]
+    start_stage: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out["status"] = "running"
+        out["stages"] = [s.name for s in self.stages]
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class RollbackStarted(Event):
+    hook = "shipyard_rollback_started"
+    target: str
+    reason: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out.update(target_version=self.target, reason=self.reason)
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageStarted(Event):
+    hook = "shipyard_stage_started"
+    index: int
+    total: int
+    stage: Stage
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out.update(stage=self.stage.name, stage_index=self.index, stages_total=self.total)
+        out["status"] = "running"
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class StepStarted(Event):
+    hook = "shipyard_step_started"
+    stage: Stage
+    stage_index: int
+    index: int
+    step: Step
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out.update(stage=self.stage.name, step=self.step.name, kind=self.step.kind)
+        out["status"] = "running"
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class StepOutput(Event):
+    hook = "shipyard_step_output"
+    stage_index: int
+    index: int
+    step: Step
+    lines: list[LogLine]
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out.update(step=self.step.name, lines=[ln.text for ln in self.lines])
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class StepFinished(Event):
+    hook = "shipyard_step_finished"
+    stage: Stage
+    stage_index: int
+    index: int
+    step: Step
+    result: StepResult
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        r = self.result
+        out.update(
+            stage=self.stage.name,
+            step=self.step.name,
+            kind=self.step.kind,
+            status=str(r.status),
+            attempts=r.attempts,
+            exit_code=r.exit_code,
+            error=r.error,
+            warning=r.warning,
+            started_at=r.started_at,
+            finished_at=r.finished_at,
+        )
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageFinished(Event):
+    hook = "shipyard_stage_finished"
+    index: int
+    stage: Stage
+    status: Status
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out.update(stage=self.stage.name, stage_index=self.index, status=str(self.status))
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeploymentFinished(Event):
+    hook = "shipyard_deployment_finished"
+    status: Status
+    error: str | None = None
+    started_at: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out.update(status=str(self.status), error=self.error, started_at=self.started_at)
+        out["finished_at"] = self.ts
+        return out
+
+
+class Listener(Protocol):
+    """A core consumer of events (history, console, notifier dispatcher)."""
+
+    def handle(self, event: Event) -> None: ...
+
+
+class EventBus:
+    """Delivers each event to the core listeners, in order, then to the plugin hooks.
+
+    A core listener's exception propagates (the history must not silently lose records);
+    a plugin hook's exception is reported through ``on_hook_error`` and never fails the deployment.
+    """
+
+    def __init__(
+        self,
+        listeners: list[Listener],
+        pluginmanager: ShipyardPluginManager | None = None,
+    ) -> None:
+        self.listeners = listeners
+        self.pm = pluginmanager
+        self.errors: list[str] = []
+        self._hook_cache: dict[str, Any] = {}
+
+    def emit(self, event: Event) -> None:
+        for listener in self.listeners:
+            listener.handle(event)
+        if self.pm is None:
+            return
+        hook = self._hook_cache.get(event.hook)
+        if hook is None:
+            hook = self._hook_cache[event.hook] = getattr(self.pm.hook, event.hook)
+        if not hook.get_hookimpls():
+            return
+        try:
+            hook(event=event)
+        except Exception as exc:  # a plugin's bug must not fail the deployment
+            self.on_hook_error(event, exc)
+
+    def on_hook_error(self, event: Event, exc: Exception) -> None:
+        from ._secrets import mask
+
+        text = mask(f"plugin hook {event.hook} raised {type(exc).__name__}: {exc}")
+        self.errors.append(text)
+        print(f"shipyard: warning: {text}", file=sys.stderr)
+        for listener in self.listeners:
+            note = getattr(listener, "note", None)
+            if note is not None:
+                note(event.deployment.id, text)

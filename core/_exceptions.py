@@ -1,0 +1,210 @@
+"""The error tree of Shipyard.
+
+Every error a user can meet derives from :class:`ShipyardError`, knows the exit code the CLI
+uses for it and how to show itself::
+
+    ShipyardError                       exit 2 unless stated
+    ├── UsageError                      bad arguments, missing files
+    ├── PipelineFileError               pipelines.py failed to import
+    ├── PipelineDefinitionError         a pipeline, stage or step is malformed
+    ├── HistoryError                    the history store cannot be used
+    └── DeploymentError                 about running a deployment
+        ├── PipelineNotFound
+        ├── DeploymentNotFound
+        ├── NoPreviousDeployment
+        ├── RollbackRefused
+        ├── EnvironmentLocked           exit 3
+        ├── SecretMissing               exit 1
+        └── StepFailed                  exit 1
+            └── HealthCheckFailed
+
+``ShipyardWarning`` is the base of every warning Shipyard emits.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+from typing import Any
+
+if TYPE_CHECKING:
+    from ._reports import StepResult
+
+
+class ShipyardError(Exception):
+    """Base class of every Shipyard error."""
+
+    #: The exit code the CLI uses when this error ends a command.
+    exit_code: int = 2
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+    def show(self) -> str:
+        """The text the CLI prints for this error."""
+        return f"Error: {self.message}"
+
+
+class ShipyardWarning(UserWarning):
+    """Base class of the warnings Shipyard emits."""
+
+
+class UsageError(ShipyardError):
+    """Bad command-line usage or configuration."""
+
+
+class PipelineFileError(ShipyardError):
+    """The pipelines file could not be loaded.
+
+    :param path: the pipelines file.
+    :param lineno: the line the error points at, when known.
+    :param cause: the exception raised while loading.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        message: str,
+        *,
+        lineno: int | None = None,
+        cause: BaseException | None = None,
+    ) -> None:
+        where = f"{path}:{lineno}" if lineno else str(path)
+        super().__init__(f"{where}: {message}")
+        self.path = path
+        self.lineno = lineno
+        self.cause = cause
+
+
+class PipelineDefinitionError(ShipyardError):
+    """A pipeline, a stage or a step is malformed.
+
+    Raised while a pipeline function runs (``plan``, ``deploy``); the CLI adds the file and line.
+    """
+
+    def __init__(self, message: str, *, path: str | None = None, lineno: int | None = None) -> None:
+        if path:
+            message = f"{path}:{lineno}: {message}" if lineno else f"{path}: {message}"
+        super().__init__(message)
+        self.path = path
+        self.lineno = lineno
+
+
+class HistoryError(ShipyardError):
+    """The history store cannot be opened, read or written."""
+
+
+class DeploymentError(ShipyardError):
+    """An error about running a deployment."""
+
+
+class PipelineNotFound(DeploymentError):
+    """No pipeline has the requested name."""
+
+    def __init__(self, name: str, known: Iterable[str], path: str = "pipelines.py") -> None:
+        known = sorted(known)
+        defined = ", ".join(repr(k) for k in known) or "none"
+        msg = f"no pipeline {name!r} in {path} (defined: {defined})"
+        close = difflib.get_close_matches(name, known, n=1)
+        if close:
+            msg += f"; did you mean {close[0]!r}?"
+        super().__init__(msg)
+        self.name = name
+
+
+class DeploymentNotFound(DeploymentError):
+    """No deployment has the requested id."""
+
+    def __init__(self, ident: Any, hint: str = "") -> None:
+        msg = f"no deployment {ident!r} in the history"
+        super().__init__(msg + (f" ({hint})" if hint else "; `shipyard history` lists them"))
+        self.ident = ident
+
+
+class NoPreviousDeployment(DeploymentError):
+    """A rollback found no earlier successful deployment to return to."""
+
+
+class RollbackRefused(DeploymentError):
+    """The pipeline does not allow rollback (``rollback=False``)."""
+
+
+class EnvironmentLocked(DeploymentError):
+    """Another deployment holds the lock of this pipeline and environment."""
+
+    exit_code = 3
+
+    def __init__(self, message: str, holder: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.holder = holder or {}
+
+
+class SecretMissing(DeploymentError):
+    """A secret the pipeline uses is not set; no step has run."""
+
+    exit_code = 1
+
+
+class StepFailed(DeploymentError):
+    """A step failed. Steps raise it to fail with a message of their own.
+
+    :param message: what went wrong, shown to the user and recorded.
+    :param exit_code: the process or container exit code, when there is one.
+    :param output: the last lines of output worth showing with the error.
+    """
+
+    exit_code = 1
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        step_exit_code: int | None = None,
+        output: Iterable[str] = (),
+        result: StepResult | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.step_exit_code = step_exit_code
+        self.output = list(output)
+        self.result = result
+
+
+class HealthCheckFailed(StepFailed):
+    """A health check did not see a healthy answer before its deadline."""
+
+
+class Cancelled(BaseException):
+    """Raised inside the runner when a deployment is cancelled (signal or ``shipyard cancel``)."""
+
+
+for _cls in list(globals().values()):
+    if isinstance(_cls, type) and issubclass(_cls, (ShipyardError, ShipyardWarning)):
+        _cls.__module__ = "shipyard"
+
+
+import enum  # noqa: E402 - kept beside the errors whose codes it lists
+
+
+class ExitCode(enum.IntEnum):
+    """Exit codes of the ``shipyard`` command."""
+
+    #: The command or deployment succeeded.
+    OK = 0
+    #: The deployment failed or was cancelled (also when an automatic rollback then succeeded).
+    FAILED = 1
+    #: Usage, pipelines-file or not-found error; a refused rollback.
+    USAGE_ERROR = 2
+    #: The environment is locked by another deployment.
+    LOCKED = 3
+    #: Reserved: the deployment awaits an approval.
+    AWAITING_APPROVAL = 4
+    #: Interrupted by Ctrl-C or SIGTERM.
+    INTERRUPTED = 130
+
+
+ExitCode.__module__ = "shipyard"

@@ -1,0 +1,841 @@
+"""The history store: every deployment, stage, step and log line, in SQLite.
+
+The runner and the CLI only see :class:`HistoryStore` (record events, query, find the rollback
+target, locks, repair); :func:`open_store` picks the implementation from a URL-like setting so a
+shared store (PostgreSQL) can be added without touching them.
+
+SQLite specifics, and why:
+
+- WAL, ``busy_timeout`` and ``BEGIN IMMEDIATE`` for every write: many processes write the same
+  file, and a deferred BEGIN that upgrades to a write lock fails with "database is locked".
+- ``synchronous=NORMAL`` for step and log writes (survives any kill of the process) and a FULL sync
+  for deployment-level transitions, at most two commits per step, log lines batched.
+- ``PRAGMA application_id`` marks the file as ours and ``PRAGMA user_version`` is the schema
+  version: any other file, or a newer schema, is refused and left untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sqlite3
+import time
+from collections.abc import Iterator
+from collections.abc import Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+from typing import Any
+
+from ._exceptions import DeploymentNotFound
+from ._exceptions import EnvironmentLocked
+from ._exceptions import HistoryError
+from ._exceptions import NoPreviousDeployment
+from ._reports import Status
+from ._reports import utcnow
+
+if TYPE_CHECKING:
+    from ._events import Event
+    from ._pipeline import Stage
+
+#: "SHYD" - marks a SQLite file as a Shipyard history.
+APPLICATION_ID = 0x53485944
+#: The schema version this code writes; migrations bring older files up to it.
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_MS = 30_000
+
+_DEPLOYMENT_COLUMNS = (
+    "id, pipeline, version, environment, status, started_at, finished_at, rollback_of, "
+    "retry_of, error, user, ci_actor, host, pid, pipelines_file, file_hash, git_commit, args, "
+    "vars, shipyard_version, stages_total, current_stage, cancel_requested"
+)
+
+
+def _create_v1(db: Any) -> None:
+    """Schema version 1, through sqlite-utils."""
+    db["deployments"].create(
+        {
+            "id": int,
+            "pipeline": str,
+            "version": str,
+            "environment": str,
+            "status": str,
+            "created_at": str,
+            "started_at": str,
+            "finished_at": str,
+            "heartbeat_at": str,
+            "rollback_of": int,
+            "retry_of": int,
+            "error": str,
+            "user": str,
+            "ci_actor": str,
+            "host": str,
+            "pid": int,
+            "proc_start": str,
+            "pipelines_file": str,
+            "file_hash": str,
+            "git_commit": str,
+            "args": str,
+            "vars": str,
+            "shipyard_version": str,
+            "stages_total": int,
+            "current_stage": int,
+            "cancel_requested": str,
+        },
+        pk="id",
+        not_null={"pipeline", "version", "environment", "status", "created_at"},
+    )
+    d = db["deployments"]
+    d.create_index(["pipeline", "environment", "status", "started_at"], index_name="ix_dep_pes")
+    d.create_index(["pipeline", "environment", "started_at"], index_name="ix_dep_pe")
+    d.create_index(["started_at"], index_name="ix_dep_started")
+    d.create_index(["status"], index_name="ix_dep_status")
+    d.create_index(["rollback_of"], index_name="ix_dep_rollback_of")
+    db["stages"].create(
+        {
+            "deployment_id": int,
+            "idx": int,
+            "name": str,
+            "status": str,
+            "parallel": int,
+            "continue_on_failure": int,
+            "started_at": str,
+            "finished_at": str,
+            "note": str,
+        },
+        pk=("deployment_id", "idx"),
+    )
+    db["steps"].create(
+        {
+            "deployment_id": int,
+            "stage_idx": int,
+            "idx": int,
+            "name": str,
+            "kind": str,
+            "description": str,
+            "status": str,
+            "attempts": int,
+            "exit_code": int,
+            "error": str,
+            "warning": int,
+            "started_at": str,
+            "finished_at": str,
+        },
+        pk=("deployment_id", "stage_idx", "idx"),
+    )
+    db["logs"].create(
+        {
+            "id": int,
+            "deployment_id": int,
+            "stage_idx": int,
+            "step_idx": int,
+            "ts": float,
+            "stream": str,
+            "line": str,
+        },
+        pk="id",
+    )
+    db["logs"].create_index(["deployment_id", "id"], index_name="ix_logs_dep")
+    db["locks"].create(
+        {
+            "pipeline": str,
+            "environment": str,
+            "deployment_id": int,
+            "pid": int,
+            "host": str,
+            "proc_start": str,
+            "user": str,
+            "version": str,
+            "acquired_at": str,
+            "heartbeat_at": str,
+        },
+        pk=("pipeline", "environment"),
+    )
+    db["audit"].create(
+        {
+            "id": int,
+            "ts": str,
+            "action": str,
+            "deployment_id": int,
+            "pipeline": str,
+            "environment": str,
+            "user": str,
+            "host": str,
+            "reason": str,
+        },
+        pk="id",
+    )
+
+
+#: Migrations by the version they produce. Each runs inside one transaction.
+MIGRATIONS = {1: _create_v1}
+
+
+def current_user() -> str:
+    for var in ("SHIPYARD_USER", "USER", "LOGNAME", "USERNAME"):
+        if os.environ.get(var):
+            return os.environ[var]
+    try:
+        import pwd
+
+        return pwd.getpwuid(os.getuid()).pw_name
+    except (ImportError, KeyError):
+        return "unknown"
+
+
+def ci_actor() -> str | None:
+    """The CI identity from the standard variables of common CI systems."""
+    for var in ("GITHUB_ACTOR", "GITLAB_USER_LOGIN", "BUILDKITE_BUILD_CREATOR", "CIRCLE_USERNAME"):
+        if os.environ.get(var):
+            return f"{var}={os.environ[var]}"
+    return None
+
+
+def process_start(pid: int) -> str | None:
+    """An identity of process ``pid`` that changes when the pid is reused (Linux: start ticks)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(b")") + 2 :].split()
+    if fields[0] in (b"Z", b"X"):  # a zombie is dead, it only waits to be reaped
+        return "dead"
+    return fields[19].decode()
+
+
+def holder_alive(pid: int | None, host: str | None, proc_start: str | None) -> bool | None:
+    """Whether the process that recorded ``pid`` on ``host`` still lives; None: other host."""
+    if host != socket.gethostname():
+        return None
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    now = process_start(pid)
+    if now == "dead":
+        return False
+    return proc_start is None or now is None or now == proc_start
+
+
+class HistoryStore:
+    """The narrow interface the runner and the CLI use; see :class:`SQLiteHistory`."""
+
+    path: str
+
+
+def open_store(url: str, *, create: bool = True) -> SQLiteHistory:
+    """Open the store named by ``url``: a file path or ``sqlite:///path``.
+
+    :raises HistoryError: unsupported scheme, not a Shipyard history, newer schema, unwritable.
+    """
+    if url.startswith("sqlite://"):
+        path = url[len("sqlite://") :]
+    elif "://" in url:
+        scheme = url.split("://", 1)[0]
+        raise HistoryError(
+            f"history {url!r}: unsupported store {scheme!r}; use a file path or sqlite:///path"
+        )
+    else:
+        path = url
+    return SQLiteHistory(path, create=create)
+
+
+class SQLiteHistory(HistoryStore):
+    """The embedded default store: one SQLite file, private to its user."""
+
+    def __init__(self, path: str | os.PathLike[str], *, create: bool = True) -> None:
+        self.path = str(path)
+        self.host = socket.gethostname()
+        self.pid = os.getpid()
+        self._proc_start = process_start(self.pid)
+        p = Path(self.path)
+        exists = p.exists() and p.stat().st_size > 0
+        if not exists and not create:
+            raise HistoryError(
+                f"no history at {self.path}; nothing has been deployed from here yet"
+            )
+        if not exists:
+            self._create_file(p)
+        try:
+            self.conn = sqlite3.connect(
+                self.path,
+                isolation_level=None,
+                check_same_thread=False,
+                timeout=BUSY_TIMEOUT_MS / 1000,
+            )
+            self._check_and_migrate()
+        except sqlite3.DatabaseError as exc:
+            raise HistoryError(
+                f"{self.path} is not a Shipyard history ({exc}); it was left untouched — point "
+                "--history (or SHIPYARD_HISTORY) at another file"
+            ) from exc
+
+    # -- opening ----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _create_file(p: Path) -> None:
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            if p.parent.name == ".shipyard":
+                os.chmod(p.parent, 0o700)
+            fd = os.open(p, os.O_CREAT | os.O_WRONLY, 0o600)
+            os.close(fd)
+            os.chmod(p, 0o600)
+        except OSError as exc:
+            raise HistoryError(f"cannot create the history at {p}: {exc.strerror}") from exc
+
+    def _check_and_migrate(self) -> None:
+        c = self.conn
+        c.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        app_id = c.execute("PRAGMA application_id").fetchone()[0]
+        version = c.execute("PRAGMA user_version").fetchone()[0]
+        if app_id not in (0, APPLICATION_ID) or (
+            app_id == 0 and c.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] > 0
+        ):
+            raise HistoryError(
+                f"{self.path} is a SQLite file but not a Shipyard history; it was left untouched "
+                "— point --history (or SHIPYARD_HISTORY) at another file"
+            )
+        if version > SCHEMA_VERSION:
+            raise HistoryError(
+                f"{self.path} has history schema {version}, newer than this Shipyard understands "
+                f"({SCHEMA_VERSION}); upgrade shipyard to read it. The file was left untouched."
+            )
+        if c.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            c.execute("PRAGMA journal_mode=WAL")
+        c.execute("PRAGMA synchronous=NORMAL")
+        if version < SCHEMA_VERSION:
+            self._migrate(version)
+
+    def _migrate(self, version: int) -> None:
+        import sqlite_utils
+
+        db = sqlite_utils.Database(self.conn, execute_plugins=False, recursive_triggers=False)
+        with self._tx(durable=True):
+            # Re-read under the write lock: another process may have migrated meanwhile.
+            version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+            for target in range(version + 1, SCHEMA_VERSION + 1):
+                MIGRATIONS[target](db)
+            self.conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
+            self.conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        self.conn.close()
+
+    @contextmanager
+    def _tx(self, durable: bool = False) -> Iterator[sqlite3.Connection]:
+        c = self.conn
+        try:
+            if durable:
+                c.execute("PRAGMA synchronous=FULL")
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                yield c
+                c.execute("COMMIT")
+            except BaseException:
+                if c.in_transaction:
+                    c.execute("ROLLBACK")
+                raise
+            finally:
+                if durable:
+                    c.execute("PRAGMA synchronous=NORMAL")
+        except sqlite3.OperationalError as exc:
+            raise HistoryError(f"cannot write the history at {self.path}: {exc}") from exc
+
+    def _query(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        try:
+            cur = self.conn.execute(sql, params)
+        except sqlite3.OperationalError as exc:
+            raise HistoryError(f"cannot read the history at {self.path}: {exc}") from exc
+        cols = [d[0] for d in cur.description]
+        return [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]  # type: ignore[misc]
+
+    # -- deployments ------------------------------------------------------------------------------
+
+    def begin(
+        self,
+        *,
+        pipeline: str,
+        version: str,
+        environment: str,
+        rollback_of: int | None = None,
+        retry_of: int | None = None,
+        info: dict[str, Any] | None = None,
+        lock: bool = True,
+        lease: float = 60.0,
+    ) -> int:
+        """Record a new running deployment and take the lock of its pipeline and environment.
+
+        Both happen in one transaction: either the deployment runs holding the lock, or nothing
+        is recorded and :class:`EnvironmentLocked` names the holder.
+        """
+        info = dict(info or {})
+        now = utcnow()
+        with self._tx(durable=True) as c:
+            if lock:
+                row = c.execute(
+                    "SELECT * FROM locks WHERE pipeline=? AND environment=?",
+                    (pipeline, environment),
+                ).fetchone()
+                if row is not None:
+                    holder = self._row_dict(c, "locks", row)
+                    if self._holder_dead(holder, lease):
+                        self._interrupt(c, holder["deployment_id"], "its process died")
+                    else:
+                        raise EnvironmentLocked(self._locked_message(holder), holder)
+            cur = c.execute(
+                "INSERT INTO deployments (pipeline, version, environment, status, created_at, "
+                "started_at, heartbeat_at, rollback_of, retry_of, user, ci_actor, host, pid, "
+                "proc_start, pipelines_file, file_hash, git_commit, args, vars, shipyard_version) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    pipeline, version, environment, Status.RUNNING.value, now, now, now,
+                    rollback_of, retry_of, info.get("user") or current_user(), ci_actor(),
+                    self.host, self.pid, self._proc_start, info.get("pipelines_file"),
+                    info.get("file_hash"), info.get("git_commit"),
+                    json.dumps(info.get("args")) if info.get("args") is not None else None,
+                    json.dumps(info.get("vars") or {}), info.get("shipyard_version"),
+                ),
+            )  # fmt: skip
+            dep_id = int(cur.lastrowid or 0)
+            if lock:
+                c.execute(
+                    "INSERT INTO locks VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    (
+                        pipeline, environment, dep_id, self.pid, self.host, self._proc_start,
+                        info.get("user") or current_user(), version, now, now,
+                    ),
+                )  # fmt: skip
+        return dep_id
+
+    @staticmethod
+    def _row_dict(c: sqlite3.Connection, table: str, row: Sequence[Any]) -> dict[str, Any]:
+        cols = [r[1] for r in c.execute(f"PRAGMA table_info({table})")]
+        return dict(zip(cols, row, strict=True))
+
+    @staticmethod
+    def _locked_message(h: dict[str, Any]) -> str:
+        return (
+            f"{h['pipeline']!r} in {h['environment']!r} is locked by deployment {h['deployment_id']} "
+            f"(version {h['version']}, by {h['user']} on {h['host']}, pid {h['pid']}, since "
+            f"{h['acquired_at']}); wait with --wait-lock SECONDS, or if it is stuck run "
+            f"`shipyard unlock {h['pipeline']} -e {h['environment']} --reason TEXT`"
+        )
+
+    def _holder_dead(self, h: dict[str, Any], lease: float) -> bool:
+        alive = holder_alive(h.get("pid"), h.get("host"), h.get("proc_start"))
+        if alive is None:  # another host: only the heartbeat can tell
+            from ._reports import parse_ts
+
+            return time.time() - parse_ts(h["heartbeat_at"]) > lease
+        return not alive
+
+    def _interrupt(self, c: sqlite3.Connection, dep_id: int, why: str) -> None:
+        now = utcnow()
+        c.execute(
+            "UPDATE deployments SET status='interrupted', finished_at=?, error=? "
+            "WHERE id=? AND status IN ('running','pending')",
+            (now, f"interrupted: {why} before it finished", dep_id),
+        )
+        for table in ("stages", "steps"):
+            c.execute(
+                f"UPDATE {table} SET status='interrupted', finished_at=? "
+                "WHERE deployment_id=? AND status='running'",
+                (now, dep_id),
+            )
+            c.execute(
+                f"UPDATE {table} SET status='skipped' WHERE deployment_id=? AND status='pending'",
+                (dep_id,),
+            )
+        c.execute("DELETE FROM locks WHERE deployment_id=?", (dep_id,))
+
+    def repair(self, lease: float = 60.0) -> list[int]:
+        """Mark deployments whose process died ``interrupted`` and free their locks.
+
+        Cheap when nothing is running (one indexed query); every command calls it.
+        """
+        rows = self._query(
+            "SELECT id, pid, host, proc_start, heartbeat_at FROM deployments "
+            "WHERE status IN ('running','pending')"
+        )
+        dead = [r["id"] for r in rows if self._holder_dead(r, lease)]
+        orphan_locks = self._query(
+            "SELECT l.* FROM locks l LEFT JOIN deployments d ON d.id = l.deployment_id "
+            "WHERE d.id IS NULL OR d.status NOT IN ('running','pending')"
+        )
+        if dead or orphan_locks:
+            with self._tx(durable=True) as c:
+                for dep_id in dead:
+                    self._interrupt(c, dep_id, "its process died")
+                for lk in orphan_locks:
+                    c.execute("DELETE FROM locks WHERE deployment_id=?", (lk["deployment_id"],))
+        return dead
+
+    def record_plan(self, dep_id: int, stages: Sequence[Stage], start_stage: int = 0,
+                    note: str | None = None) -> None:  # fmt: skip
+        """Record every stage and step as pending (those before ``start_stage`` as skipped)."""
+        stage_rows = []
+        step_rows = []
+        for si, st in enumerate(stages):
+            before = si < start_stage
+            status = Status.SKIPPED.value if before else Status.PENDING.value
+            stage_rows.append(
+                (dep_id, si, st.name, status, int(st.parallel), int(st.continue_on_failure),
+                 note if before else None)
+            )  # fmt: skip
+            for i, step in enumerate(st.steps):
+                step_rows.append((dep_id, si, i, step.name, step.kind, step.describe(), status, 0))
+        from ._secrets import mask
+
+        step_rows = [(*r[:5], mask(r[5]), *r[6:]) for r in step_rows]
+        with self._tx() as c:
+            c.executemany(
+                "INSERT INTO stages (deployment_id, idx, name, status, parallel, "
+                "continue_on_failure, note) VALUES (?,?,?,?,?,?,?)",
+                stage_rows,
+            )
+            c.executemany(
+                "INSERT INTO steps (deployment_id, stage_idx, idx, name, kind, description, "
+                "status, attempts) VALUES (?,?,?,?,?,?,?,?)",
+                step_rows,
+            )
+            c.execute("UPDATE deployments SET stages_total=? WHERE id=?", (len(stages), dep_id))
+
+    def apply(self, statements: list[tuple[str, Sequence[Any]]], logs: list[tuple[Any, ...]],
+              durable: bool = False) -> None:  # fmt: skip
+        """Write a batch of updates and log lines in one transaction."""
+        with self._tx(durable=durable) as c:
+            if logs:
+                c.executemany(
+                    "INSERT INTO logs (deployment_id, stage_idx, step_idx, ts, stream, line) "
+                    "VALUES (?,?,?,?,?,?)",
+                    logs,
+                )
+            for sql, params in statements:
+                c.execute(sql, params)
+
+    def heartbeat(self, dep_id: int) -> str | None:
+        """Renew the lock and the deployment's heartbeat; return a pending cancel request."""
+        now = utcnow()
+        with self._tx() as c:
+            c.execute("UPDATE deployments SET heartbeat_at=? WHERE id=?", (now, dep_id))
+            c.execute("UPDATE locks SET heartbeat_at=? WHERE deployment_id=?", (now, dep_id))
+            row = c.execute(
+                "SELECT cancel_requested FROM deployments WHERE id=?", (dep_id,)
+            ).fetchone()
+        return row[0] if row else None
+
+    def cancel_requested(self, dep_id: int) -> str | None:
+        row = self.conn.execute(
+            "SELECT cancel_requested FROM deployments WHERE id=?", (dep_id,)
+        ).fetchone()
+        return row[0] if row else None
+
+    def request_cancel(self, dep_id: int, *, user: str, reason: str = "") -> dict[str, Any]:
+        dep = self.get(dep_id)
+        with self._tx(durable=True) as c:
+            c.execute(
+                "UPDATE deployments SET cancel_requested=? WHERE id=?",
+                (f"{user}: {reason}" if reason else user, dep_id),
+            )
+            self._audit(c, "cancel", dep, user, reason)
+        return dep
+
+    def _audit(self, c: sqlite3.Connection, action: str, dep: dict[str, Any] | None, user: str,
+               reason: str, pipeline: str | None = None, environment: str | None = None) -> None:  # fmt: skip
+        c.execute(
+            "INSERT INTO audit (ts, action, deployment_id, pipeline, environment, user, host, "
+            "reason) VALUES (?,?,?,?,?,?,?,?)",
+            (
+                utcnow(), action, dep["id"] if dep else None,
+                dep["pipeline"] if dep else pipeline, dep["environment"] if dep else environment,
+                user, self.host, reason,
+            ),
+        )  # fmt: skip
+
+    def unlock(
+        self, pipeline: str, environment: str, *, user: str, reason: str
+    ) -> dict[str, Any] | None:
+        """Break the lock by hand; its deployment becomes ``interrupted``. Recorded in the audit."""
+        with self._tx(durable=True) as c:
+            row = c.execute(
+                "SELECT * FROM locks WHERE pipeline=? AND environment=?", (pipeline, environment)
+            ).fetchone()
+            holder = self._row_dict(c, "locks", row) if row else None
+            if holder:
+                self._interrupt(c, holder["deployment_id"], f"unlocked by {user} ({reason})")
+            self._audit(c, "unlock", None, user, reason, pipeline, environment)
+        return holder
+
+    def lock_holder(self, pipeline: str, environment: str) -> dict[str, Any] | None:
+        rows = self._query(
+            "SELECT * FROM locks WHERE pipeline=? AND environment=?", (pipeline, environment)
+        )
+        return rows[0] if rows else None
+
+    def finish(self, dep_id: int, status: Status, error: str | None,
+               statements: list[tuple[str, Sequence[Any]]] = (),  # type: ignore[assignment]
+               logs: list[tuple[Any, ...]] = ()) -> None:  # type: ignore[assignment]  # fmt: skip
+        """Record the final status durably, mark what never ran ``skipped``, free the lock."""
+        now = utcnow()
+        with self._tx(durable=True) as c:
+            if logs:
+                c.executemany(
+                    "INSERT INTO logs (deployment_id, stage_idx, step_idx, ts, stream, line) "
+                    "VALUES (?,?,?,?,?,?)",
+                    logs,
+                )
+            for sql, params in statements:
+                c.execute(sql, params)
+            for table in ("stages", "steps"):
+                c.execute(
+                    f"UPDATE {table} SET status='skipped' WHERE deployment_id=? AND status='pending'",
+                    (dep_id,),
+                )
+                if status is not Status.SUCCEEDED:
+                    c.execute(
+                        f"UPDATE {table} SET status=?, finished_at=? "
+                        "WHERE deployment_id=? AND status='running'",
+                        (status.value, now, dep_id),
+                    )
+            c.execute(
+                "UPDATE deployments SET status=?, finished_at=?, error=? WHERE id=?",
+                (status.value, now, error, dep_id),
+            )
+            c.execute("DELETE FROM locks WHERE deployment_id=?", (dep_id,))
+
+    # -- queries ----------------------------------------------------------------------------------
+
+    def get(self, dep_id: int) -> dict[str, Any]:
+        rows = self._query(f"SELECT {_DEPLOYMENT_COLUMNS} FROM deployments WHERE id=?", (dep_id,))
+        if not rows:
+            last = self.conn.execute("SELECT max(id) FROM deployments").fetchone()[0]
+            hint = f"ids go from 1 to {last}" if last else "the history is empty"
+            raise DeploymentNotFound(dep_id, hint)
+        return _decode(rows[0])
+
+    def list(
+        self,
+        *,
+        pipeline: str | None = None,
+        environment: str | None = None,
+        statuses: Sequence[str] = (),
+        limit: int = 20,
+    ) -> list[dict[str, Any]]:
+        """Deployments, newest first."""
+        where, params = [], []
+        if pipeline:
+            where.append("pipeline=?")
+            params.append(pipeline)
+        if environment:
+            where.append("environment=?")
+            params.append(environment)
+        if statuses:
+            where.append(f"status IN ({','.join('?' * len(statuses))})")
+            params.extend(statuses)
+        sql = f"SELECT {_DEPLOYMENT_COLUMNS} FROM deployments"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY started_at DESC, id DESC LIMIT ?"
+        params.append(limit)
+        return [_decode(r) for r in self._query(sql, params)]
+
+    def stages(self, dep_id: int) -> list[dict[str, Any]]:
+        stages = self._query(
+            "SELECT idx, name, status, parallel, continue_on_failure, started_at, finished_at, "
+            "note FROM stages WHERE deployment_id=? ORDER BY idx",
+            (dep_id,),
+        )
+        steps = self._query(
+            "SELECT stage_idx, idx, name, kind, description, status, attempts, exit_code, error, "
+            "warning, started_at, finished_at FROM steps WHERE deployment_id=? "
+            "ORDER BY stage_idx, idx",
+            (dep_id,),
+        )
+        for s in stages:
+            s["parallel"] = bool(s["parallel"])
+            s["continue_on_failure"] = bool(s["continue_on_failure"])
+            s["steps"] = []
+        for st in steps:
+            st["warning"] = bool(st["warning"])
+            stages[st.pop("stage_idx")]["steps"].append(st)
+        return stages
+
+    def document(self, dep_id: int, *, stages: bool = True) -> dict[str, Any]:
+        """The JSON document of ``show --json`` and ``deploy --json``."""
+        doc = self.get(dep_id)
+        if stages:
+            doc["stages"] = [
+                {
+                    "name": s["name"],
+                    "status": s["status"],
+                    "started_at": s["started_at"],
+                    "finished_at": s["finished_at"],
+                    "steps": [
+                        {k: st[k] for k in ("name", "kind", "status", "attempts", "exit_code",
+                                            "error", "warning", "started_at", "finished_at")}
+                        for st in s["steps"]
+                    ],
+                }
+                for s in self.stages(dep_id)
+            ]  # fmt: skip
+        return doc
+
+    def logs(self, dep_id: int, *, after: int = 0, limit: int = 10_000) -> list[dict[str, Any]]:
+        return self._query(
+            "SELECT l.id, l.stage_idx, l.step_idx, l.ts, l.stream, l.line, s.name AS step "
+            "FROM logs l LEFT JOIN steps s ON s.deployment_id = l.deployment_id "
+            "AND s.stage_idx = l.stage_idx AND s.idx = l.step_idx "
+            "WHERE l.deployment_id=? AND l.id>? ORDER BY l.id LIMIT ?",
+            (dep_id, after, limit),
+        )
+
+    def audit(self, *, deployment_id: int | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        if deployment_id is None:
+            return self._query("SELECT * FROM audit ORDER BY id DESC LIMIT ?", (limit,))
+        return self._query(
+            "SELECT * FROM audit WHERE deployment_id=? ORDER BY id DESC LIMIT ?",
+            (deployment_id, limit),
+        )
+
+    def previous_version(self, pipeline: str, environment: str) -> str | None:
+        row = self.conn.execute(
+            "SELECT version FROM deployments WHERE pipeline=? AND environment=? "
+            "AND status='succeeded' ORDER BY started_at DESC LIMIT 1",
+            (pipeline, environment),
+        ).fetchone()
+        return row[0] if row else None
+
+    def rollback_target(self, dep_id: int) -> dict[str, Any]:
+        """The deployment a rollback of ``dep_id`` redeploys (DESIGN §4).
+
+        The latest ``succeeded`` deployment of the same pipeline and environment that started
+        before it, skipping its own version and deployments that were themselves rolled back.
+
+        :raises NoPreviousDeployment: naming what was looked for.
+        """
+        x = self.get(dep_id)
+        rows = self._query(
+            f"SELECT {_DEPLOYMENT_COLUMNS} FROM deployments d "
+            "WHERE d.pipeline=? AND d.environment=? AND d.status='succeeded' AND d.started_at<? "
+            "AND d.version<>? AND NOT EXISTS (SELECT 1 FROM deployments r WHERE r.rollback_of=d.id) "
+            "ORDER BY d.started_at DESC LIMIT 1",
+            (x["pipeline"], x["environment"], x["started_at"], x["version"]),
+        )
+        if not rows:
+            raise NoPreviousDeployment(
+                f"nothing to roll back to: no succeeded deployment of {x['pipeline']!r} in "
+                f"{x['environment']!r} before deployment {dep_id} with a version other than "
+                f"{x['version']!r} that was not itself rolled back"
+            )
+        return _decode(rows[0])
+
+    def latest(self, pipeline: str, environment: str) -> dict[str, Any]:
+        rows = self.list(pipeline=pipeline, environment=environment, limit=1)
+        if not rows:
+            raise DeploymentNotFound(
+                f"{pipeline} -e {environment}",
+                f"nothing was deployed of {pipeline!r} to {environment!r}",
+            )
+        return rows[0]
+
+
+def _decode(row: dict[str, Any]) -> dict[str, Any]:
+    for key in ("vars", "args"):
+        if row.get(key):
+            row[key] = json.loads(row[key])
+    return row
+
+
+class HistoryRecorder:
+    """Turns the event stream into history writes: at most two commits per step.
+
+    Stage transitions and log lines ride along with the next step commit; log lines of a long
+    step are also flushed every ``flush_interval`` seconds so ``logs --follow`` sees them.
+    """
+
+    def __init__(
+        self, store: SQLiteHistory, flush_interval: float = 0.5, max_lines: int = 2000
+    ) -> None:
+        self.store = store
+        self.flush_interval = flush_interval
+        self.max_lines = max_lines
+        self._statements: list[tuple[str, Sequence[Any]]] = []
+        self._logs: list[tuple[Any, ...]] = []
+        self._last_flush = time.monotonic()
+
+    def flush(self, durable: bool = False) -> None:
+        if self._statements or self._logs:
+            statements, logs = self._statements, self._logs
+            self._statements, self._logs = [], []
+            self.store.apply(statements, logs, durable=durable)
+        self._last_flush = time.monotonic()
+
+    def note(self, dep_id: int, text: str) -> None:
+        """Record a message of Shipyard's own (e.g. a notifier error) in the deployment's log."""
+        self._logs.append((dep_id, None, None, time.time(), "shipyard", text))
+
+    def handle(self, event: Event) -> None:
+        name = event.hook
+        d = event.deployment
+        s = self._statements
+        if name == "shipyard_step_output":
+            e: Any = event
+            for ln in e.lines:
+                self._logs.append((d.id, e.stage_index, e.index, ln.ts, ln.stream, ln.text))
+            if (
+                len(self._logs) >= self.max_lines
+                or time.monotonic() - self._last_flush > self.flush_interval
+            ):
+                self.flush()
+        elif name == "shipyard_step_started":
+            e = event
+            s.append(
+                ("UPDATE steps SET status='running', started_at=? "
+                 "WHERE deployment_id=? AND stage_idx=? AND idx=?",
+                 (e.ts, d.id, e.stage_index, e.index))
+            )  # fmt: skip
+            self.flush()
+        elif name == "shipyard_step_finished":
+            e = event
+            r = e.result
+            s.append(
+                ("UPDATE steps SET status=?, attempts=?, exit_code=?, error=?, warning=?, "
+                 "started_at=coalesce(started_at, ?), finished_at=? "
+                 "WHERE deployment_id=? AND stage_idx=? AND idx=?",
+                 (r.status.value, r.attempts, r.exit_code, r.error, int(r.warning), r.started_at,
+                  r.finished_at, d.id, e.stage_index, e.index))
+            )  # fmt: skip
+            self.flush()
+        elif name == "shipyard_stage_started":
+            e = event
+            s.append(
+                ("UPDATE stages SET status='running', started_at=? WHERE deployment_id=? AND idx=?",
+                 (e.ts, d.id, e.index))
+            )  # fmt: skip
+            s.append(("UPDATE deployments SET current_stage=? WHERE id=?", (e.index, d.id)))
+        elif name == "shipyard_stage_finished":
+            e = event
+            s.append(
+                ("UPDATE stages SET status=?, finished_at=? WHERE deployment_id=? AND idx=?",
+                 (e.status.value, e.ts, d.id, e.index))
+            )  # fmt: skip
+        elif name == "shipyard_deployment_started":
+            e = event
+            self.flush()
+            self.store.record_plan(d.id, e.stages, e.start_stage, note=getattr(e, "note", None))
+        elif name == "shipyard_rollback_started":
+            e = event
+            self.note(d.id, f"rolling back to version {e.target}: {e.reason}")
+            self.flush()
+        elif name == "shipyard_deployment_finished":
+            e = event
+            statements, logs = self._statements, self._logs
+            self._statements, self._logs = [], []
+            self.store.finish(d.id, e.status, e.error, statements, logs)

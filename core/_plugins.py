@@ -1,0 +1,323 @@
+"""The plugin manager: built-ins, entry points, ``-p``, and hooks written in pipelines.py."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+from typing import Any
+from typing import Final
+
+import pluggy
+
+from . import hookspecs
+from ._exceptions import UsageError
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable
+
+    import click
+
+    from ._config import Config
+    from ._pipeline import Pipeline
+    from ._pipeline import Step
+    from ._reports import StepResult
+    from ._runner import StepContext
+
+hookimpl: Final = pluggy.HookimplMarker("shipyard")
+
+#: The entry-point group third-party plugins (and our own built-ins) register under.
+ENTRY_POINT_GROUP: Final = "shipyard"
+
+#: Built-in plugins by short name; the same table as ``[project.entry-points.shipyard]`` in
+#: pyproject.toml (a test pins them together). Used when Shipyard runs from a source tree that is
+#: not installed, where no entry points exist.
+DEFAULT_PLUGINS: Final[dict[str, str]] = {
+    "command": "shipyard.plugins.command",
+    "python": "shipyard.plugins.python",
+    "wait": "shipyard.plugins.wait",
+    "notify": "shipyard.plugins.notify",
+}
+
+#: Plugins that cannot be disabled with ``-p no:NAME``.
+ESSENTIAL_PLUGINS: Final = ("core",)
+
+
+class _CorePlugin:
+    """The default executor: run the step itself. ``trylast`` so any plugin can take over."""
+
+    @hookimpl(trylast=True)
+    def shipyard_step_call(self, step: Step, context: StepContext) -> Awaitable[StepResult]:
+        return step.run(context)
+
+
+@dataclass
+class PluginInfo:
+    """What ``shipyard plugins`` shows about one plugin."""
+
+    name: str
+    source: str
+    version: str = ""
+
+
+class StepTypeRegistry:
+    """Step types by ``kind``; a second plugin registering a kind is refused, naming both."""
+
+    def __init__(self) -> None:
+        self.types: dict[str, type[Step]] = {}
+        self.owners: dict[str, str] = {}
+        self._plugin = "?"
+
+    def add(self, step_type: type[Step]) -> None:
+        kind = step_type.kind
+        if kind in self.types and self.types[kind] is not step_type:
+            raise UsageError(
+                f"step type {kind!r} is registered by plugin {self.owners[kind]!r} and again by "
+                f"{self._plugin!r}; disable one with -p no:NAME"
+            )
+        self.types[kind] = step_type
+        self.owners[kind] = self._plugin
+
+    def owner_of(self, kind: str) -> str | None:
+        return self.owners.get(kind)
+
+
+class NotifierRegistry:
+    """Notifier factories by name, used by ``deploy --notify NAME:VALUE`` and ``--notify URL``."""
+
+    def __init__(self) -> None:
+        self.factories: dict[str, Callable[[str], Any]] = {}
+        self.owners: dict[str, str] = {}
+        self._plugin = "?"
+
+    def add(self, name: str, factory: Callable[[str], Any]) -> None:
+        if name in self.factories and self.factories[name] is not factory:
+            raise UsageError(
+                f"notifier {name!r} is registered by plugin {self.owners[name]!r} and again by "
+                f"{self._plugin!r}; disable one with -p no:NAME"
+            )
+        self.factories[name] = factory
+        self.owners[name] = self._plugin
+
+    def create(self, spec: str) -> Any:
+        """Build a notifier from ``NAME:VALUE``, or a webhook from a bare URL."""
+        if spec.startswith(("http://", "https://")):
+            name, value = "webhook", spec
+        else:
+            name, _, value = spec.partition(":")
+        factory = self.factories.get(name)
+        if factory is None:
+            known = ", ".join(sorted(self.factories)) or "none"
+            raise UsageError(
+                f"--notify {spec!r}: no notifier named {name!r} (known: {known}); "
+                "give a URL for a webhook or NAME:VALUE"
+            )
+        return factory(value)
+
+
+class ShipyardPluginManager(pluggy.PluginManager):
+    """pluggy's manager with Shipyard's plugin sources and typed hook calls."""
+
+    def __init__(self) -> None:
+        super().__init__("shipyard")
+        self.add_hookspecs(hookspecs)
+        self.infos: dict[str, PluginInfo] = {}
+        self.blocked: set[str] = set()
+        self.step_types = StepTypeRegistry()
+        self.notifiers = NotifierRegistry()
+        self._registries_built = False
+        self.register(_CorePlugin(), "core")
+        self.infos["core"] = PluginInfo("core", "builtin")
+
+    # -- discovery of plugins ---------------------------------------------------------------------
+
+    def parse_hookimpl_opts(self, plugin: Any, name: str) -> Any:
+        # Like pytest: only `shipyard_*` attributes are hooks; unmarked ones are accepted too,
+        # so a pipelines.py can define `def shipyard_step_finished(event): ...` plainly.
+        if not name.startswith("shipyard_"):
+            return None
+        opts = super().parse_hookimpl_opts(plugin, name)
+        if opts is None:
+            method = getattr(plugin, name, None)
+            if callable(method) and not isinstance(method, type):
+                return {}
+        return opts
+
+    def register(self, plugin: Any, name: str | None = None) -> str | None:
+        if name in self.blocked:
+            return None
+        ret = super().register(plugin, name)
+        if ret is not None and self._registries_built:
+            self._call_registries([ret])
+        return ret
+
+    def block(self, name: str) -> None:
+        if name in ESSENTIAL_PLUGINS:
+            raise UsageError(f"plugin {name!r} is essential and cannot be disabled")
+        self.blocked.add(name)
+        self.set_blocked(name)
+
+    def load(
+        self,
+        specs: Iterable[tuple[str, str]] = (),
+        *,
+        autoload: bool = True,
+    ) -> None:
+        """Load built-ins, installed entry points (if ``autoload``) and explicit plugins.
+
+        :param specs: ``(value, source)`` pairs: ``-p`` values (module names, or ``no:NAME``).
+        """
+        specs = list(specs)
+        for value, _source in specs:
+            if value.startswith("no:"):
+                self.block(value[3:])
+        builtins_seen = False
+        for ep in self._entry_points():
+            dist = getattr(ep, "dist", None)
+            dist_name = (dist.metadata["Name"] if dist is not None else "") or ""
+            is_builtin = dist_name.lower() == "shipyard" and ep.value.startswith("shipyard.")
+            builtins_seen |= is_builtin
+            if ep.name in self.blocked or self.has_plugin(ep.name):
+                continue
+            if not is_builtin and not autoload:
+                continue
+            try:
+                plugin = ep.load()
+            except Exception as exc:
+                raise UsageError(
+                    f"plugin {ep.name!r} from {dist_name or 'an installed package'} failed to "
+                    f"load: {type(exc).__name__}: {exc}; uninstall it or disable it with "
+                    f"-p no:{ep.name}"
+                ) from exc
+            self.register(plugin, ep.name)
+            if is_builtin:
+                self.infos[ep.name] = PluginInfo(ep.name, "builtin")
+            else:
+                version = dist.version if dist is not None else ""
+                self.infos[ep.name] = PluginInfo(ep.name, f"entry point of {dist_name}", version)
+        if not builtins_seen:
+            for name, modname in DEFAULT_PLUGINS.items():
+                if name not in self.blocked and not self.has_plugin(name):
+                    self.register(importlib.import_module(modname), name)
+                    self.infos[name] = PluginInfo(name, "builtin")
+        for value, source in specs:
+            if not value.startswith("no:"):
+                self.import_plugin(value, source)
+
+    def _entry_points(self) -> list[Any]:
+        from importlib.metadata import entry_points
+
+        return list(entry_points(group=ENTRY_POINT_GROUP))
+
+    def import_plugin(self, modname: str, source: str = "-p") -> None:
+        """Import ``modname`` and register it under that name (``-p``/``SHIPYARD_PLUGINS``)."""
+        modname = modname.strip()
+        if not modname or modname in self.blocked or self.has_plugin(modname):
+            return
+        try:
+            module = importlib.import_module(modname)
+        except ImportError as exc:
+            raise UsageError(
+                f"plugin {modname!r} (from {source}) could not be imported: {exc}; check the "
+                "module name and that its package is installed"
+            ) from exc
+        self.register(module, modname)
+        self.infos[modname] = PluginInfo(modname, source, getattr(module, "__version__", ""))
+
+    def register_pipelines_module(self, module: Any, path: str) -> None:
+        """Register hook implementations written in pipelines.py itself (like conftest.py)."""
+        name = "pipelines.py"
+        if self.has_plugin(name):
+            self.unregister(name=name)
+        self.register(module, name)
+        self.infos[name] = PluginInfo(name, path)
+
+    def finish_loading(self) -> None:
+        """Validate hook implementations and run the registration hooks."""
+        try:
+            self.check_pending()
+        except pluggy.PluginValidationError as exc:
+            raise UsageError(
+                f"plugin {exc.plugin!r} implements a hook that does not exist: {exc}; "
+                "check the spelling against `shipyard plugins` and docs/reference/hooks.md"
+            ) from exc
+        self._call_registries([n for n, _ in self.list_name_plugin()])
+        self._registries_built = True
+        self.hook.shipyard_addhooks.call_historic(kwargs={"pluginmanager": self})
+
+    def _call_registries(self, names: list[str]) -> None:
+        wanted = set(names)
+        for hookname, registry in (
+            ("shipyard_register_step_types", self.step_types),
+            ("shipyard_register_notifiers", self.notifiers),
+        ):
+            hook = getattr(self.hook, hookname)
+            for impl in hook.get_hookimpls():
+                if impl.plugin_name in wanted:
+                    registry._plugin = impl.plugin_name
+                    impl.function(registry)
+
+    # -- typed hook calls -------------------------------------------------------------------------
+
+    def configure(self, config: Config) -> None:
+        self.hook.shipyard_configure.call_historic(kwargs={"config": config})
+
+    def unconfigure(self, config: Config) -> None:
+        self.hook.shipyard_unconfigure(config=config)
+
+    def add_commands(self, cli: click.Group) -> None:
+        self.hook.shipyard_addcommands(cli=cli)
+
+    def modify_collection(self, pipelines: list[Pipeline[Any]], config: Config) -> None:
+        self.hook.shipyard_collection_modifyitems(pipelines=pipelines, config=config)
+
+    def resolve_secret(self, name: str, config: Config) -> str | None:
+        result: str | None = self.hook.shipyard_resolve_secret(name=name, config=config)
+        return result
+
+    def step_call(self, step: Step, context: StepContext) -> Awaitable[StepResult]:
+        result: Awaitable[StepResult] = self.hook.shipyard_step_call(step=step, context=context)
+        return result
+
+    def plugin_rows(self) -> list[dict[str, Any]]:
+        """One row per plugin for ``shipyard plugins``: name, source, version, types, hooks."""
+        rows = []
+        for name, plugin in self.list_name_plugin():
+            if plugin is None:
+                continue
+            info = self.infos.get(name, PluginInfo(name, "registered by a plugin"))
+            hooks = sorted(
+                {impl_name for impl_name in dir(plugin) if impl_name.startswith("shipyard_")}
+                & set(self.hook.__dict__)
+            )
+            rows.append(
+                {
+                    "name": name,
+                    "source": info.source,
+                    "version": info.version,
+                    "step_types": sorted(k for k, o in self.step_types.owners.items() if o == name),
+                    "notifiers": sorted(k for k, o in self.notifiers.owners.items() if o == name),
+                    "hooks": hooks,
+                }
+            )
+        for name in sorted(self.blocked):
+            rows.append(
+                {
+                    "name": name,
+                    "source": "disabled (-p no:)",
+                    "version": "",
+                    "step_types": [],
+                    "notifiers": [],
+                    "hooks": [],
+                }
+            )
+        return rows
+
+
+def plugin_specs_from_env(environ: dict[str, str] | None = None) -> list[tuple[str, str]]:
+    env = os.environ if environ is None else environ
+    raw = env.get("SHIPYARD_PLUGINS", "")
+    return [(p.strip(), "SHIPYARD_PLUGINS") for p in raw.split(",") if p.strip()]

@@ -1,0 +1,339 @@
+"""The run protocol: stages in order, steps one after another or in parallel, on asyncio.
+
+Every observable thing the runner does is an event on the :class:`~shipyard._events.EventBus`;
+it writes nothing itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import traceback
+from collections.abc import Iterable
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+from typing import Any
+
+from ._events import DeploymentFinished
+from ._events import DeploymentStarted
+from ._events import EventBus
+from ._events import LogLine
+from ._events import StageFinished
+from ._events import StageStarted
+from ._events import StepFinished
+from ._events import StepOutput
+from ._events import StepStarted
+from ._exceptions import StepFailed
+from ._reports import Status
+from ._reports import StepResult
+from ._reports import utcnow
+from ._secrets import SecretValues
+from ._secrets import mask
+
+if TYPE_CHECKING:
+    from ._pipeline import Deployment
+    from ._pipeline import Stage
+    from ._pipeline import Step
+    from ._plugins import ShipyardPluginManager
+
+#: Seconds between SIGTERM and SIGKILL when a step's processes are stopped.
+DEFAULT_GRACE = 3.0
+
+
+class StepContext:
+    """What a step sees while it runs: the deployment, a logger, secrets, its environment."""
+
+    def __init__(
+        self,
+        runner: Runner,
+        deployment: Deployment,
+        stage: Stage,
+        stage_index: int,
+        index: int,
+        step: Step,
+    ) -> None:
+        self._runner = runner
+        #: The deployment this step belongs to.
+        self.deployment = deployment
+        self.stage = stage
+        self.stage_index = stage_index
+        self.index = index
+        self.step = step
+        #: 1 for the first attempt, 2 for the first retry, ...
+        self.attempt = 1
+        #: The pipelines file's directory: commands run here unless told otherwise.
+        self.rootdir: Path = runner.rootdir
+        #: Seconds between SIGTERM and SIGKILL when stopping processes.
+        self.grace: float = runner.grace
+
+    @property
+    def deployment_env(self) -> dict[str, str]:
+        """The ``DEPLOYMENT_*`` variables every process of this step receives."""
+        d = self.deployment
+        return {
+            "DEPLOYMENT_ID": str(d.id),
+            "DEPLOYMENT_VERSION": d.version,
+            "DEPLOYMENT_ENVIRONMENT": d.environment,
+            "DEPLOYMENT_PIPELINE": d.pipeline,
+            "DEPLOYMENT_STAGE": self.stage.name,
+        }
+
+    def environ(self, extra: Mapping[str, Any] | None = None) -> dict[str, str]:
+        """The environment for a child process: ours, ``DEPLOYMENT_*``, then ``extra`` resolved."""
+        env = dict(os.environ)
+        env.update(self.deployment_env)
+        if extra:
+            env.update({str(k): str(v) for k, v in self.resolve(dict(extra)).items()})
+        return env
+
+    def resolve(self, value: Any) -> Any:
+        """``value`` with secret placeholders replaced by the real secrets (only for the step)."""
+        return self._runner.secrets.resolve(value)
+
+    def log(self, text: str, stream: str = "stdout") -> None:
+        """Record and show one line of output (masked)."""
+        self.log_lines([text], stream)
+
+    def log_lines(self, texts: Iterable[str], stream: str = "stdout") -> None:
+        """Record and show several lines at once: one event, one history batch."""
+        now = time.time()
+        lines = [LogLine(now, stream, mask(t)) for t in texts]
+        if lines:
+            self._runner.bus.emit(
+                StepOutput(
+                    deployment=self.deployment,
+                    stage_index=self.stage_index,
+                    index=self.index,
+                    step=self.step,
+                    lines=lines,
+                )
+            )
+
+
+def describe_exception(exc: BaseException, rootdir: Path | None = None) -> str:
+    """``Type: message (file:line)`` pointing at the innermost frame of the user's code."""
+    where = ""
+    tb = exc.__traceback__
+    for frame, lineno in traceback.walk_tb(tb):
+        module = frame.f_globals.get("__name__", "")
+        if module.split(".")[0] not in ("shipyard", "asyncio", "concurrent", "threading"):
+            where = f" ({frame.f_code.co_filename}:{lineno} in {frame.f_code.co_name})"
+    return f"{type(exc).__name__}: {exc}{where}"
+
+
+class Runner:
+    """Runs the stages of one deployment, emitting events on ``bus``."""
+
+    def __init__(
+        self,
+        *,
+        pluginmanager: ShipyardPluginManager,
+        bus: EventBus,
+        secrets: SecretValues | None = None,
+        rootdir: Path | None = None,
+        grace: float = DEFAULT_GRACE,
+        retry_backoff: float | None = None,
+        control: Any = None,
+    ) -> None:
+        #: A :class:`~shipyard._deploy.RunControl` whose ``reason`` explains a cancellation.
+        self.control = control
+        self.pm = pluginmanager
+        self.bus = bus
+        self.secrets = secrets or SecretValues()
+        self.rootdir = rootdir or Path.cwd()
+        self.grace = grace
+        if retry_backoff is None:
+            retry_backoff = float(os.environ.get("SHIPYARD_RETRY_BACKOFF", "1.0"))
+        self.retry_backoff = retry_backoff
+
+    async def run(
+        self, deployment: Deployment, stages: list[Stage], *, start_stage: int = 0,
+        note: str | None = None,
+    ) -> tuple[Status, str | None]:  # fmt: skip
+        """Run the deployment; return its final status and error. Never raises for step failures.
+
+        A cancellation of the calling task (Ctrl-C, SIGTERM, ``shipyard cancel``) stops the
+        running steps and ends the deployment ``cancelled``.
+        """
+        started = utcnow()
+        event = DeploymentStarted(deployment=deployment, stages=stages, start_stage=start_stage)
+        if note:
+            object.__setattr__(event, "note", note)
+        self.bus.emit(event)
+        status, error = Status.SUCCEEDED, None
+        warnings: list[str] = []
+        total = len(stages)
+        try:
+            for si in range(start_stage, total):
+                stage = stages[si]
+                self.bus.emit(
+                    StageStarted(deployment=deployment, index=si, total=total, stage=stage)
+                )
+                results = await self._run_stage(deployment, stage, si)
+                failed = [(st, r) for st, r in results if r.status is Status.FAILED]
+                stage_status = Status.SUCCEEDED
+                if failed and not stage.continue_on_failure:
+                    stage_status = Status.FAILED
+                elif any(r.status is Status.CANCELLED for _, r in results):
+                    stage_status = Status.CANCELLED
+                self.bus.emit(
+                    StageFinished(deployment=deployment, index=si, stage=stage, status=stage_status)
+                )
+                if failed and not stage.continue_on_failure:
+                    st, r = failed[0]
+                    status = Status.FAILED
+                    error = f"step {st.name!r} of stage {stage.name!r} failed: {r.error}"
+                    break
+                warnings += [f"{st.name!r} ({r.error})" for st, r in failed]
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            status = Status.CANCELLED
+            error = getattr(self.control, "reason", None) or "cancelled"
+        if status is Status.SUCCEEDED and warnings:
+            error = "succeeded with failed steps in continue_on_failure stages: " + ", ".join(
+                warnings
+            )
+        error = mask(error) if error else None
+        self.bus.emit(
+            DeploymentFinished(
+                deployment=deployment, status=status, error=error, started_at=started
+            )
+        )
+        return status, error
+
+    async def _run_stage(
+        self, deployment: Deployment, stage: Stage, si: int
+    ) -> list[tuple[Step, StepResult]]:
+        results: list[tuple[Step, StepResult]] = []
+        if not stage.parallel:
+            for i, step in enumerate(stage.steps):
+                r = await self._run_step(deployment, stage, si, i, step)
+                results.append((step, r))
+                if r.status is Status.FAILED and not stage.continue_on_failure:
+                    break
+            return results
+        tasks = [
+            asyncio.ensure_future(self._run_step(deployment, stage, si, i, step))
+            for i, step in enumerate(stage.steps)
+        ]
+        try:
+            if stage.continue_on_failure:
+                await asyncio.wait(tasks)
+            else:
+                pending: set[asyncio.Future[StepResult]] = set(tasks)
+                while pending:
+                    done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                    if any(
+                        not t.cancelled() and t.exception() is None
+                        and t.result().status is Status.FAILED
+                        for t in done
+                    ):  # fmt: skip
+                        for t in pending:
+                            t.cancel()
+                        await asyncio.gather(*pending, return_exceptions=True)
+                        break
+        except asyncio.CancelledError:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        for step, t in zip(stage.steps, tasks, strict=True):
+            if t.cancelled():
+                results.append((step, StepResult(Status.CANCELLED, error="cancelled")))
+            elif t.exception() is not None:
+                results.append((step, StepResult.failed(describe_exception(t.exception()))))  # type: ignore[arg-type]
+            else:
+                results.append((step, t.result()))
+        return results
+
+    async def _run_step(
+        self, deployment: Deployment, stage: Stage, si: int, i: int, step: Step
+    ) -> StepResult:
+        ctx = StepContext(self, deployment, stage, si, i, step)
+        self.bus.emit(
+            StepStarted(deployment=deployment, stage=stage, stage_index=si, index=i, step=step)
+        )
+        started = utcnow()
+        result: StepResult | None = None
+        try:
+            if step.retries:
+                result = await self._with_retries(step, ctx)
+            else:
+                result = await self._attempt(step, ctx)
+        except asyncio.CancelledError:
+            result = StepResult(Status.CANCELLED, error="cancelled", attempts=ctx.attempt)
+            raise
+        finally:
+            if result is None:
+                result = StepResult.failed("the step was interrupted by an internal error")
+            result.started_at = started
+            result.finished_at = utcnow()
+            if result.status is Status.FAILED and stage.continue_on_failure:
+                result.warning = True
+            if result.error:
+                result.error = mask(result.error)
+            result.output_tail = [mask(t) for t in result.output_tail]
+            self.bus.emit(
+                StepFinished(
+                    deployment=deployment, stage=stage, stage_index=si, index=i, step=step,
+                    result=result,
+                )
+            )  # fmt: skip
+        return result
+
+    async def _attempt(self, step: Step, ctx: StepContext) -> StepResult:
+        scope = None
+        try:
+            if step.timeout is not None:
+                async with asyncio.timeout(step.timeout) as scope:
+                    result = await self.pm.step_call(step, ctx)
+            else:
+                result = await self.pm.step_call(step, ctx)
+        except TimeoutError as exc:
+            if scope is not None and scope.expired():
+                result = StepResult.failed(f"timed out after {step.timeout:g}s")
+            else:
+                result = StepResult.failed(describe_exception(exc))
+        except StepFailed as exc:
+            result = StepResult.failed(
+                exc.message, exit_code=exc.step_exit_code, output_tail=exc.output
+            )
+        except Exception as exc:
+            result = StepResult.failed(describe_exception(exc))
+        if not isinstance(result, StepResult):
+            result = StepResult.failed(
+                f"step type {step.kind!r} returned {result!r}, not a StepResult"
+            )
+        result.attempts = ctx.attempt
+        return result
+
+    async def _with_retries(self, step: Step, ctx: StepContext) -> StepResult:
+        import tenacity
+
+        def before_sleep(state: tenacity.RetryCallState) -> None:
+            r = state.outcome.result() if state.outcome else None
+            delay = state.next_action.sleep if state.next_action else 0
+            ctx.log(
+                f"attempt {state.attempt_number} of {step.retries + 1} failed: "
+                f"{r.error if r else '?'}; retrying in {delay:.2f}s",
+                "shipyard",
+            )
+            ctx.attempt = state.attempt_number + 1
+
+        retrying = tenacity.AsyncRetrying(
+            stop=tenacity.stop_after_attempt(step.retries + 1),
+            wait=tenacity.wait_exponential(
+                multiplier=self.retry_backoff, max=60 * self.retry_backoff
+            )
+            + tenacity.wait_random(0, self.retry_backoff / 4),
+            retry=tenacity.retry_if_result(lambda r: r.status is Status.FAILED),
+            before_sleep=before_sleep,
+            retry_error_callback=lambda state: state.outcome.result(),  # type: ignore[union-attr]
+            reraise=True,
+        )
+        result: StepResult = await retrying(self._attempt, step, ctx)
+        return result

@@ -1,0 +1,223 @@
+"""Every hook Shipyard calls: the plugin author's contract.
+
+Implement a hook with a module-level function (or a method) of the same name, marked with
+:data:`shipyard.hookimpl`. Hooks are grouped by phase. The run protocol, hook by hook:
+
+1. ``shipyard_addhooks``, ``shipyard_register_step_types``, ``shipyard_register_notifiers``
+   and ``shipyard_configure`` when the plugins are loaded;
+2. ``shipyard_collection_modifyitems`` once ``pipelines.py`` is collected;
+3. for a deployment: ``shipyard_deployment_started``; for each stage
+   ``shipyard_stage_started``, for each of its steps ``shipyard_step_started``, then
+   ``shipyard_step_call`` (the executor) for each attempt, ``shipyard_step_output`` for each
+   batch of output lines, ``shipyard_step_finished``; ``shipyard_stage_finished``; at the end
+   ``shipyard_deployment_finished``. ``shipyard_rollback_started`` precedes a rollback's own
+   ``shipyard_deployment_started``.
+4. ``shipyard_unconfigure`` when the command ends.
+
+Event hooks receive one frozen ``event`` object; new fields may be added to events, never removed.
+An exception raised by an event hook is logged and recorded; it never fails a deployment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING
+from typing import Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    import click
+
+    from ._config import Config
+    from ._events import DeploymentFinished
+    from ._events import DeploymentStarted
+    from ._events import RollbackStarted
+    from ._events import StageFinished
+    from ._events import StageStarted
+    from ._events import StepFinished
+    from ._events import StepOutput
+    from ._events import StepStarted
+    from ._pipeline import Pipeline
+    from ._pipeline import Step
+    from ._plugins import NotifierRegistry
+    from ._plugins import ShipyardPluginManager
+    from ._plugins import StepTypeRegistry
+    from ._reports import StepResult
+    from ._runner import StepContext
+
+hookspec = pluggy.HookspecMarker("shipyard")
+
+# -------------------------------------------------------------------------------------------------
+# Initialisation: plugins, step types, notifiers, configuration
+# -------------------------------------------------------------------------------------------------
+
+
+@hookspec(historic=True)
+def shipyard_addhooks(pluginmanager: ShipyardPluginManager) -> None:
+    """Add hook specifications of your own (``pluginmanager.add_hookspecs(module)``).
+
+    :param pluginmanager: the Shipyard plugin manager.
+    """
+
+
+@hookspec(historic=True)
+def shipyard_register_step_types(registry: StepTypeRegistry) -> None:
+    """Register step types: ``registry.add(MyStep)``.
+
+    A step type is a subclass of :class:`shipyard.Step` with a unique ``kind``; registering a
+    kind twice is an error naming both plugins.
+
+    :param registry: the step type registry.
+    """
+
+
+@hookspec(historic=True)
+def shipyard_register_notifiers(registry: NotifierRegistry) -> None:
+    """Register notifier factories by name: ``registry.add("teams", make_teams_notifier)``.
+
+    A factory takes the value given to ``deploy --notify NAME:VALUE`` (or a URL for the name
+    ``webhook``) and returns a notifier: an object with ``send(event) -> None`` and an optional
+    ``close()``.
+
+    :param registry: the notifier registry.
+    """
+
+
+@hookspec(historic=True)
+def shipyard_configure(config: Config) -> None:
+    """Perform set-up once plugins and the command line are known.
+
+    :param config: the resolved configuration.
+    """
+
+
+@hookspec
+def shipyard_unconfigure(config: Config) -> None:
+    """Tear down before the command exits.
+
+    :param config: the resolved configuration.
+    """
+
+
+@hookspec
+def shipyard_addcommands(cli: click.Group) -> None:
+    """Add click commands to the ``shipyard`` command line (``cli.add_command(cmd)``).
+
+    :param cli: the ``shipyard`` click group.
+    """
+
+
+@hookspec(firstresult=True)
+def shipyard_resolve_secret(name: str, config: Config) -> str | None:
+    """Return the value of the secret ``name``, e.g. from a vault; None to let others try.
+
+    The environment (and ``--secret-file``) is consulted when no plugin answers.
+    Stops at first non-None result.
+
+    :param name: the name given to ``shipyard.secret(name)``.
+    :param config: the resolved configuration.
+    :returns: the secret's value, or None.
+    """
+
+
+# -------------------------------------------------------------------------------------------------
+# Collection
+# -------------------------------------------------------------------------------------------------
+
+
+@hookspec
+def shipyard_collection_modifyitems(pipelines: list[Pipeline[Any]], config: Config) -> None:
+    """Filter or reorder the collected pipelines in place.
+
+    :param pipelines: the pipelines of ``pipelines.py`` in definition order.
+    :param config: the resolved configuration.
+    """
+
+
+# -------------------------------------------------------------------------------------------------
+# Running steps
+# -------------------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def shipyard_step_call(step: Step, context: StepContext) -> Awaitable[StepResult] | None:
+    """Execute one attempt of ``step``; return an awaitable of its :class:`shipyard.StepResult`.
+
+    The built-in implementation (``trylast``) awaits ``step.run(context)``. Return an awaitable of
+    your own to replace the executor for some steps (e.g. a fake for tests), or wrap it with
+    ``hookwrapper=True``. Stops at first non-None result.
+
+    :param step: the step to run.
+    :param context: the deployment context, logger and secret resolver for this attempt.
+    :returns: an awaitable :class:`shipyard.StepResult`, or None to let others try.
+    """
+
+
+# -------------------------------------------------------------------------------------------------
+# Deployment events (notification sinks listen here)
+# -------------------------------------------------------------------------------------------------
+
+
+@hookspec
+def shipyard_deployment_started(event: DeploymentStarted) -> None:
+    """A deployment started: its stages and steps are known and recorded.
+
+    :param event: carries ``deployment`` and ``stages``.
+    """
+
+
+@hookspec
+def shipyard_rollback_started(event: RollbackStarted) -> None:
+    """A rollback is about to start; it is a deployment of its own that follows.
+
+    :param event: carries ``deployment`` (the one rolled back), ``target`` version and ``reason``.
+    """
+
+
+@hookspec
+def shipyard_stage_started(event: StageStarted) -> None:
+    """A stage started.
+
+    :param event: carries ``deployment``, ``index``, ``total`` and ``stage``.
+    """
+
+
+@hookspec
+def shipyard_step_started(event: StepStarted) -> None:
+    """A step started.
+
+    :param event: carries ``deployment``, ``stage_index``, ``index`` and ``step``.
+    """
+
+
+@hookspec
+def shipyard_step_output(event: StepOutput) -> None:
+    """A batch of output lines of a running step (already masked).
+
+    :param event: carries ``deployment``, ``stage_index``, ``index`` and ``lines``.
+    """
+
+
+@hookspec
+def shipyard_step_finished(event: StepFinished) -> None:
+    """A step finished (succeeded, failed, cancelled or skipped).
+
+    :param event: carries ``deployment``, ``stage_index``, ``index``, ``step`` and ``result``.
+    """
+
+
+@hookspec
+def shipyard_stage_finished(event: StageFinished) -> None:
+    """A stage finished.
+
+    :param event: carries ``deployment``, ``index``, ``stage`` and ``status``.
+    """
+
+
+@hookspec
+def shipyard_deployment_finished(event: DeploymentFinished) -> None:
+    """A deployment finished; its final status is recorded.
+
+    :param event: carries ``deployment``, ``status`` and ``error``.
+    """

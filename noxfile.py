@@ -1,0 +1,45 @@
+"""Sessions: tests, lint, bench, demo, docs (``nox -l`` lists them)."""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["lint", "tests"]
+nox.options.reuse_existing_virtualenvs = True
+
+PYTHON = "3.11"
+EXTRAS = ".[test,docker,kubernetes]"
+
+
+@nox.session(python=PYTHON)
+def tests(session: nox.Session) -> None:
+    """The whole test suite (Docker tests need an engine: see .ci/docker-up.sh)."""
+    session.install("-e", EXTRAS)
+    args = session.posargs or ["-n", "2"]
+    session.run("python", "-m", "pytest", *args)
+
+
+@nox.session(python=PYTHON)
+def lint(session: nox.Session) -> None:
+    """ruff (lint and format) and mypy."""
+    session.install("-e", EXTRAS, "ruff", "mypy")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+    session.run("mypy")
+
+
+@nox.session(python=PYTHON)
+def bench(session: nox.Session) -> None:
+    """Benchmarks, each beside its floor; writes bench/results.json."""
+    session.install("-e", EXTRAS, "pytest-benchmark")
+    session.run("python", "bench/run.py", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def demo(session: nox.Session) -> None:
+    """Deploy the demo pipeline twice, show the history, stop the app."""
+    session.install("-e", ".")
+    session.run("shipyard", "deploy", "demo", "1.0.0", "-e", "local")
+    session.run("shipyard", "deploy", "demo", "1.0.1", "-e", "local")
+    session.run("shipyard", "history")
+    session.run("python", "demo/serve.py", "stop")
