@@ -19,8 +19,8 @@ from ._version import __version__
 if TYPE_CHECKING:
     from ._deploy import DeployRequest
     from ._deploy import Outcome
-    from ._deploy import Session
     from ._history import SQLiteHistory
+    from ._session import Session
 
 
 # -- plumbing --------------------------------------------------------------------------------------
@@ -96,7 +96,7 @@ class _State:
     def session(self) -> Session:
         if self._session is None:
             from ._config import Config
-            from ._deploy import Session
+            from ._session import Session
 
             o = self.options
             self._session = Session(
@@ -226,7 +226,7 @@ def list_cmd(state: _State, as_json: bool) -> None:
     from ._pipeline import PipelineDefinitionError
 
     pipelines = state.session.load()
-    rows = []
+    rows: list[dict[str, Any]] = []
     for p in pipelines.values():
         env = (p.environments or ["*"])[0]
         try:
@@ -313,27 +313,12 @@ def plan(state: _State, pipeline: str, version: str, environment: str, vars_: tu
 
 def _run(state: _State, req: DeployRequest, *, as_json: bool) -> NoReturn:
     """Run a deployment in this process with signal handling; exit with its code."""
-    import asyncio
-    import signal
-
     from ._console import ConsoleReporter
-    from ._deploy import RunControl
-    from ._deploy import execute
 
     session = state.session
     session.load()
     reporter = ConsoleReporter(sys.stderr if as_json else sys.stdout)
-    control = RunControl()
-
-    async def main() -> Outcome:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(
-                sig, lambda s=sig: control.cancel(f"interrupted by {s.name}", by_signal=True)
-            )
-        return await execute(session, req, reporter=reporter, control=control)
-
-    outcome = asyncio.run(main())
+    outcome = _execute(session, req, reporter=reporter)
     if as_json:
         store = state.store()
         doc = store.document(outcome.id)
@@ -346,6 +331,25 @@ def _run(state: _State, req: DeployRequest, *, as_json: bool) -> NoReturn:
             f"automatic rollback #{rb.id} {rb.status}; deployment #{outcome.id} stays failed"
         )
     sys.exit(outcome.exit_code)
+
+
+def _execute(session: Session, req: DeployRequest, **kwargs: Any) -> Outcome:
+    """Run ``execute`` on a new event loop; SIGINT and SIGTERM cancel the deployment."""
+    import asyncio
+    import signal
+
+    from ._deploy import RunControl
+    from ._deploy import execute
+
+    control = RunControl()
+
+    async def main() -> Outcome:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, control.on_signal, sig.name)
+        return await execute(session, req, control=control, **kwargs)
+
+    return asyncio.run(main())
 
 
 def _detach(state: _State, argv: list[str]) -> NoReturn:
@@ -428,10 +432,6 @@ def deploy(state: _State, pipeline: str, version: str, environment: str, vars_: 
 
 def _run_reporting(state: _State, req: DeployRequest, fd: int) -> NoReturn:
     """The detached child: report the id (or the early error) through ``fd``, then run."""
-    import asyncio
-
-    from ._deploy import RunControl
-    from ._deploy import execute
     from ._exceptions import ShipyardError
 
     pipe = os.fdopen(fd, "wb")
@@ -440,20 +440,8 @@ def _run_reporting(state: _State, req: DeployRequest, fd: int) -> NoReturn:
         pipe.write(f"ID {dep_id}\n".encode())
         pipe.close()
 
-    control = RunControl()
-
-    async def main() -> Outcome:
-        import signal
-
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(
-                sig, lambda s=sig: control.cancel(f"interrupted by {s.name}", by_signal=True)
-            )
-        return await execute(state.session, req, control=control, on_begin=on_begin)
-
     try:
-        outcome = asyncio.run(main())
+        outcome = _execute(state.session, req, on_begin=on_begin)
     except ShipyardError as exc:
         if not pipe.closed:
             pipe.write(f"{exc.exit_code} {exc.show()}".encode())
@@ -635,8 +623,10 @@ def status(state: _State, deployment_id: int | None, as_json: bool) -> None:
     if deployment_id is not None:
         docs = [store.get(deployment_id)]
     else:
-        running = store.list(statuses=("running", "pending"), limit=100)
-        recent = [d for d in store.list(limit=10) if d["id"] not in {r["id"] for r in running}]
+        running = store.deployments(statuses=("running", "pending"), limit=100)
+        recent = [
+            d for d in store.deployments(limit=10) if d["id"] not in {r["id"] for r in running}
+        ]
         docs = running + recent
     if as_json:
         _echo_json(docs)
@@ -671,7 +661,9 @@ def history(
 ) -> None:
     """Past deployments, newest first."""
     store = _read_store(state)
-    docs = store.list(pipeline=pipeline, environment=environment, limit=limit) if store else []
+    docs = (
+        store.deployments(pipeline=pipeline, environment=environment, limit=limit) if store else []
+    )
     if as_json:
         keys = ("id", "pipeline", "version", "environment", "status", "started_at", "finished_at",
                 "rollback_of", "retry_of", "error", "user", "host")  # fmt: skip

@@ -348,13 +348,13 @@ class SQLiteHistory(HistoryStore):
         except sqlite3.OperationalError as exc:
             raise HistoryError(f"cannot write the history at {self.path}: {exc}") from exc
 
-    def _query(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+    def _query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
         try:
             cur = self.conn.execute(sql, params)
         except sqlite3.OperationalError as exc:
             raise HistoryError(f"cannot read the history at {self.path}: {exc}") from exc
         cols = [d[0] for d in cur.description]
-        return [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]  # type: ignore[misc]
+        return [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]
 
     # -- deployments ------------------------------------------------------------------------------
 
@@ -620,7 +620,7 @@ class SQLiteHistory(HistoryStore):
             raise DeploymentNotFound(dep_id, hint)
         return _decode(rows[0])
 
-    def list(
+    def deployments(
         self,
         *,
         pipeline: str | None = None,
@@ -629,7 +629,8 @@ class SQLiteHistory(HistoryStore):
         limit: int = 20,
     ) -> list[dict[str, Any]]:
         """Deployments, newest first."""
-        where, params = [], []
+        where: list[str] = []
+        params: list[Any] = []
         if pipeline:
             where.append("pipeline=?")
             params.append(pipeline)
@@ -737,7 +738,7 @@ class SQLiteHistory(HistoryStore):
         return _decode(rows[0])
 
     def latest(self, pipeline: str, environment: str) -> dict[str, Any]:
-        rows = self.list(pipeline=pipeline, environment=environment, limit=1)
+        rows = self.deployments(pipeline=pipeline, environment=environment, limit=1)
         if not rows:
             raise DeploymentNotFound(
                 f"{pipeline} -e {environment}",

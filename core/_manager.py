@@ -15,13 +15,13 @@ from ._config import Config
 from ._deploy import DeployRequest
 from ._deploy import Outcome
 from ._deploy import RunControl
-from ._deploy import Session
 from ._deploy import execute
 from ._exceptions import DeploymentNotFound
 from ._history import current_user
 from ._pipeline import Deployment
 from ._pipeline import Stage
 from ._reports import Status
+from ._session import Session
 
 
 class DeploymentManager:
@@ -178,7 +178,7 @@ class DeploymentManager:
             return []
         store = self.session.open_store()
         try:
-            return store.list(pipeline=pipeline, environment=environment, limit=limit)
+            return store.deployments(pipeline=pipeline, environment=environment, limit=limit)
         finally:
             store.close()
 

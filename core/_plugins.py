@@ -175,10 +175,8 @@ class ShipyardPluginManager(pluggy.PluginManager):
             if value.startswith("no:"):
                 self.block(value[3:])
         builtins_seen = False
-        for ep in self._entry_points():
-            dist = getattr(ep, "dist", None)
-            dist_name = (dist.metadata["Name"] if dist is not None else "") or ""
-            is_builtin = dist_name.lower() == "shipyard" and ep.value.startswith("shipyard.")
+        for ep in find_entry_points(ENTRY_POINT_GROUP):
+            is_builtin = ep.dist_name.lower() == "shipyard" and ep.value.startswith("shipyard.")
             builtins_seen |= is_builtin
             if ep.name in self.blocked or self.has_plugin(ep.name):
                 continue
@@ -188,7 +186,7 @@ class ShipyardPluginManager(pluggy.PluginManager):
                 plugin = ep.load()
             except Exception as exc:
                 raise UsageError(
-                    f"plugin {ep.name!r} from {dist_name or 'an installed package'} failed to "
+                    f"plugin {ep.name!r} from {ep.dist_name or 'an installed package'} failed to "
                     f"load: {type(exc).__name__}: {exc}; uninstall it or disable it with "
                     f"-p no:{ep.name}"
                 ) from exc
@@ -196,8 +194,9 @@ class ShipyardPluginManager(pluggy.PluginManager):
             if is_builtin:
                 self.infos[ep.name] = PluginInfo(ep.name, "builtin")
             else:
-                version = dist.version if dist is not None else ""
-                self.infos[ep.name] = PluginInfo(ep.name, f"entry point of {dist_name}", version)
+                self.infos[ep.name] = PluginInfo(
+                    ep.name, f"entry point of {ep.dist_name}", ep.dist_version
+                )
         if not builtins_seen:
             for name, modname in DEFAULT_PLUGINS.items():
                 if name not in self.blocked and not self.has_plugin(name):
@@ -206,11 +205,6 @@ class ShipyardPluginManager(pluggy.PluginManager):
         for value, source in specs:
             if not value.startswith("no:"):
                 self.import_plugin(value, source)
-
-    def _entry_points(self) -> list[Any]:
-        from importlib.metadata import entry_points
-
-        return list(entry_points(group=ENTRY_POINT_GROUP))
 
     def import_plugin(self, modname: str, source: str = "-p") -> None:
         """Import ``modname`` and register it under that name (``-p``/``SHIPYARD_PLUGINS``)."""
@@ -315,6 +309,69 @@ class ShipyardPluginManager(pluggy.PluginManager):
                 }
             )
         return rows
+
+
+@dataclass
+class EntryPoint:
+    """One entry point of an installed distribution."""
+
+    name: str
+    value: str
+    dist_name: str
+    dist_version: str
+
+    def load(self) -> Any:
+        modname, _, attr = self.value.partition(":")
+        obj = importlib.import_module(modname.strip())
+        for part in attr.strip().split(".") if attr.strip() else ():
+            obj = getattr(obj, part)
+        return obj
+
+
+def find_entry_points(group: str, path: Iterable[str] | None = None) -> list[EntryPoint]:
+    """The entry points of ``group`` of the distributions on ``path`` (``sys.path``).
+
+    Reads ``*.dist-info/entry_points.txt`` directly: importing ``importlib.metadata`` (and the
+    email parser it needs) would cost more than the rest of ``shipyard list`` together. The
+    first distribution of a name on the path wins, as with the import system.
+    """
+    import sys
+
+    found: list[EntryPoint] = []
+    seen: set[str] = set()
+    header = f"[{group}]"
+    for entry in sys.path if path is None else path:
+        try:
+            names = os.listdir(entry or ".")
+        except OSError:
+            continue
+        for dirname in names:
+            if not dirname.endswith((".dist-info", ".egg-info")):
+                continue
+            stem = dirname.rsplit(".", 1)[0]
+            dist_name, _, version = stem.partition("-")
+            key = dist_name.lower().replace("-", "_")
+            if key in seen:
+                continue
+            seen.add(key)
+            try:
+                with open(
+                    os.path.join(entry or ".", dirname, "entry_points.txt"), encoding="utf-8"
+                ) as f:
+                    text = f.read()
+            except OSError:
+                continue
+            if header not in text:
+                continue
+            section = False
+            for raw in text.splitlines():
+                line = raw.strip()
+                if line.startswith("["):
+                    section = line == header
+                elif section and "=" in line and not line.startswith(("#", ";")):
+                    name, _, value = line.partition("=")
+                    found.append(EntryPoint(name.strip(), value.strip(), dist_name, version))
+    return found
 
 
 def plugin_specs_from_env(environ: dict[str, str] | None = None) -> list[tuple[str, str]]:

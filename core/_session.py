@@ -1,0 +1,99 @@
+"""One command's session: configuration, plugins, pipelines and store, each loaded on first use.
+
+Nothing here imports asyncio: ``list`` and ``plan`` use a session without running anything.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+from typing import Any
+
+from ._config import Config
+from ._discovery import collect
+from ._discovery import load_module
+from ._exceptions import PipelineDefinitionError
+from ._exceptions import PipelineNotFound
+from ._pipeline import Deployment
+from ._pipeline import Pipeline
+from ._pipeline import Stage
+from ._plugins import ShipyardPluginManager
+
+if TYPE_CHECKING:
+    from ._history import SQLiteHistory
+
+
+class Session:
+    """What one command needs, loaded lazily: ``--help`` touches none of it."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._pm: ShipyardPluginManager | None = None
+        self._pipelines: dict[str, Pipeline[Any]] | None = None
+        self._module: Any = None
+
+    @property
+    def pm(self) -> ShipyardPluginManager:
+        if self._pm is None:
+            pm = ShipyardPluginManager()
+            pm.load(self.config.plugin_specs, autoload=self.config.autoload)
+            self.config.pluginmanager = pm
+            self._pm = pm
+        return self._pm
+
+    def load(self, *, require_file: bool = True) -> dict[str, Pipeline[Any]]:
+        """Load plugins and the pipelines file (registering its hooks), once."""
+        if self._pipelines is not None:
+            return self._pipelines
+        pm = self.pm
+        path = self.config.pipelines_file
+        pipelines: list[Pipeline[Any]] = []
+        if require_file or path.is_file():
+            self._module = load_module(path)
+            pipelines = collect(self._module, path)
+            pm.register_pipelines_module(self._module, str(path))
+        pm.finish_loading()
+        pm.configure(self.config)
+        pm.modify_collection(pipelines, self.config)
+        self._pipelines = {p.name: p for p in pipelines}
+        return self._pipelines
+
+    def pipeline(self, name: str) -> Pipeline[Any]:
+        pipelines = self.load()
+        try:
+            return pipelines[name]
+        except KeyError:
+            raise PipelineNotFound(name, pipelines, self.config.pipelines_file.name) from None
+
+    def open_store(self, *, create: bool = True) -> SQLiteHistory:
+        from ._history import open_store
+
+        store = open_store(self.config.history, create=create)
+        store.repair(self.config.lock_lease)
+        return store
+
+    def build(self, pipeline: Pipeline[Any], deployment: Deployment) -> list[Stage]:
+        """The stages of ``pipeline`` for ``deployment``; every step kind must be available."""
+        stages = pipeline.build(deployment)
+        registry = self.pm.step_types
+        for st in stages:
+            for step in st.steps:
+                known = registry.types.get(step.kind)
+                if known is None:
+                    path, line = step.location
+                    blocked = (
+                        f"; plugin {step.kind!r} is disabled"
+                        if step.kind in self.pm.blocked
+                        else ""
+                    )
+                    raise PipelineDefinitionError(
+                        f"pipeline {pipeline.name!r}, stage {st.name!r}, step {step.name!r}: step "
+                        f"type {step.kind!r} is not provided by any loaded plugin{blocked}; "
+                        "`shipyard plugins` lists what is loaded",
+                        path=path,
+                        lineno=line,
+                    )
+        return stages
+
+    def close(self) -> None:
+        if self._pm is not None:
+            self._pm.unconfigure(self.config)
