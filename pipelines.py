@@ -57,12 +57,16 @@ def demo(d: sy.Deployment):
     return [
         sy.stage(
             "build",
-            sy.command(sys.executable, "demo/build.py", d.version, *build_args, name="build release"),
+            sy.command(
+                sys.executable, "demo/build.py", d.version, *build_args, name="build release"
+            ),
         ),
         sy.stage(
             "release",
             sy.python(switch_current, d.version, name="switch current"),
-            sy.command(sys.executable, "demo/serve.py", "restart", "--port", port, name="restart app"),
+            sy.command(
+                sys.executable, "demo/serve.py", "restart", "--port", port, name="restart app"
+            ),
         ),
         sy.stage(
             "verify",
