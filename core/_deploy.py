@@ -125,21 +125,33 @@ async def _begin(
     }
     loop = asyncio.get_running_loop()
     deadline = loop.time() + req.wait_lock
-    announced = False
-    while True:
-        try:
-            return store.begin(
-                pipeline=req.pipeline, version=req.version, environment=req.environment,
-                rollback_of=req.rollback_of, retry_of=req.retry_of, info=info,
-                lease=cfg.lock_lease,
-            )  # fmt: skip
-        except EnvironmentLocked as exc:
-            if loop.time() >= deadline or control.reason:
-                raise
-            if not announced:
-                print(f"waiting for the lock: {exc}", file=sys.stderr)
-                announced = True
-            await asyncio.sleep(0.2)
+    ticket: int | None = None
+    last_touch = loop.time()
+    try:
+        while True:
+            try:
+                dep_id = store.begin(
+                    pipeline=req.pipeline, version=req.version, environment=req.environment,
+                    rollback_of=req.rollback_of, retry_of=req.retry_of, info=info,
+                    lease=cfg.lock_lease, ticket=ticket,
+                )  # fmt: skip
+                ticket = None  # begin() removed it from the queue
+                return dep_id
+            except EnvironmentLocked as exc:
+                if control.reason:
+                    raise KeyboardInterrupt(control.reason) from None
+                if loop.time() >= deadline:
+                    raise
+                if ticket is None:
+                    ticket = store.enqueue(req.pipeline, req.environment)
+                    print(f"waiting for the lock: {exc}", file=sys.stderr)
+                elif loop.time() - last_touch > 5:
+                    store.touch_ticket(ticket)
+                    last_touch = loop.time()
+                await asyncio.sleep(0.1)
+    finally:
+        if ticket is not None:
+            store.dequeue(ticket)
 
 
 async def execute(

@@ -152,6 +152,21 @@ def _create_v1(db: Any) -> None:
         },
         pk=("pipeline", "environment"),
     )
+    # Deployments waiting with --wait-lock, first come first served.
+    db["lock_queue"].create(
+        {
+            "id": int,
+            "pipeline": str,
+            "environment": str,
+            "pid": int,
+            "host": str,
+            "proc_start": str,
+            "since": str,
+            "heartbeat_at": str,
+        },
+        pk="id",
+    )
+    db["lock_queue"].create_index(["pipeline", "environment", "id"], index_name="ix_queue_pe")
     db["audit"].create(
         {
             "id": int,
@@ -369,16 +384,20 @@ class SQLiteHistory(HistoryStore):
         info: dict[str, Any] | None = None,
         lock: bool = True,
         lease: float = 60.0,
+        ticket: int | None = None,
     ) -> int:
         """Record a new running deployment and take the lock of its pipeline and environment.
 
         Both happen in one transaction: either the deployment runs holding the lock, or nothing
-        is recorded and :class:`EnvironmentLocked` names the holder.
+        is recorded and :class:`EnvironmentLocked` names the holder. Deployments waiting with a
+        ``ticket`` (see :meth:`enqueue`) are served first come, first served; one without a
+        ticket does not overtake them.
         """
         info = dict(info or {})
         now = utcnow()
         with self._tx(durable=True) as c:
             if lock:
+                self._check_queue(c, pipeline, environment, ticket, lease)
                 row = c.execute(
                     "SELECT * FROM locks WHERE pipeline=? AND environment=?",
                     (pipeline, environment),
@@ -404,6 +423,8 @@ class SQLiteHistory(HistoryStore):
                 ),
             )  # fmt: skip
             dep_id = int(cur.lastrowid or 0)
+            if ticket is not None:
+                c.execute("DELETE FROM lock_queue WHERE id=?", (ticket,))
             if lock:
                 c.execute(
                     "INSERT INTO locks VALUES (?,?,?,?,?,?,?,?,?,?)",
@@ -413,6 +434,61 @@ class SQLiteHistory(HistoryStore):
                     ),
                 )  # fmt: skip
         return dep_id
+
+    def _check_queue(
+        self, c: sqlite3.Connection, pipeline: str, environment: str, ticket: int | None,
+        lease: float,
+    ) -> None:  # fmt: skip
+        """Refuse the lock while an earlier live waiter is queued; drop dead waiters."""
+        rows = c.execute(
+            "SELECT id, pid, host, proc_start, heartbeat_at FROM lock_queue "
+            "WHERE pipeline=? AND environment=? ORDER BY id",
+            (pipeline, environment),
+        ).fetchall()
+        ahead = 0
+        for qid, pid, host, proc_start, heartbeat_at in rows:
+            if ticket is not None and qid >= ticket:
+                break
+            waiter = {
+                "pid": pid,
+                "host": host,
+                "proc_start": proc_start,
+                "heartbeat_at": heartbeat_at,
+            }
+            if self._holder_dead(waiter, lease):
+                c.execute("DELETE FROM lock_queue WHERE id=?", (qid,))
+            else:
+                ahead += 1
+        if ahead:
+            holder = c.execute(
+                "SELECT * FROM locks WHERE pipeline=? AND environment=?", (pipeline, environment)
+            ).fetchone()
+            info = self._row_dict(c, "locks", holder) if holder else {}
+            raise EnvironmentLocked(
+                f"{pipeline!r} in {environment!r}: {ahead} deployment(s) are waiting for the "
+                "lock before this one; wait with --wait-lock SECONDS",
+                info,
+            )
+
+    def enqueue(self, pipeline: str, environment: str) -> int:
+        """Join the queue of deployments waiting for this lock; returns the ticket."""
+        now = utcnow()
+        with self._tx() as c:
+            cur = c.execute(
+                "INSERT INTO lock_queue (pipeline, environment, pid, host, proc_start, since, "
+                "heartbeat_at) VALUES (?,?,?,?,?,?,?)",
+                (pipeline, environment, self.pid, self.host, self._proc_start, now, now),
+            )
+        return int(cur.lastrowid or 0)
+
+    def dequeue(self, ticket: int) -> None:
+        """Leave the queue (gave up waiting)."""
+        with self._tx() as c:
+            c.execute("DELETE FROM lock_queue WHERE id=?", (ticket,))
+
+    def touch_ticket(self, ticket: int) -> None:
+        with self._tx() as c:
+            c.execute("UPDATE lock_queue SET heartbeat_at=? WHERE id=?", (utcnow(), ticket))
 
     @staticmethod
     def _row_dict(c: sqlite3.Connection, table: str, row: Sequence[Any]) -> dict[str, Any]:
