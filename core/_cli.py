@@ -314,11 +314,19 @@ def plan(state: _State, pipeline: str, version: str, environment: str, vars_: tu
 def _run(state: _State, req: DeployRequest, *, as_json: bool) -> NoReturn:
     """Run a deployment in this process with signal handling; exit with its code."""
     from ._console import ConsoleReporter
+    from ._exceptions import ShipyardError
 
     session = state.session
     session.load()
     reporter = ConsoleReporter(sys.stderr if as_json else sys.stdout)
-    outcome = _execute(session, req, reporter=reporter)
+    began: list[int] = []
+    try:
+        outcome = _execute(session, req, reporter=reporter, on_begin=began.append)
+    except ShipyardError:
+        # Recorded as failed before any step ran (build error, missing secret): still one document.
+        if as_json and began:
+            _echo_json(state.store().document(began[0]))
+        raise
     if as_json:
         store = state.store()
         doc = store.document(outcome.id)

@@ -183,6 +183,10 @@ async def execute(
     store = session.open_store()
     previous = store.previous_version(pipe.name, req.environment)
     dep_id = await _begin(store, session, req, control)
+    if req.rollback_of is not None:
+        store.record_audit(
+            "rollback", dep_id, req.reason or f"rollback of deployment {req.rollback_of}"
+        )
     if on_begin is not None:
         on_begin(dep_id)
     deployment = Deployment(

@@ -635,6 +635,12 @@ class SQLiteHistory(HistoryStore):
             ),
         )  # fmt: skip
 
+    def record_audit(self, action: str, dep_id: int, reason: str, user: str | None = None) -> None:
+        """Record who did ``action`` to deployment ``dep_id`` and why."""
+        dep = self.get(dep_id)
+        with self._tx() as c:
+            self._audit(c, action, dep, user or current_user(), reason)
+
     def unlock(
         self, pipeline: str, environment: str, *, user: str, reason: str
     ) -> dict[str, Any] | None:
