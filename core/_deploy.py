@@ -206,7 +206,9 @@ async def execute(
         if reporter is not None:
             reporter.write(f"deployment #{dep_id} failed before any step ran")
         raise
-    recorder = HistoryRecorder(store)
+    recorder = HistoryRecorder(
+        store, on_error=lambda exc: control.cancel(f"stopped: the history cannot be written: {exc}")
+    )
     dispatcher = NotifierDispatcher(sinks)
     listeners: list[Any] = [recorder] + ([reporter] if reporter is not None else []) + [dispatcher]
     bus = EventBus(listeners, pm)
@@ -235,6 +237,8 @@ async def execute(
         hb.cancel()
         control.task = None
     errors = await asyncio.to_thread(dispatcher.close)
+    if recorder.error is not None:
+        raise recorder.error
     if errors:
         store.apply([], [(dep_id, None, None, _now(), "notify", e) for e in errors])
     outcome = Outcome(

@@ -21,6 +21,7 @@ import os
 import socket
 import sqlite3
 import time
+from collections.abc import Callable
 from collections.abc import Iterator
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -844,9 +845,16 @@ class HistoryRecorder:
     """
 
     def __init__(
-        self, store: SQLiteHistory, flush_interval: float = 0.5, max_lines: int = 2000
+        self,
+        store: SQLiteHistory,
+        flush_interval: float = 0.5,
+        max_lines: int = 2000,
+        on_error: Callable[[HistoryError], None] | None = None,
     ) -> None:
         self.store = store
+        #: The first write error; after it the recorder stops writing (the run is stopped).
+        self.error: HistoryError | None = None
+        self.on_error = on_error
         self.flush_interval = flush_interval
         self.max_lines = max_lines
         self._statements: list[tuple[str, Sequence[Any]]] = []
@@ -865,6 +873,17 @@ class HistoryRecorder:
         self._logs.append((dep_id, None, None, time.time(), "shipyard", text))
 
     def handle(self, event: Event) -> None:
+        if self.error is not None:
+            return
+        try:
+            self._handle(event)
+        except HistoryError as exc:
+            # A full disk or a broken file: stop the deployment rather than run it unrecorded.
+            self.error = exc
+            if self.on_error is not None:
+                self.on_error(exc)
+
+    def _handle(self, event: Event) -> None:
         name = event.hook
         d = event.deployment
         s = self._statements
