@@ -372,9 +372,3 @@ def find_entry_points(group: str, path: Iterable[str] | None = None) -> list[Ent
                     name, _, value = line.partition("=")
                     found.append(EntryPoint(name.strip(), value.strip(), dist_name, version))
     return found
-
-
-def plugin_specs_from_env(environ: dict[str, str] | None = None) -> list[tuple[str, str]]:
-    env = os.environ if environ is None else environ
-    raw = env.get("SHIPYARD_PLUGINS", "")
-    return [(p.strip(), "SHIPYARD_PLUGINS") for p in raw.split(",") if p.strip()]
