@@ -33,6 +33,8 @@ if TYPE_CHECKING:
     from ._exceptions import ShipyardWarning
     from ._exceptions import StepFailed
     from ._exceptions import UsageError
+    from ._exceptions import fail
+    from ._exceptions import skip
     from ._manager import DeploymentManager
     from ._pipeline import Deployment
     from ._pipeline import Pipeline
@@ -89,6 +91,8 @@ _LAZY: dict[str, str] = {
     "jsonl": "shipyard.plugins.notify",
     "pipeline": "shipyard._pipeline",
     "python": "shipyard.plugins.python",
+    "skip": "shipyard._exceptions",
+    "fail": "shipyard._exceptions",
     "secret": "shipyard._secrets",
     "stage": "shipyard._pipeline",
     "wait": "shipyard.plugins.wait",

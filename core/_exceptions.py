@@ -27,6 +27,7 @@ import difflib
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 from typing import Any
+from typing import NoReturn
 
 if TYPE_CHECKING:
     from ._reports import StepResult
@@ -176,6 +177,24 @@ class StepFailed(DeploymentError):
 
 class HealthCheckFailed(StepFailed):
     """A health check did not see a healthy answer before its deadline."""
+
+
+class Skipped(Exception):
+    """Raised by :func:`shipyard.skip`: the step ends ``skipped`` with the reason."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def skip(reason: str) -> NoReturn:
+    """End the current step as ``skipped`` (from a python step or a step type's ``run``)."""
+    raise Skipped(reason)
+
+
+def fail(reason: str) -> NoReturn:
+    """End the current step as ``failed`` with ``reason`` and no traceback."""
+    raise StepFailed(reason)
 
 
 class Cancelled(BaseException):

@@ -78,3 +78,8 @@ class StepResult:
         cls, error: str, *, exit_code: int | None = None, output_tail: list[str] | None = None
     ) -> StepResult:
         return cls(Status.FAILED, exit_code=exit_code, error=error, output_tail=output_tail or [])
+
+
+Status.__module__ = "shipyard"
+
+StepResult.__module__ = "shipyard"

@@ -25,6 +25,7 @@ from ._events import StageStarted
 from ._events import StepFinished
 from ._events import StepOutput
 from ._events import StepStarted
+from ._exceptions import Skipped
 from ._exceptions import StepFailed
 from ._reports import Status
 from ._reports import StepResult
@@ -298,6 +299,8 @@ class Runner:
                 result = StepResult.failed(f"timed out after {step.timeout:g}s")
             else:
                 result = StepResult.failed(describe_exception(exc))
+        except Skipped as exc:
+            result = StepResult(Status.SKIPPED, error=exc.reason)
         except StepFailed as exc:
             result = StepResult.failed(
                 exc.message, exit_code=exc.step_exit_code, output_tail=exc.output
@@ -337,3 +340,6 @@ class Runner:
         )
         result: StepResult = await retrying(self._attempt, step, ctx)
         return result
+
+
+StepContext.__module__ = "shipyard"
