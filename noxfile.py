@@ -40,6 +40,21 @@ def bench(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON)
+def docs(session: nox.Session) -> None:
+    """Build the documentation into site/; a broken link, anchor or reference fails the build.
+
+    docs/gen_reference.py (an MkDocs hook) regenerates the CLI and hook references first. The
+    code samples of the docs are run by tests/test_docs.py, in the tests session.
+    ``nox -s docs -- serve`` serves the site with live reload instead.
+    """
+    session.install("-e", ".", "mkdocs", "mkdocs-material")
+    if session.posargs[:1] == ["serve"]:
+        session.run("mkdocs", "serve", *session.posargs[1:])
+    else:
+        session.run("mkdocs", "build", "--strict", *session.posargs)
+
+
+@nox.session(python=PYTHON)
 def demo(session: nox.Session) -> None:
     """Deploy the demo pipeline twice, show the history, stop the app."""
     session.install("-e", ".")

@@ -50,8 +50,13 @@ if TYPE_CHECKING:
     from ._secrets import secret
     from .hookspecs import hookspec
     from .plugins.command import command
+    from .plugins.docker import docker
+    from .plugins.healthcheck import health_check
+    from .plugins.kubernetes import kubernetes
+    from .plugins.nginx import nginx
     from .plugins.notify import console
     from .plugins.notify import jsonl
+    from .plugins.notify import webhook
     from .plugins.python import python
     from .plugins.wait import wait
 
@@ -86,9 +91,13 @@ _LAZY: dict[str, str] = {
     "UsageError": "shipyard._exceptions",
     "command": "shipyard.plugins.command",
     "console": "shipyard.plugins.notify",
+    "docker": "shipyard.plugins.docker",
+    "health_check": "shipyard.plugins.healthcheck",
     "hookimpl": "shipyard._plugins",
     "hookspec": "shipyard.hookspecs",
     "jsonl": "shipyard.plugins.notify",
+    "kubernetes": "shipyard.plugins.kubernetes",
+    "nginx": "shipyard.plugins.nginx",
     "pipeline": "shipyard._pipeline",
     "python": "shipyard.plugins.python",
     "skip": "shipyard._exceptions",
@@ -96,6 +105,7 @@ _LAZY: dict[str, str] = {
     "secret": "shipyard._secrets",
     "stage": "shipyard._pipeline",
     "wait": "shipyard.plugins.wait",
+    "webhook": "shipyard.plugins.notify",
 }
 
 __all__ = sorted([*_LAZY, "__version__"])

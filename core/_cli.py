@@ -17,9 +17,13 @@ import click
 from ._version import __version__
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from ._deploy import DeployRequest
     from ._deploy import Outcome
     from ._history import SQLiteHistory
+    from ._pipeline import Deployment
+    from ._pipeline import Step
     from ._session import Session
 
 
@@ -29,11 +33,23 @@ if TYPE_CHECKING:
 class _Group(click.Group):
     """Shows Shipyard errors once, with their exit codes; loads plugin commands on demand."""
 
+    #: The arguments of the running invocation (recorded in the audit, reused by --detach).
+    argv: list[str] = []
+
+    def main(self, args: Any = None, *a: Any, **kw: Any) -> Any:
+        _Group.argv = list(args) if args is not None else sys.argv[1:]
+        return super().main(args, *a, **kw)
+
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         cmd = super().get_command(ctx, cmd_name)
-        if cmd is None and ctx.obj is not None and not ctx.resilient_parsing:
+        if cmd is None and not ctx.resilient_parsing:
+            # click resolves the subcommand before the group's callback sets ctx.obj.
+            state = ctx.obj or _State(
+                file=ctx.params.get("file"), history=ctx.params.get("history"),
+                plugins=list(ctx.params.get("plugins") or ()), verbose=0,
+            )  # fmt: skip
             try:
-                ctx.obj.session.pm.add_commands(self)
+                state.session.pm.add_commands(self)
             except Exception:
                 return None
             cmd = super().get_command(ctx, cmd_name)
@@ -73,15 +89,16 @@ def _user_traceback(exc: BaseException) -> str:
     """The traceback of ``exc`` without importlib's and Shipyard's own frames."""
     import traceback
 
-    frames = [
-        f
-        for f in traceback.extract_tb(exc.__traceback__)
-        if "importlib" not in f.filename
-        and f"{os.sep}shipyard{os.sep}" not in f.filename
-        and f"{os.sep}core{os.sep}" not in f.filename
-    ]
-    lines = ["Traceback (most recent call last, Shipyard's frames hidden):"]
-    lines += traceback.format_list(frames)
+    # By module, not by path: an editable install keeps shipyard.plugins in plugins/, and a
+    # user's own folder may well be called core/ or shipyard/.
+    frames = traceback.StackSummary.extract(
+        (frame, lineno)
+        for frame, lineno in traceback.walk_tb(exc.__traceback__)
+        if str(frame.f_globals.get("__name__", "")).partition(".")[0]
+        not in ("shipyard", "importlib")
+    )
+    lines = ["Traceback (most recent call last, Shipyard's frames hidden):\n"]
+    lines += frames.format()
     lines += traceback.format_exception_only(type(exc), exc)
     return "".join(lines).rstrip()
 
@@ -211,6 +228,10 @@ def cli(
     ctx.obj = _State(
         file=file, history=history, plugins=list(plugins), verbose=verbose + int(debug)
     )
+    from ._secrets import masked_stdio
+
+    # Secrets are masked also in what steps and plugins print themselves (not only in reports).
+    ctx.with_resource(masked_stdio())
     ctx.call_on_close(lambda: ctx.obj._session and ctx.obj._session.close())
 
 
@@ -276,6 +297,7 @@ def plan(state: _State, pipeline: str, version: str, environment: str, vars_: tu
         )
     d = Deployment(0, pipe.name, version, environment, _parse_vars(vars_))
     stages = session.build(pipe, d)
+    rootdir = session.config.rootdir  # steps' relative paths (e.g. manifests) start here
     if as_json:
         _echo_json(
             {
@@ -283,8 +305,7 @@ def plan(state: _State, pipeline: str, version: str, environment: str, vars_: tu
                 "stages": [
                     {"name": s.name, "parallel": s.parallel,
                      "continue_on_failure": s.continue_on_failure,
-                     "steps": [{"name": st.name, "kind": st.kind, "description": st.describe(),
-                                "timeout": st.timeout, "retries": st.retries} for st in s.steps]}
+                     "steps": [_plan_step(st, d, rootdir) for st in s.steps]}
                     for s in stages
                 ],
             }
@@ -306,6 +327,15 @@ def plan(state: _State, pipeline: str, version: str, environment: str, vars_: tu
                 opts.append(f"retries {st.retries}")
             extra = f"  [{', '.join(opts)}]" if opts else ""
             click.echo(mask(f"  - {st.kind}: {st.describe()}{extra}"))
+            for line in st.plan_details(d, rootdir):
+                click.echo(mask(f"      {line}"))
+
+
+def _plan_step(step: Step, deployment: Deployment, rootdir: Path) -> dict[str, Any]:
+    """One step of ``plan --json``; ``details`` are the extra lines, e.g. rendered objects."""
+    return {"name": step.name, "kind": step.kind, "description": step.describe(),
+            "timeout": step.timeout, "retries": step.retries,
+            "details": step.plan_details(deployment, rootdir)}  # fmt: skip
 
 
 # -- deploy, rollback, retry -----------------------------------------------------------------------
@@ -321,7 +351,14 @@ def _run(state: _State, req: DeployRequest, *, as_json: bool) -> NoReturn:
     reporter = ConsoleReporter(sys.stderr if as_json else sys.stdout)
     began: list[int] = []
     try:
-        outcome = _execute(session, req, reporter=reporter, on_begin=began.append)
+        if as_json:
+            # stdout carries the one JSON document: whatever steps print goes to stderr.
+            import contextlib
+
+            with contextlib.redirect_stdout(sys.stderr):
+                outcome = _execute(session, req, reporter=reporter, on_begin=began.append)
+        else:
+            outcome = _execute(session, req, reporter=reporter, on_begin=began.append)
     except ShipyardError:
         # Recorded as failed before any step ran (build error, missing secret): still one document.
         if as_json and began:
@@ -424,14 +461,14 @@ def deploy(state: _State, pipeline: str, version: str, environment: str, vars_: 
     state.options["secret_files"] = secret_files
     variables = _parse_vars(vars_)
     if detach:
-        argv = sys.argv[1:]
+        argv = list(_Group.argv)
         argv.remove("--detach")
         state.session.load()  # report pipelines-file errors here, not in the background
         _detach(state, argv)
     req = DeployRequest(
         pipeline=pipeline, version=version, environment=environment, vars=variables,
         auto_rollback=not no_rollback, wait_lock=wait_lock, notify=list(notify),
-        args=sys.argv[1:],
+        args=list(_Group.argv),
     )  # fmt: skip
     if report_fd is not None:
         _run_reporting(state, req, report_fd)
@@ -452,7 +489,9 @@ def _run_reporting(state: _State, req: DeployRequest, fd: int) -> NoReturn:
         outcome = _execute(state.session, req, on_begin=on_begin)
     except ShipyardError as exc:
         if not pipe.closed:
-            pipe.write(f"{exc.exit_code} {exc.show()}".encode())
+            from ._secrets import mask
+
+            pipe.write(f"{exc.exit_code} {mask(exc.show())}".encode())
             pipe.close()
         sys.exit(exc.exit_code)
     sys.exit(outcome.exit_code)
@@ -506,7 +545,7 @@ def rollback(state: _State, target: str, environment: str | None, wait_lock: flo
     req = DeployRequest(
         pipeline=x["pipeline"], version=goal["version"], environment=x["environment"],
         vars=dict(goal.get("vars") or {}), rollback_of=x["id"], auto_rollback=False,
-        wait_lock=wait_lock, args=sys.argv[1:], reason=reason,
+        wait_lock=wait_lock, args=list(_Group.argv), reason=reason,
     )  # fmt: skip
     _run(state, req, as_json=as_json)
 
@@ -538,7 +577,7 @@ def retry(state: _State, deployment_id: int, wait_lock: float, as_json: bool) ->
     req = DeployRequest(
         pipeline=x["pipeline"], version=x["version"], environment=x["environment"],
         vars=dict(x.get("vars") or {}), retry_of=deployment_id, start_stage=start,
-        auto_rollback=True, wait_lock=wait_lock, args=sys.argv[1:],
+        auto_rollback=True, wait_lock=wait_lock, args=list(_Group.argv),
     )  # fmt: skip
     pipe = state.session.pipeline(x["pipeline"])
     from ._pipeline import Deployment
@@ -575,13 +614,13 @@ def cancel(state: _State, deployment_id: int, reason: str, wait_s: float) -> Non
     import time
 
     from ._exceptions import UsageError
-    from ._history import current_user
+    from ._history import actor
 
     store = state.store()
     dep = store.get(deployment_id)
     if dep["status"] not in ("running", "pending"):
         raise UsageError(f"deployment {deployment_id} is not running (it is {dep['status']})")
-    store.request_cancel(deployment_id, user=current_user(), reason=reason)
+    store.request_cancel(deployment_id, user=actor(), reason=reason)
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
         store.repair(state.session.config.lock_lease)
@@ -601,11 +640,9 @@ def cancel(state: _State, deployment_id: int, reason: str, wait_s: float) -> Non
 @pass_state
 def unlock(state: _State, pipeline: str, environment: str, reason: str) -> None:
     """Break the lock of PIPELINE in an environment by hand (recorded)."""
-    from ._history import current_user
+    from ._history import actor
 
-    holder = state.store(create=True).unlock(
-        pipeline, environment, user=current_user(), reason=reason
-    )
+    holder = state.store(create=True).unlock(pipeline, environment, user=actor(), reason=reason)
     if holder is None:
         click.echo(f"{pipeline!r} in {environment!r} was not locked; recorded anyway")
     else:
@@ -693,7 +730,8 @@ def _read_store(state: _State) -> SQLiteHistory | None:
     from pathlib import Path
 
     hist = state.session.config.history
-    if "://" not in hist and not Path(hist).exists():
+    # An empty file is a history whose creation was cut short (a kill -9): nothing in it yet.
+    if "://" not in hist and (not Path(hist).exists() or Path(hist).stat().st_size == 0):
         return None
     return state.store()
 
@@ -724,6 +762,10 @@ def show(state: _State, deployment_id: int, as_json: bool) -> None:
     if doc.get("git_commit"):
         click.echo(f"  commit    {doc['git_commit']}")
     click.echo(f"  shipyard  {doc['shipyard_version']}")
+    if doc.get("args"):
+        import shlex
+
+        click.echo(mask("  args      shipyard " + shlex.join(doc["args"])))
     if doc.get("vars"):
         click.echo("  vars      " + " ".join(f"{k}={v}" for k, v in doc["vars"].items()))
     if doc["rollback_of"]:
@@ -809,4 +851,12 @@ def plugins(state: _State, as_json: bool) -> None:
 
 def main(argv: list[str] | None = None, prog_name: str = "shipyard") -> None:
     """Entry point of the ``shipyard`` console script."""
-    cli.main(args=argv, prog_name=prog_name)
+    try:
+        cli.main(args=argv, prog_name=prog_name)
+    except Exception as exc:  # a bug, or a plugin's: its traceback, with secrets masked
+        import traceback
+
+        from ._secrets import mask
+
+        sys.stderr.write(mask("".join(traceback.format_exception(exc))))
+        sys.exit(1)

@@ -49,6 +49,9 @@ class DeployRequest:
     reason: str = ""
 
 
+DeployRequest.__module__ = "shipyard"
+
+
 @dataclass
 class Outcome:
     """How a deployment ended (and its automatic rollback, if one ran)."""
@@ -73,6 +76,7 @@ class RunControl:
         self.task: asyncio.Task[Any] | None = None
         self.reason: str | None = None
         self.by_signal = False
+        self._cancelled: asyncio.Task[Any] | None = None
 
     def on_signal(self, name: str) -> None:
         self.cancel(f"interrupted by {name}", by_signal=True)
@@ -81,7 +85,11 @@ class RunControl:
         if self.reason is None:
             self.reason = reason
             self.by_signal = by_signal
-        if self.task is not None and not self.task.done():
+        # Once per task: a second Ctrl-C (or a cancel request seen by the heartbeat) while the
+        # steps are being stopped would cut their SIGTERM-grace-SIGKILL short and leave a
+        # process that ignores SIGTERM running after we exit.
+        if self.task is not None and not self.task.done() and self.task is not self._cancelled:
+            self._cancelled = self.task
             self.task.cancel()
 
 
@@ -209,7 +217,7 @@ async def execute(
     recorder = HistoryRecorder(
         store, on_error=lambda exc: control.cancel(f"stopped: the history cannot be written: {exc}")
     )
-    dispatcher = NotifierDispatcher(sinks)
+    dispatcher = NotifierDispatcher(sinks, resolve=secrets.resolve)
     listeners: list[Any] = [recorder] + ([reporter] if reporter is not None else []) + [dispatcher]
     bus = EventBus(listeners, pm)
     runner = Runner(
@@ -226,7 +234,9 @@ async def execute(
     control.task = run_task
     if control.reason:
         run_task.cancel()
-    hb = asyncio.ensure_future(_heartbeat(session.config.history, dep_id, control))
+    hb = asyncio.ensure_future(
+        _heartbeat(session.config.history, dep_id, control, tick=recorder.tick)
+    )
     try:
         status, error = await asyncio.shield(run_task)
     except asyncio.CancelledError:
@@ -236,6 +246,25 @@ async def execute(
     finally:
         hb.cancel()
         control.task = None
+    target: dict[str, Any] | None = None
+    if (
+        status is Status.FAILED
+        and pipe.rollback == "auto"
+        and req.auto_rollback
+        and req.rollback_of is None
+        and recorder.error is None
+    ):
+        try:
+            target = store.rollback_target(dep_id)
+        except NoPreviousDeployment as exc:
+            recorder.note(dep_id, f"automatic rollback skipped: {exc}")
+            recorder.flush()
+            if reporter is not None:
+                reporter.write(f"automatic rollback skipped: {exc}")
+        else:
+            # Emitted before the notifiers close, so that sinks receive it too.
+            bus.emit(RollbackStarted(deployment=deployment, target=target["version"],
+                                     reason=f"deployment #{dep_id} failed (rollback='auto')"))  # fmt: skip
     errors = await asyncio.to_thread(dispatcher.close)
     if recorder.error is not None:
         raise recorder.error
@@ -247,28 +276,13 @@ async def execute(
         error,
         interrupted_by_signal=control.by_signal and status is Status.CANCELLED,
     )
-    if (
-        status is Status.FAILED
-        and pipe.rollback == "auto"
-        and req.auto_rollback
-        and req.rollback_of is None
-    ):
-        try:
-            target = store.rollback_target(dep_id)
-        except NoPreviousDeployment as exc:
-            recorder.note(dep_id, f"automatic rollback skipped: {exc}")
-            recorder.flush()
-            if reporter is not None:
-                reporter.write(f"automatic rollback skipped: {exc}")
-        else:
-            bus.emit(RollbackStarted(deployment=deployment, target=target["version"],
-                                     reason=f"deployment #{dep_id} failed (rollback='auto')"))  # fmt: skip
-            rb_req = DeployRequest(
-                pipeline=pipe.name, version=target["version"], environment=req.environment,
-                vars=dict(target.get("vars") or {}), rollback_of=dep_id, auto_rollback=False,
-                notify=req.notify, args=req.args, wait_lock=max(req.wait_lock, 5.0),
-            )  # fmt: skip
-            outcome.rollback = await execute(session, rb_req, reporter=reporter, control=control)
+    if target is not None:
+        rb_req = DeployRequest(
+            pipeline=pipe.name, version=target["version"], environment=req.environment,
+            vars=dict(target.get("vars") or {}), rollback_of=dep_id, auto_rollback=False,
+            notify=req.notify, args=req.args, wait_lock=max(req.wait_lock, 5.0),
+        )  # fmt: skip
+        outcome.rollback = await execute(session, rb_req, reporter=reporter, control=control)
     store.close()
     return outcome
 
@@ -281,13 +295,28 @@ def _now() -> float:
 
 def _load_secrets(session: Session, names: set[str], pipeline: str) -> Any:
     from ._secrets import SecretValues
+    from ._secrets import register
 
     env: dict[str, str] = dict(os.environ)
     for path in session.config.secret_files:
         env.update(read_secret_file(path))
-    for name in names:
-        value = session.pm.resolve_secret(name, session.config)
+    # Masked from now on: a provider below may print or raise with one of them.
+    register(env[n] for n in names if n in env)
+    for name in sorted(names):
+        try:
+            value = session.pm.resolve_secret(name, session.config)
+        except Exception as exc:  # a provider's failure fails the deployment, before any step
+            raise SecretMissing(
+                f"pipeline {pipeline!r}: secret {name}: the secret provider failed: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        if value is not None and not isinstance(value, str):
+            raise SecretMissing(
+                f"pipeline {pipeline!r}: secret {name}: the secret provider returned a "
+                f"{type(value).__name__}, not a str"
+            )
         if value is not None:
+            register([value])
             env[name] = value
     return SecretValues.load(names, env, where=f"pipeline {pipeline!r}: ")
 
@@ -306,7 +335,12 @@ def read_secret_file(path: os.PathLike[str] | str) -> dict[str, str]:
             f"(mode {stat.S_IMODE(st.st_mode):o}); run `chmod 600 {path}`"
         )
     values: dict[str, str] = {}
-    with open(path, encoding="utf-8") as f:
+    # Bytes that are not UTF-8 are kept (as in os.environ): the step receives them unchanged.
+    try:
+        f = open(path, encoding="utf-8", errors="surrogateescape")  # noqa: SIM115
+    except OSError as exc:
+        raise SecretMissing(f"secret file {path}: {exc.strerror}") from None
+    with f:
         for n, raw in enumerate(f, 1):
             line = raw.strip()
             if not line or line.startswith("#"):
@@ -324,26 +358,48 @@ def read_secret_file(path: os.PathLike[str] | str) -> dict[str, str]:
     return values
 
 
-async def _heartbeat(history: str, dep_id: int, control: RunControl) -> None:
+async def _heartbeat(
+    history: str, dep_id: int, control: RunControl, tick: Callable[[], None] | None = None
+) -> None:
     """Renew the lock and watch for ``shipyard cancel`` from another process.
 
     Uses a connection of its own from a worker thread, so a busy database never stalls the runner.
+    ``tick`` runs on the loop at every beat (the recorder flushes a silent step's log lines).
     """
+    import threading
+
     from ._history import open_store
 
     interval = float(os.environ.get("SHIPYARD_HEARTBEAT", "1.0"))
-    store = None
+    # Cancelling ``to_thread`` does not stop the thread: a heartbeat may still be running on
+    # the connection when we stop. Closing it under the thread's feet crashed the process
+    # (SIGSEGV in sqlite3), so the thread and the close take turns, and nothing opens after.
+    guard = threading.Lock()
+    stores: list[Any] = []
+    closed = False
+
+    def beat() -> str | None:
+        with guard:
+            if closed:
+                return None
+            if not stores:
+                stores.append(open_store(history))
+            result: str | None = stores[0].heartbeat(dep_id)
+            return result
+
     try:
         while True:
             await asyncio.sleep(interval)
+            if tick is not None:
+                tick()
             try:
-                if store is None:
-                    store = await asyncio.to_thread(open_store, history)
-                requested = await asyncio.to_thread(store.heartbeat, dep_id)
+                requested = await asyncio.to_thread(beat)
             except ShipyardError:
                 continue
             if requested and control.reason is None:
                 control.cancel(f"cancelled by {requested}")
     finally:
-        if store is not None:
-            store.close()
+        with guard:
+            closed = True
+            for store in stores:
+                store.close()

@@ -34,6 +34,9 @@ class LogLine(NamedTuple):
     text: str
 
 
+LogLine.__module__ = "shipyard"
+
+
 @dataclass(frozen=True, kw_only=True)
 class Event:
     """Base class of deployment events."""
@@ -57,6 +60,9 @@ class Event:
                 "rollback_of": d.rollback_of,
             },
         }
+
+
+Event.__module__ = "shipyard"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -208,6 +208,12 @@ def ci_actor() -> str | None:
     return None
 
 
+def actor() -> str:
+    """Who does something by hand, for the audit trail: the user, and the CI identity if any."""
+    ci = ci_actor()
+    return f"{current_user()} ({ci})" if ci else current_user()
+
+
 def process_start(pid: int) -> str | None:
     """An identity of process ``pid`` that changes when the pid is reused (Linux: start ticks)."""
     try:
@@ -598,14 +604,22 @@ class SQLiteHistory(HistoryStore):
                 c.execute(sql, params)
 
     def heartbeat(self, dep_id: int) -> str | None:
-        """Renew the lock and the deployment's heartbeat; return a pending cancel request."""
+        """Renew the lock and the deployment's heartbeat; return a pending cancel request.
+
+        A deployment that lost its lock (``unlock``, or its lease expired and another command
+        marked it ``interrupted``) gets a cancel request too: it must not go on unlocked.
+        """
         now = utcnow()
         with self._tx() as c:
             c.execute("UPDATE deployments SET heartbeat_at=? WHERE id=?", (now, dep_id))
             c.execute("UPDATE locks SET heartbeat_at=? WHERE deployment_id=?", (now, dep_id))
             row = c.execute(
-                "SELECT cancel_requested FROM deployments WHERE id=?", (dep_id,)
+                "SELECT cancel_requested, status, error FROM deployments WHERE id=?", (dep_id,)
             ).fetchone()
+        # Only another process writes ``interrupted``; a final status of our own (a heartbeat
+        # racing our finish) is no reason to cancel anything.
+        if row and row[1] == Status.INTERRUPTED.value:
+            return row[0] or f"shipyard: the lock was lost ({row[2] or row[1]})"
         return row[0] if row else None
 
     def cancel_requested(self, dep_id: int) -> str | None:
@@ -640,7 +654,7 @@ class SQLiteHistory(HistoryStore):
         """Record who did ``action`` to deployment ``dep_id`` and why."""
         dep = self.get(dep_id)
         with self._tx() as c:
-            self._audit(c, action, dep, user or current_user(), reason)
+            self._audit(c, action, dep, user or actor(), reason)
 
     def unlock(
         self, pipeline: str, environment: str, *, user: str, reason: str
@@ -653,7 +667,10 @@ class SQLiteHistory(HistoryStore):
             holder = self._row_dict(c, "locks", row) if row else None
             if holder:
                 self._interrupt(c, holder["deployment_id"], f"unlocked by {user} ({reason})")
-            self._audit(c, "unlock", None, user, reason, pipeline, environment)
+            # Recorded on the deployment it interrupted, so that `show` of it lists the unlock.
+            dep = {"id": holder["deployment_id"], "pipeline": pipeline,
+                   "environment": environment} if holder else None  # fmt: skip
+            self._audit(c, "unlock", dep, user, reason, pipeline, environment)
         return holder
 
     def lock_holder(self, pipeline: str, environment: str) -> dict[str, Any] | None:
@@ -687,8 +704,10 @@ class SQLiteHistory(HistoryStore):
                         "WHERE deployment_id=? AND status='running'",
                         (status.value, now, dep_id),
                     )
+            # A deployment already marked ``interrupted`` (its lock was broken) stays so.
             c.execute(
-                "UPDATE deployments SET status=?, finished_at=?, error=? WHERE id=?",
+                "UPDATE deployments SET status=?, finished_at=?, error=? "
+                "WHERE id=? AND status IN ('running','pending')",
                 (status.value, now, error, dep_id),
             )
             c.execute("DELETE FROM locks WHERE deployment_id=?", (dep_id,))
@@ -805,27 +824,66 @@ class SQLiteHistory(HistoryStore):
         :raises NoPreviousDeployment: naming what was looked for.
         """
         x = self.get(dep_id)
+        # Rolling back a rollback also skips the versions it rolled back (transitively): the bad
+        # version may have succeeded earlier too, and must not come back (DESIGN §4).
+        versions = [x["version"]]
+        seen = {dep_id}
+        back = x["rollback_of"]
+        while back is not None and back not in seen:
+            seen.add(back)
+            earlier = self.get(back)
+            versions.append(earlier["version"])
+            back = earlier["rollback_of"]
         rows = self._query(
             f"SELECT {_DEPLOYMENT_COLUMNS} FROM deployments d "
             "WHERE d.pipeline=? AND d.environment=? AND d.status='succeeded' AND d.started_at<? "
-            "AND d.version<>? AND NOT EXISTS (SELECT 1 FROM deployments r WHERE r.rollback_of=d.id) "
-            "ORDER BY d.started_at DESC LIMIT 1",
-            (x["pipeline"], x["environment"], x["started_at"], x["version"]),
+            f"AND d.version NOT IN ({','.join('?' * len(versions))}) "
+            "AND NOT EXISTS (SELECT 1 FROM deployments r WHERE r.rollback_of=d.id) "
+            "ORDER BY d.started_at DESC, d.id DESC LIMIT 1",
+            (x["pipeline"], x["environment"], x["started_at"], *versions),
         )
         if not rows:
+            other = " or ".join(repr(v) for v in dict.fromkeys(versions))
+            # Say what is there instead, so the user sees why none of it qualifies.
+            listed = self._query(
+                "SELECT d.id, d.version, d.status, EXISTS (SELECT 1 FROM deployments r "
+                "WHERE r.rollback_of=d.id) AS rolled_back FROM deployments d "
+                "WHERE d.pipeline=? AND d.environment=? AND d.started_at<? "
+                "ORDER BY d.started_at DESC, d.id DESC LIMIT 5",
+                (x["pipeline"], x["environment"], x["started_at"]),
+            )
+            there = ", ".join(
+                f"#{e['id']} {e['version']} {e['status']}"
+                + (" (rolled back)" if e["rolled_back"] else "")
+                for e in listed
+            )
             raise NoPreviousDeployment(
                 f"nothing to roll back to: no succeeded deployment of {x['pipeline']!r} in "
                 f"{x['environment']!r} before deployment {dep_id} with a version other than "
-                f"{x['version']!r} that was not itself rolled back"
+                f"{other} that was not itself rolled back; "
+                + (f"before it there: {there}" if there else "nothing was deployed there before it")
             )
         return _decode(rows[0])
 
     def latest(self, pipeline: str, environment: str) -> dict[str, Any]:
         rows = self.deployments(pipeline=pipeline, environment=environment, limit=1)
         if not rows:
+            envs = [
+                r["environment"]
+                for r in self._query(
+                    "SELECT DISTINCT environment FROM deployments WHERE pipeline=? "
+                    "ORDER BY environment",
+                    (pipeline,),
+                )
+            ]
+            where = (
+                f"it was deployed to {', '.join(repr(e) for e in envs)}"
+                if envs
+                else f"{pipeline!r} was never deployed anywhere"
+            )
             raise DeploymentNotFound(
                 f"{pipeline} -e {environment}",
-                f"nothing was deployed of {pipeline!r} to {environment!r}",
+                f"nothing was deployed of {pipeline!r} to {environment!r}; {where}",
             )
         return rows[0]
 
@@ -867,6 +925,20 @@ class HistoryRecorder:
             self._statements, self._logs = [], []
             self.store.apply(statements, logs, durable=durable)
         self._last_flush = time.monotonic()
+
+    def tick(self) -> None:
+        """Flush log lines that waited ``flush_interval``: a step that printed and then went
+        quiet would otherwise keep them from ``logs --follow`` until it finished."""
+        if self.error is not None or not self._logs:
+            return
+        if time.monotonic() - self._last_flush <= self.flush_interval:
+            return
+        try:
+            self.flush()
+        except HistoryError as exc:
+            self.error = exc
+            if self.on_error is not None:
+                self.on_error(exc)
 
     def note(self, dep_id: int, text: str) -> None:
         """Record a message of Shipyard's own (e.g. a notifier error) in the deployment's log."""

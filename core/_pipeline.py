@@ -23,8 +23,11 @@ from typing import TypeVar
 from typing import overload
 
 from ._exceptions import PipelineDefinitionError
+from ._secrets import hide_placeholders
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from typing_extensions import ParamSpec
 
     from ._reports import StepResult
@@ -83,7 +86,8 @@ class Step:
             raise PipelineDefinitionError(
                 f"{self.kind} step: retries must be a whole number >= 0, got {retries!r}"
             )
-        self.name: str = name if name else self.default_name()
+        # A secret in the name (``command("login", secret("T"))``) shows as ***, like elsewhere.
+        self.name: str = hide_placeholders(name if name else self.default_name())
         self.timeout = timeout
         self.retries = retries
         #: Where the step was written: (file, line) of the call that built it.
@@ -99,6 +103,17 @@ class Step:
     def options(self) -> dict[str, Any]:
         """The step's options as JSON-friendly values, for ``plan --json`` and the history."""
         return {}
+
+    def plan_details(self, deployment: Deployment, rootdir: Path) -> list[str]:
+        """Extra lines ``plan`` shows under the step (e.g. rendered objects); none by default.
+
+        Called only by ``plan``: it must talk to no server and change nothing. Secrets appear
+        as placeholders and are masked by the caller.
+
+        :param deployment: the planned deployment (id 0).
+        :param rootdir: the pipelines file's folder, which relative paths are relative to.
+        """
+        return []
 
     async def run(self, context: StepContext) -> StepResult:
         """Run the step once; return a result or raise :class:`shipyard.StepFailed`."""

@@ -40,6 +40,10 @@ DEFAULT_PLUGINS: Final[dict[str, str]] = {
     "python": "shipyard.plugins.python",
     "wait": "shipyard.plugins.wait",
     "notify": "shipyard.plugins.notify",
+    "docker": "shipyard.plugins.docker",
+    "nginx": "shipyard.plugins.nginx",
+    "healthcheck": "shipyard.plugins.healthcheck",
+    "kubernetes": "shipyard.plugins.kubernetes",
 }
 
 #: Plugins that cannot be disabled with ``-p no:NAME``.
@@ -274,6 +278,15 @@ class ShipyardPluginManager(pluggy.PluginManager):
 
     def step_call(self, step: Step, context: StepContext) -> Awaitable[StepResult]:
         result: Awaitable[StepResult] = self.hook.shipyard_step_call(step=step, context=context)
+        return result
+
+    def router_switch(
+        self, router: Any, service: str, port: int, context: StepContext
+    ) -> Awaitable[bool] | bool | None:
+        """Ask the router plugins to send ``service``'s traffic to ``port``; None: no taker."""
+        result: Awaitable[bool] | bool | None = self.hook.shipyard_router_switch(
+            router=router, service=service, port=port, context=context
+        )
         return result
 
     def plugin_rows(self) -> list[dict[str, Any]]:

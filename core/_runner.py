@@ -68,6 +68,8 @@ class StepContext:
         self.rootdir: Path = runner.rootdir
         #: Seconds between SIGTERM and SIGKILL when stopping processes.
         self.grace: float = runner.grace
+        #: The plugin manager, for steps that call hooks themselves (``docker.service`` routers).
+        self.pluginmanager: ShipyardPluginManager = runner.pm
 
     @property
     def deployment_env(self) -> dict[str, str]:
@@ -305,7 +307,7 @@ class Runner:
             result = StepResult.failed(
                 exc.message, exit_code=exc.step_exit_code, output_tail=exc.output
             )
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # sys.exit() in a step fails the step, not us
             result = StepResult.failed(describe_exception(exc))
         if not isinstance(result, StepResult):
             result = StepResult.failed(

@@ -8,12 +8,16 @@ everything that leaves the runner (console, history, notifications, errors) goes
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import sys
 import threading
 from collections.abc import Iterable
+from collections.abc import Iterator
 from collections.abc import Mapping
 from typing import Any
+from typing import NamedTuple
 
 from ._exceptions import PipelineDefinitionError
 from ._exceptions import SecretMissing
@@ -76,6 +80,13 @@ def names_in(obj: Any, _seen: set[int] | None = None) -> set[str]:
     return found
 
 
+def hide_placeholders(text: Any) -> Any:
+    """``text`` with secret placeholders (not values) replaced by ``***``; non-strings as they are."""
+    if isinstance(text, str) and "{{shipyard.secret:" in text:
+        return _PLACEHOLDER.sub(MASK, str.__str__(text))
+    return text
+
+
 class SecretValues:
     """The secrets of one deployment, read once when it starts."""
 
@@ -127,59 +138,294 @@ class SecretValues:
 
 _lock = threading.Lock()
 _values: set[str] = set()
-_pattern: re.Pattern[str] | None = None
+_state: _Table | None = None
+
+_JSON_SHORT = {'"': '\\"', "\\": "\\\\", "/": "\\/", "\b": "\\b", "\f": "\\f", "\n": "\\n",
+               "\r": "\\r", "\t": "\\t"}  # fmt: skip
 
 
-def _encodings(value: str) -> set[str]:
+def _hex(number: int, width: int) -> str:
+    """``number`` in hex as a regex that accepts either letter case."""
+    return "".join(f"[{c}{c.upper()}]" if c.isalpha() else c for c in f"{number:0{width}x}")
+
+
+def _url_pattern(value: str) -> str:
+    """``value`` percent-encoded in any way (``quote``, ``quote_plus``, httpx, a mix, any case)."""
+    parts = []
+    for ch in value:
+        if ch.isascii() and ch.isalnum():  # no encoder escapes these
+            parts.append(ch)
+            continue
+        raw = _utf8(ch)
+        alts = ["".join("%" + _hex(b, 2) for b in raw), re.escape(ch)]
+        if ch == " ":
+            alts.append(r"\+")
+        parts.append("(?:" + "|".join(alts) + ")")
+    return "".join(parts)
+
+
+def _json_pattern(value: str) -> str:
+    """``value`` inside a JSON string, escaped by any encoder (``ensure_ascii`` or not, ``\\/``)."""
+    parts = []
+    for ch in value:
+        if ch.isascii() and ch.isalnum():
+            parts.append(ch)
+            continue
+        alts = []
+        if ch not in '"\\' and ch >= " ":
+            alts.append(re.escape(ch))
+        if ch in _JSON_SHORT:
+            alts.append(re.escape(_JSON_SHORT[ch]))
+        code = ord(ch)
+        units = [code] if code <= 0xFFFF else [0xD800 + ((code - 0x10000) >> 10),
+                                                 0xDC00 + ((code - 0x10000) & 0x3FF)]  # fmt: skip
+        alts.append("".join(r"\\u" + _hex(u, 4) for u in units))
+        parts.append("(?:" + "|".join(alts) + ")")
+    return "".join(parts)
+
+
+def _base64_forms(raw: bytes) -> set[str]:
+    """The base64 text of ``raw`` alone, and the part of it that is the same wherever ``raw``
+    sits inside longer data: at byte offset ``3k + pad`` the characters that encode only bits
+    of ``raw`` (the first and last one or two mix in the neighbours' bits and vary)."""
     import base64
-    import json
-    from urllib.parse import quote
-    from urllib.parse import quote_plus
 
-    raw = value.encode()
-    forms = {value, quote(value, safe=""), quote_plus(value), json.dumps(value)[1:-1]}
+    forms = set()
     for enc in (base64.b64encode, base64.urlsafe_b64encode):
+        forms.add(enc(raw).decode())
         forms.add(enc(raw).decode().rstrip("="))
-        # The value inside a longer base64 text: its encoding depends on the offset modulo 3.
-        for pad in (1, 2):
-            text = enc(b"\0" * pad + raw).decode().rstrip("=")
-            inner = text[4 : len(text) - 4]
-            if len(inner) >= MIN_LENGTH:
-                forms.add(inner)
-    return {f for f in forms if len(f) >= MIN_LENGTH}
+        for pad in range(3):
+            text = enc(b"\0" * pad + raw + b"\0\0").decode()
+            forms.add(text[(8 * pad + 5) // 6 : 8 * (pad + len(raw)) // 6])
+    return forms
+
+
+def _utf8(value: str) -> bytes:
+    """The bytes a process receives for ``value`` (undecodable bytes from the environment kept)."""
+    try:
+        return value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "surrogatepass")
+
+
+class _Table(NamedTuple):
+    """What :func:`mask` looks for, swapped as one object so that readers need no lock."""
+
+    #: Exact forms (the value, its base64 texts, each line of a multi-line value), found with
+    #: ``str.find``.
+    literals: tuple[str, ...]
+    #: ``(anchor, regex)``: a regex (inside a lookahead, to find overlapping occurrences) for the
+    #: URL- or JSON-encoded forms of one value, tried only on text that contains ``anchor``, a
+    #: run of letters and digits every such form contains as is ("" when the value has none).
+    patterns: tuple[tuple[str, re.Pattern[str]], ...]
+    #: The most characters one occurrence can span.
+    reach: int
+
+
+def _anchor(value: str) -> str:
+    runs = re.findall(r"[A-Za-z0-9]+", value)
+    return max(runs, key=len) if runs else ""
+
+
+def _table(values: Iterable[str]) -> _Table:
+    literals: set[str] = set()
+    patterns: dict[str, str] = {}
+    for value in values:
+        # A value from the environment may hold bytes that are not UTF-8 (surrogate escapes); a
+        # step printing it is decoded with U+FFFD in their place.
+        for v in {value, _utf8(value).decode("utf-8", "replace")}:
+            literals.add(v)
+            literals |= _base64_forms(_utf8(v))
+            # Output is recorded line by line: each line of a multi-line secret on its own.
+            if "\n" in v or "\r" in v:
+                literals.update(p.strip() for p in re.split(r"[\r\n]+", v))
+            for regex in (_url_pattern(v), _json_pattern(v)):
+                if regex != re.escape(v):  # else the literal finds it
+                    patterns[regex] = _anchor(v)
+    return _Table(
+        literals=tuple(sorted(lit for lit in literals if len(lit) >= MIN_LENGTH)),
+        patterns=tuple((a, re.compile(f"(?=({r}))")) for r, a in sorted(patterns.items())),
+        # A character is at most 12 characters once encoded (4 UTF-8 bytes as %XX, or a
+        # surrogate pair of \uXXXX escapes).
+        reach=12 * max(len(v) for v in values),
+    )
 
 
 def register(values: Iterable[str]) -> None:
-    """Mask these values (and their encodings) in everything :func:`mask` sees from now on."""
-    global _pattern
+    """Mask these values (and their encodings) in everything :func:`mask` sees from now on.
+
+    Values shorter than :data:`MIN_LENGTH` are ignored (:meth:`SecretValues.load` refuses them).
+    """
+    global _state
     with _lock:
-        new = {v for v in values if v} - _values
+        new = {v for v in values if isinstance(v, str) and len(v) >= MIN_LENGTH} - _values
         if not new:
             return
         _values.update(new)
-        forms: set[str] = set()
-        for v in _values:
-            forms |= _encodings(v)
-        alts = sorted(forms, key=len, reverse=True)
-        _pattern = re.compile("|".join(re.escape(a) for a in alts))
+        _state = _table(_values)
+
+
+def _spans(text: str, table: _Table) -> list[list[int]]:
+    """Where masked forms occur in ``text``, overlapping occurrences merged, in order."""
+    found: list[tuple[int, int]] = []
+    for lit in table.literals:
+        i = text.find(lit)
+        while i >= 0:
+            found.append((i, i + len(lit)))
+            i = text.find(lit, i + 1)
+    for anchor, regex in table.patterns:
+        if anchor in text:
+            found += [(m.start(), m.end(1)) for m in regex.finditer(text)]
+    merged: list[list[int]] = []
+    for start, end in sorted(found):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return merged
 
 
 def mask(text: str) -> str:
-    """``text`` with secrets, their encodings and secret placeholders replaced by ``***``."""
+    """``text`` with secrets, their encodings and secret placeholders replaced by ``***``.
+
+    Overlapping occurrences (of two secrets, or two forms of one) are masked as one; if masking
+    itself forms a new occurrence (a secret made of ``*``), that is masked too.
+    """
     if "{{shipyard.secret:" in text:
         text = _PLACEHOLDER.sub(MASK, text)
-    pattern = _pattern
-    if pattern is None:
+    table = _state
+    if table is None:
         return text
-    return pattern.sub(MASK, text)
+    while spans := _spans(text, table):
+        out, pos = [], 0
+        for start, end in spans:
+            out += [text[pos:start], MASK]
+            pos = end
+        out.append(text[pos:])
+        text = "".join(out)
+    return text
+
+
+def mask_reach() -> int:
+    """The most characters one masked occurrence can span (0 when nothing is masked)."""
+    table = _state
+    return 0 if table is None else table.reach
+
+
+def cut_point(text: str, limit: int) -> int:
+    """Where to cut ``text`` near ``limit`` without splitting a masked occurrence.
+
+    ``limit`` itself, or the start of the occurrence that spans it (its end if it starts at 0).
+    Cutting a long line of output there keeps every secret whole in one piece, so it is masked.
+    """
+    table = _state
+    if table is None:
+        return limit
+    for start, end in _spans(text, table):
+        if start >= limit:
+            break
+        if start < limit < end:
+            return start if start > 0 else end
+    return limit
 
 
 def mask_any(obj: Any) -> Any:
-    """:func:`mask` applied to every string inside JSON-like data."""
+    """:func:`mask` applied to every string inside JSON-like data (keys too)."""
     if isinstance(obj, str):
         return mask(obj)
     if isinstance(obj, dict):
-        return {k: mask_any(v) for k, v in obj.items()}
+        return {mask(k) if isinstance(k, str) else k: mask_any(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [mask_any(v) for v in obj]
     return obj
+
+
+class MaskedStream:
+    """A text stream that masks secrets on their way to ``stream`` (the CLI's stdout/stderr).
+
+    It catches what bypasses the reporter: a ``python`` step's ``print()``, a logging handler, a
+    plugin's warning. Text is written as it comes, except the last :func:`mask_reach` characters
+    of an unfinished line (they may be the start of a secret written in pieces): those wait for
+    the end of the line, for more text, or for :meth:`drain`.
+    """
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self._pending = ""
+        self._lock = threading.Lock()
+
+    def write(self, text: str) -> int:
+        if not isinstance(text, str):  # click probes with b"" to tell text from binary streams
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        with self._lock:
+            pending = self._pending + text
+            limit = max(pending.rfind("\n") + 1, len(pending) - mask_reach())
+            cut = cut_point(pending, limit) if 0 < limit < len(pending) else limit
+            self._pending = pending[cut:]
+            if cut:
+                self.stream.write(mask(pending[:cut]))
+        return len(text)
+
+    def writelines(self, lines: Iterable[str]) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def drain(self) -> None:
+        """Write what was held back (masked) and flush."""
+        with self._lock:
+            pending, self._pending = self._pending, ""
+            if pending:
+                self.stream.write(mask(pending))
+        self.stream.flush()
+
+    def isatty(self) -> bool:
+        return bool(self.stream.isatty())
+
+    @property
+    def buffer(self) -> _MaskedBuffer:
+        """Bytes written here are decoded and masked too (``sys.stdout.buffer.write(...)``)."""
+        return _MaskedBuffer(self)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
+class _MaskedBuffer:
+    """The binary side of a :class:`MaskedStream`: bytes are decoded, masked and written."""
+
+    def __init__(self, text: MaskedStream) -> None:
+        self._text = text
+
+    def write(self, data: bytes) -> int:
+        encoding = getattr(self._text.stream, "encoding", None) or "utf-8"
+        self._text.write(bytes(data).decode(encoding, "replace"))
+        return len(data)
+
+    def flush(self) -> None:
+        self._text.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._text.stream.buffer, name)
+
+
+@contextlib.contextmanager
+def masked_stdio() -> Iterator[None]:
+    """Mask secrets in everything written to ``sys.stdout`` and ``sys.stderr`` meanwhile."""
+    saved = sys.stdout, sys.stderr
+    out, err = MaskedStream(saved[0]), MaskedStream(saved[1])
+    sys.stdout, sys.stderr = out, err
+    try:
+        yield
+    finally:
+        if sys.stdout is out:
+            sys.stdout = saved[0]
+        if sys.stderr is err:
+            sys.stderr = saved[1]
+        for s in (out, err):
+            try:
+                s.drain()
+            except (OSError, ValueError):  # a closed pipe or terminal
+                pass

@@ -154,6 +154,38 @@ def shipyard_step_call(step: Step, context: StepContext) -> Awaitable[StepResult
     """
 
 
+@hookspec(firstresult=True)
+def shipyard_router_switch(
+    router: Any, service: str, port: int, context: StepContext
+) -> Awaitable[bool] | bool | None:
+    """Send the traffic of ``service`` to ``port``: the router step of ``docker.service``.
+
+    ``docker.service(..., router=R)`` calls this once the new container answers its health
+    check, and stops the old container only after the switch succeeded. Implement it for the
+    router objects your plugin creates (``isinstance(router, MyRouter)``) and return None for any
+    other, so that several routers can coexist. Drive an existing proxy (nginx, HAProxy, a cloud
+    load balancer); do not proxy traffic yourself.
+
+    The switch must be all-or-nothing: when it cannot be completed, restore the proxy's previous
+    state and raise an exception whose message says what failed (it becomes the step's error,
+    the new container is removed and the old one keeps serving). When it returns, new requests
+    must reach ``port``; requests in flight may still finish on the old one (``docker.service``
+    waits ``drain`` seconds before stopping it).
+
+    The built-in implementation drives nginx (:func:`shipyard.nginx`). Stops at first non-None
+    result.
+
+    :param router: the object given as ``router=`` (e.g. ``shipyard.nginx(path)``).
+    :param service: the service's name, as given to ``docker.service``.
+    :param port: the host port the new container listens on (``127.0.0.1:port`` on the engine's
+        host).
+    :param context: the step's context: ``log()`` what you do, ``resolve()`` secrets. Call it
+        from the event loop's thread only.
+    :returns: True when handled, or an awaitable resolving to True (the switch may run
+        subprocesses or HTTP calls asynchronously); None when ``router`` is not yours.
+    """
+
+
 # -------------------------------------------------------------------------------------------------
 # Deployment events (notification sinks listen here)
 # -------------------------------------------------------------------------------------------------

@@ -20,6 +20,8 @@ from shipyard._pipeline import Step
 from shipyard._pipeline import reject_unknown_options
 from shipyard._plugins import hookimpl
 from shipyard._reports import StepResult
+from shipyard._secrets import cut_point
+from shipyard._secrets import mask_reach
 
 if TYPE_CHECKING:
     import asyncio
@@ -170,19 +172,37 @@ async def pump(
         if not chunk:
             break
         text = pending + decoder.decode(chunk)
-        lines = text.split("\n")
-        pending = lines.pop()
-        while len(pending) > MAX_LINE:
-            lines.append(pending[:MAX_LINE])
-            pending = pending[MAX_LINE:]
+        finished = text.split("\n")
+        pending = finished.pop()
+        # A finished line drops its "\r", then is cut like any long line (it may have arrived
+        # whole in one chunk).
+        lines = [p for ln in finished for p in _pieces(ln[:-1] if ln.endswith("\r") else ln)]
+        # An unfinished line is logged in pieces as it grows. Cut only once a secret that starts
+        # before MAX_LINE is whole, and never inside one; keep one more character so that a "\r"
+        # ending the line is not left alone to become a line of its own.
+        while len(pending) > MAX_LINE + mask_reach() + 1:
+            cut = cut_point(pending, MAX_LINE)
+            lines.append(pending[:cut])
+            pending = pending[cut:]
         if lines:
-            lines = [ln[:-1] if ln.endswith("\r") else ln for ln in lines]
             context.log_lines(lines, name)
             tail.extend(lines[-TAIL_LINES:])
     pending += decoder.decode(b"", final=True)
     if pending:
-        context.log_lines([pending], name)
-        tail.append(pending)
+        lines = _pieces(pending)
+        context.log_lines(lines, name)
+        tail.extend(lines[-TAIL_LINES:])
+
+
+def _pieces(line: str) -> list[str]:
+    """``line`` cut into pieces of at most :data:`MAX_LINE` characters (never inside a secret)."""
+    pieces = []
+    while len(line) > MAX_LINE:
+        cut = cut_point(line, MAX_LINE)
+        pieces.append(line[:cut])
+        line = line[cut:]
+    pieces.append(line)
+    return pieces
 
 
 async def terminate(proc: asyncio.subprocess.Process, grace: float) -> None:

@@ -64,14 +64,50 @@ class PythonStep(Step):
         if inspect.iscoroutinefunction(self.fn):
             value = await self.fn(*args, **kwargs)
         else:
-            import asyncio
-
-            value = await asyncio.to_thread(self.fn, *args, **kwargs)
+            value = await _in_daemon_thread(self.fn, *args, **kwargs)
             if inspect.isawaitable(value):
                 value = await value
         if isinstance(value, StepResult):
             return value
         return StepResult()
+
+
+async def _in_daemon_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` in a daemon thread of its own.
+
+    Not ``asyncio.to_thread``: a thread cannot be stopped, and the default executor is joined
+    when the event loop and the interpreter shut down, so a cancelled deployment (Ctrl-C,
+    SIGTERM, ``shipyard cancel``) would wait for a blocking function to return before exiting.
+    """
+    import asyncio
+    import contextvars
+    import threading
+
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+    context = contextvars.copy_context()
+
+    def settle(value: Any, exc: BaseException | None) -> None:
+        if future.done():  # cancelled meanwhile
+            return
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(value)
+
+    def target() -> None:
+        try:
+            value, exc = context.run(fn, *args, **kwargs), None
+        except BaseException as e:
+            value, exc = None, e
+        try:
+            loop.call_soon_threadsafe(settle, value, exc)
+        except RuntimeError:  # the loop is closed: nobody waits any more
+            pass
+
+    threading.Thread(target=target, name=f"shipyard-python-{getattr(fn, '__name__', 'step')}",
+                     daemon=True).start()  # fmt: skip
+    return await future
 
 
 python = PythonStep
