@@ -394,7 +394,20 @@ def _execute(session: Session, req: DeployRequest, **kwargs: Any) -> Outcome:
             loop.add_signal_handler(sig, control.on_signal, sig.name)
         return await execute(session, req, control=control, **kwargs)
 
-    return asyncio.run(main())
+    # Not asyncio.run(): its clean-up waits without limit for every task and for the threads of
+    # the default executor, so one stuck task or a sync python step still running after its
+    # timeout would keep `deploy` from ever exiting. Give them two seconds, then go.
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(main())
+    finally:
+        pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+        for t in pending:
+            t.cancel()
+        if pending:
+            loop.run_until_complete(asyncio.wait(pending, timeout=2.0))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
 
 
 def _detach(state: _State, argv: list[str]) -> NoReturn:
@@ -471,8 +484,22 @@ def deploy(state: _State, pipeline: str, version: str, environment: str, vars_: 
         args=list(_Group.argv),
     )  # fmt: skip
     if report_fd is not None:
+        req.args = _without_report_fd(req.args or [])
         _run_reporting(state, req, report_fd)
     _run(state, req, as_json=as_json)
+
+
+def _without_report_fd(args: list[str]) -> list[str]:
+    out: list[str] = []
+    skip = False
+    for a in args:
+        if skip:
+            skip = False
+        elif a == "--report-fd":
+            skip = True
+        elif not a.startswith("--report-fd="):
+            out.append(a)
+    return out
 
 
 def _run_reporting(state: _State, req: DeployRequest, fd: int) -> NoReturn:
@@ -853,6 +880,9 @@ def main(argv: list[str] | None = None, prog_name: str = "shipyard") -> None:
     """Entry point of the ``shipyard`` console script."""
     try:
         cli.main(args=argv, prog_name=prog_name)
+    except SystemExit as exc:
+        _exit_even_if_threads_hang(exc.code)
+        raise
     except Exception as exc:  # a bug, or a plugin's: its traceback, with secrets masked
         import traceback
 
@@ -860,3 +890,25 @@ def main(argv: list[str] | None = None, prog_name: str = "shipyard") -> None:
 
         sys.stderr.write(mask("".join(traceback.format_exception(exc))))
         sys.exit(1)
+
+
+def _exit_even_if_threads_hang(code: Any) -> None:
+    """Exit now when worker threads still run (a sync python step past its timeout).
+
+    Python joins such threads at exit, so the command would hang although its deployment is
+    finished and recorded. Only the console script does this; in-process callers keep control.
+    """
+    import threading
+
+    others = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    if not others:
+        return
+    for t in others:
+        t.join(0.5)
+    if any(t.is_alive() for t in others):
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # the exit must not depend on a broken stream
+                pass
+        os._exit(code if isinstance(code, int) else (0 if code is None else 1))

@@ -222,6 +222,8 @@ class ShipyardPluginManager(pluggy.PluginManager):
                 f"plugin {modname!r} (from {source}) could not be imported: {exc}; check the "
                 "module name and that its package is installed"
             ) from exc
+        if self.is_registered(module):  # already loaded, e.g. through its entry point
+            return
         self.register(module, modname)
         self.infos[modname] = PluginInfo(modname, source, getattr(module, "__version__", ""))
 

@@ -34,6 +34,12 @@ class Session:
     @property
     def pm(self) -> ShipyardPluginManager:
         if self._pm is None:
+            import sys
+
+            # `-p module` may name a module beside pipelines.py, as with conftest.py.
+            rootdir = str(self.config.rootdir)
+            if rootdir not in sys.path:
+                sys.path.insert(0, rootdir)
             pm = ShipyardPluginManager()
             pm.load(self.config.plugin_specs, autoload=self.config.autoload)
             self.config.pluginmanager = pm

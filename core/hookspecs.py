@@ -77,8 +77,9 @@ def shipyard_register_notifiers(registry: NotifierRegistry) -> None:
     """Register notifier factories by name: ``registry.add("teams", make_teams_notifier)``.
 
     A factory takes the value given to ``deploy --notify NAME:VALUE`` (or a URL for the name
-    ``webhook``) and returns a notifier: an object with ``send(event) -> None`` and an optional
-    ``close()``.
+    ``webhook``) and returns a notifier: an object with ``send(payload: dict) -> None`` that
+    receives each event's JSON payload (documented in ``shipyard.plugins.notify``), and an
+    optional ``close()``.
 
     :param registry: the notifier registry.
     """
