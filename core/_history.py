@@ -215,16 +215,16 @@ def actor() -> str:
 
 
 def process_start(pid: int) -> str | None:
-    """An identity of process ``pid`` that changes when the pid is reused (Linux: start ticks)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
+    """An identity of process ``pid`` that changes when the pid is reused (Linux: start ticks).
+
+    ``"dead"`` for a zombie; None where ``/proc`` cannot tell.
+    """
+    from ._proc import stat
+
+    st = stat(pid)
+    if st is None:
         return None
-    fields = stat[stat.rindex(b")") + 2 :].split()
-    if fields[0] in (b"Z", b"X"):  # a zombie is dead, it only waits to be reaped
-        return "dead"
-    return fields[19].decode()
+    return st.starttime if st.alive else "dead"
 
 
 def holder_alive(pid: int | None, host: str | None, proc_start: str | None) -> bool | None:

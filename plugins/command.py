@@ -6,7 +6,6 @@ timeout or a cancel stops everything it started: SIGTERM to the group, a grace p
 
 from __future__ import annotations
 
-import codecs
 import os
 import shlex
 import signal
@@ -16,12 +15,13 @@ from typing import TYPE_CHECKING
 from typing import Any
 
 from shipyard._exceptions import StepFailed
+from shipyard._output import MAX_LINE as MAX_LINE  # re-exported: tests and plugins use it
+from shipyard._output import TAIL_LINES
+from shipyard._output import LineSplitter
 from shipyard._pipeline import Step
 from shipyard._pipeline import reject_unknown_options
 from shipyard._plugins import hookimpl
 from shipyard._reports import StepResult
-from shipyard._secrets import cut_point
-from shipyard._secrets import mask_reach
 
 if TYPE_CHECKING:
     import asyncio
@@ -29,10 +29,6 @@ if TYPE_CHECKING:
     from shipyard._plugins import StepTypeRegistry
     from shipyard._runner import StepContext
 
-#: Lines longer than this are cut into pieces, so one endless line cannot exhaust memory.
-MAX_LINE = 64 * 1024
-#: How many trailing lines of output a failure shows.
-TAIL_LINES = 20
 _CHUNK = 64 * 1024
 
 
@@ -165,44 +161,19 @@ async def pump(
 
     Bytes that are not UTF-8 become U+FFFD; a line longer than :data:`MAX_LINE` is split.
     """
-    decoder = codecs.getincrementaldecoder("utf-8")("replace")
-    pending = ""
+    splitter = LineSplitter()
     while True:
         chunk = await stream.read(_CHUNK)
         if not chunk:
             break
-        text = pending + decoder.decode(chunk)
-        finished = text.split("\n")
-        pending = finished.pop()
-        # A finished line drops its "\r", then is cut like any long line (it may have arrived
-        # whole in one chunk).
-        lines = [p for ln in finished for p in _pieces(ln[:-1] if ln.endswith("\r") else ln)]
-        # An unfinished line is logged in pieces as it grows. Cut only once a secret that starts
-        # before MAX_LINE is whole, and never inside one; keep one more character so that a "\r"
-        # ending the line is not left alone to become a line of its own.
-        while len(pending) > MAX_LINE + mask_reach() + 1:
-            cut = cut_point(pending, MAX_LINE)
-            lines.append(pending[:cut])
-            pending = pending[cut:]
+        lines = splitter.feed(chunk)
         if lines:
             context.log_lines(lines, name)
             tail.extend(lines[-TAIL_LINES:])
-    pending += decoder.decode(b"", final=True)
-    if pending:
-        lines = _pieces(pending)
+    lines = splitter.finish()
+    if lines:
         context.log_lines(lines, name)
         tail.extend(lines[-TAIL_LINES:])
-
-
-def _pieces(line: str) -> list[str]:
-    """``line`` cut into pieces of at most :data:`MAX_LINE` characters (never inside a secret)."""
-    pieces = []
-    while len(line) > MAX_LINE:
-        cut = cut_point(line, MAX_LINE)
-        pieces.append(line[:cut])
-        line = line[cut:]
-    pieces.append(line)
-    return pieces
 
 
 async def terminate(proc: asyncio.subprocess.Process, grace: float) -> None:
@@ -240,19 +211,9 @@ def _group_alive(pgid: int) -> bool:
 
 def live_group_members(pgid: int) -> list[int]:
     """Pids of the non-zombie processes of group ``pgid`` (Linux ``/proc``)."""
-    members = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(b")") + 2 :].split()
-        if int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
-            members.append(int(entry))
-    return members
+    from shipyard._proc import group_members
+
+    return group_members(pgid)
 
 
 command = CommandStep

@@ -37,6 +37,7 @@ from typing import final
 
 from shipyard._exceptions import PipelineDefinitionError
 from shipyard._exceptions import StepFailed
+from shipyard._output import ThreadedFollower
 from shipyard._pipeline import Step
 from shipyard._pipeline import reject_unknown_options
 from shipyard._plugins import hookimpl
@@ -44,7 +45,6 @@ from shipyard._reports import StepResult
 
 if TYPE_CHECKING:
     import asyncio
-    from collections import deque
 
     from shipyard._plugins import StepTypeRegistry
     from shipyard._runner import StepContext
@@ -57,10 +57,6 @@ _PullPolicy = Literal["missing", "always", "never"]
 DEFAULT_ENGINE: Final = "unix:///var/run/docker.sock"
 #: Seconds one API call may take (not the container's run time: waiting for it has no limit).
 API_TIMEOUT: Final = 60
-#: How many trailing lines of container output a failure shows.
-TAIL_LINES: Final = 20
-#: Lines longer than this are cut into pieces.
-MAX_LINE: Final = 64 * 1024
 #: Label keys Shipyard puts on every container it creates.
 LABEL_PREFIX: Final = "shipyard."
 PULL_POLICIES: Final = ("missing", "always", "never")
@@ -438,102 +434,22 @@ class Engine:
 # -- streaming container output -------------------------------------------------------------------
 
 
-class LogPump:
-    """Follows a container's output in a thread of its own; logs complete lines on the loop.
+class LogPump(ThreadedFollower):
+    """Follows a container's output; stdout and stderr arrive merged, as ``docker logs`` shows."""
 
-    A dedicated thread (not the default executor) because a service container's output is
-    followed for as long as its health check lasts, and several may run in parallel stages.
-    stdout and stderr arrive merged, as ``docker logs`` shows them.
-    """
+    kind = "docker-logs"
 
     def __init__(self, engine: Engine, cid: str, context: StepContext, label: str) -> None:
-        import asyncio
-        import threading
-        from collections import deque
-
+        super().__init__(context, label)
         self.engine = engine
         self.cid = cid
-        self.context = context
-        self.label = label
-        #: The last lines seen, for failure messages.
-        self.tail: deque[str] = deque(maxlen=TAIL_LINES)
-        self._loop = asyncio.get_running_loop()
-        self._done: asyncio.Future[None] = self._loop.create_future()
-        self._stream: Any = None
-        self._closed = False
-        self._started = False
-        self._lock = threading.Lock()
 
-    def start(self) -> None:
-        import threading
+    def open(self) -> tuple[Any, Iterable[bytes]]:
+        stream = self.engine.api.logs(self.cid, stream=True, follow=True)
+        return stream, stream
 
-        self._started = True
-        threading.Thread(
-            target=self._run, name=f"shipyard-docker-logs-{self.label}", daemon=True
-        ).start()
-
-    def _post(self, fn: Callable[..., Any], *args: Any) -> None:
-        try:
-            self._loop.call_soon_threadsafe(fn, *args)
-        except RuntimeError:  # the loop is closed: nobody listens any more
-            pass
-
-    def _emit(self, lines: list[str]) -> None:
-        self.context.log_lines(lines, "stdout")
-        self.tail.extend(lines[-TAIL_LINES:])
-
-    def _finish(self) -> None:
-        if not self._done.done():
-            self._done.set_result(None)
-
-    def _run(self) -> None:
-        import codecs
-
-        decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        pending = ""
-        try:
-            stream = self.engine.api.logs(self.cid, stream=True, follow=True)
-            with self._lock:
-                self._stream = stream
-                closed = self._closed
-            if closed:
-                stream.close()
-                return
-            for chunk in stream:
-                text = pending + decoder.decode(chunk)
-                lines = text.split("\n")
-                pending = lines.pop()
-                while len(pending) > MAX_LINE:
-                    lines.append(pending[:MAX_LINE])
-                    pending = pending[MAX_LINE:]
-                if lines:
-                    self._post(self._emit, [ln.removesuffix("\r") for ln in lines])
-        except Exception:
-            pass  # a broken stream loses output, never the step: the exit code still decides
-        finally:
-            pending += decoder.decode(b"", final=True)
-            if pending:
-                self._post(self._emit, [pending])
-            self._post(self._finish)
-
-    async def wait(self, timeout: float | None = None) -> None:
-        """Wait until the output ends (the container stopped, or :meth:`close`)."""
-        if not self._started:
-            return
-        import asyncio
-
-        await asyncio.wait([self._done], timeout=timeout)
-
-    def close(self) -> None:
-        """Stop following; the container keeps running."""
-        with self._lock:
-            self._closed = True
-            stream = self._stream
-        if stream is not None:
-            try:
-                stream.close()
-            except Exception:
-                pass
+    def interrupt(self, handle: Any) -> None:
+        handle.close()
 
 
 def _tail_text(lines: Iterable[str], n: int = 10) -> str:

@@ -40,6 +40,7 @@ from typing import final
 
 from shipyard._exceptions import PipelineDefinitionError
 from shipyard._exceptions import StepFailed
+from shipyard._output import ThreadedFollower
 from shipyard._pipeline import Step
 from shipyard._pipeline import reject_unknown_options
 from shipyard._plugins import hookimpl
@@ -47,7 +48,6 @@ from shipyard._reports import StepResult
 
 if TYPE_CHECKING:
     import asyncio
-    from collections import deque
 
     from shipyard._pipeline import Deployment
     from shipyard._plugins import StepTypeRegistry
@@ -64,10 +64,6 @@ DEFAULT_REQUEST_TIMEOUT: Final = (5.0, 30.0)
 MAX_POLL_INTERVAL: Final = 1.0
 #: Seconds a finished Job's log may take to arrive in full.
 LOG_GRACE: Final = 5.0
-#: How many trailing lines of a Job's output a failure shows.
-TAIL_LINES: Final = 20
-#: Lines longer than this are cut into pieces.
-MAX_LINE: Final = 64 * 1024
 #: How many not-ready pods a failure names.
 MAX_PODS_SHOWN: Final = 10
 #: The label every Job Shipyard creates carries (also on its pod).
@@ -1809,120 +1805,52 @@ def _tail_text(lines: Iterable[str], n: int = 10) -> str:
     return ("; last output:\n" + "\n".join(f"  {ln}" for ln in lines)) if lines else ""
 
 
-class _LogFollower:
-    """Follows a pod's log in a thread of its own; logs complete lines on the event loop.
+class _LogFollower(ThreadedFollower):
+    """Follows a pod's log for as long as the Job runs; :meth:`close` shuts the socket down."""
 
-    A dedicated thread (not the default executor) because the log is followed for as long as
-    the Job runs. :meth:`close` shuts the socket down, so the thread ends at once.
-    """
+    kind = "k8s-logs"
 
     def __init__(
         self, cluster: Cluster, context: StepContext, namespace: str, deadline: float | None
     ) -> None:
-        import asyncio
-        import threading
-        from collections import deque
-
+        super().__init__(context, "pod")
         self.cluster = cluster
-        self.context = context
         self.namespace = namespace
         self.deadline = deadline
-        #: The last lines seen, for failure messages.
-        self.tail: deque[str] = deque(maxlen=TAIL_LINES)
-        self.started = False
-        #: Why the log is incomplete, when it is.
-        self.problem: str | None = None
-        self._loop = asyncio.get_running_loop()
-        self._done: asyncio.Future[None] = self._loop.create_future()
-        self._resp: Any = None
-        self._closed = False
-        self._lock = threading.Lock()
+        self._pod = ""
+        self._read = 24 * 3600.0
 
     def start(self, pod: str) -> None:
-        import threading
-
-        self.started = True
+        self._pod = self.label = pod
         # The stream ends with the container; its read timeout is what is left of the step.
-        read = 24 * 3600.0
         if self.deadline is not None:
-            read = max(self.deadline - self._loop.time(), 0.0) + LOG_GRACE
-        threading.Thread(
-            target=self._run, args=(pod, read), name=f"shipyard-k8s-logs-{pod}", daemon=True
-        ).start()
+            self._read = max(self.deadline - self._loop.time(), 0.0) + LOG_GRACE
+        super().start()
 
     def note(self) -> str:
         return f" (its log is incomplete: {self.problem})" if self.problem else ""
 
-    def _post(self, fn: Callable[..., Any], *args: Any) -> None:
-        try:
-            self._loop.call_soon_threadsafe(fn, *args)
-        except RuntimeError:  # the loop is closed: nobody listens any more
-            pass
+    def open(self) -> tuple[Any, Iterable[bytes]]:
+        path = f"/api/v1/namespaces/{self.namespace}/pods/{self._pod}/log"
+        resp = self.cluster.request(
+            "GET", path, query_params=[("follow", "true"), ("container", "main")],
+            _request_timeout=(self.cluster.request_timeout[0], self._read),
+        )  # fmt: skip
 
-    def _emit(self, lines: list[str]) -> None:
-        self.context.log_lines(lines, "stdout")
-        self.tail.extend(lines[-TAIL_LINES:])
-
-    def _finish(self, problem: str | None) -> None:
-        if problem and not self._closed:
-            self.problem = problem
-        if not self._done.done():
-            self._done.set_result(None)
-
-    def _run(self, pod: str, read: float) -> None:
-        import codecs
-
-        decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        pending = ""
-        problem = None
-        path = f"/api/v1/namespaces/{self.namespace}/pods/{pod}/log"
-        try:
-            resp = self.cluster.request(
-                "GET", path, query_params=[("follow", "true"), ("container", "main")],
-                _request_timeout=(self.cluster.request_timeout[0], read),
-            )  # fmt: skip
-            with self._lock:
-                self._resp = resp
-                closed = self._closed
-            if closed:
-                _shutdown(resp)
-                return
+        def chunks() -> Iterable[bytes]:
             try:
-                for chunk in resp.stream(None, decode_content=True):
-                    text = pending + decoder.decode(chunk)
-                    lines = text.split("\n")
-                    pending = lines.pop()
-                    while len(pending) > MAX_LINE:
-                        lines.append(pending[:MAX_LINE])
-                        pending = pending[MAX_LINE:]
-                    if lines:
-                        self._post(self._emit, [ln.removesuffix("\r") for ln in lines])
+                yield from resp.stream(None, decode_content=True)
             finally:
                 resp.release_conn()
-        except Exception as exc:
-            # A broken stream loses output, never the step: the Job's outcome still decides.
-            problem = self.cluster.explain(exc, f"follow the log of pod {pod}").message
-        finally:
-            pending += decoder.decode(b"", final=True)
-            if pending:
-                self._post(self._emit, [pending.removesuffix("\r")])
-            self._post(self._finish, problem)
 
-    async def wait(self, timeout: float | None = None) -> None:
-        """Wait until the log ends (the container stopped, or :meth:`close`)."""
-        if not self.started:
-            return
-        import asyncio
+        return resp, chunks()
 
-        await asyncio.wait([self._done], timeout=timeout)
+    def interrupt(self, handle: Any) -> None:
+        _shutdown(handle)
 
-    def close(self) -> None:
-        """Stop following; the pod keeps running."""
-        with self._lock:
-            self._closed = True
-            resp = self._resp
-        if resp is not None:
-            _shutdown(resp)
+    def explain(self, exc: Exception) -> str | None:
+        # A broken stream loses output, never the step: the Job's outcome still decides.
+        return self.cluster.explain(exc, f"follow the log of pod {self._pod}").message
 
 
 def _shutdown(resp: Any) -> None:

@@ -293,19 +293,9 @@ def _holding_listeners(pids: set[int]) -> bool | None:
 
 def _children(pid: int) -> list[int]:
     """Pids of the live child processes of ``pid`` (Linux ``/proc``)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(b")") + 2 :].split()
-        if int(fields[1]) == pid and fields[0] not in (b"Z", b"X"):
-            found.append(int(entry))
-    return found
+    from shipyard._proc import children
+
+    return children(pid)
 
 
 nginx = NginxRouter

@@ -19,6 +19,7 @@ from hypothesis import example
 from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
+from shipyard import _output as output
 from shipyard.plugins import command
 
 
@@ -96,7 +97,7 @@ def chunked(draw, data_strategy=any_bytes):
 def test_pump_decodes_like_bytes_decode_in_any_chunking(case, max_line, chunk):
     data, chunks = case
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(command, "MAX_LINE", max_line)
+        mp.setattr(output, "MAX_LINE", max_line)
         mp.setattr(command, "_CHUNK", chunk)
         collector = asyncio.run(pump_chunks(chunks))
     assert collector.lines == reference(data, max_line)
