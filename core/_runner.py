@@ -10,6 +10,7 @@ import asyncio
 import os
 import time
 import traceback
+from collections.abc import Callable
 from collections.abc import Iterable
 from collections.abc import Mapping
 from pathlib import Path
@@ -91,6 +92,13 @@ class StepContext:
             env.update({str(k): str(v) for k, v in self.resolve(dict(extra)).items()})
         return env
 
+    def track_process(self, pgid: int) -> None:
+        """Record a process group this step started, so that it can be stopped should this
+        ``shipyard`` process die without stopping it (see ``SQLiteHistory.stop_orphans``)."""
+        tracker = self._runner.process_tracker
+        if tracker is not None:
+            tracker(self.deployment.id, pgid)
+
     def resolve(self, value: Any) -> Any:
         """``value`` with secret placeholders replaced by the real secrets (only for the step)."""
         return self._runner.secrets.resolve(value)
@@ -140,6 +148,8 @@ class Runner:
         retry_backoff: float | None = None,
         control: Any = None,
     ) -> None:
+        #: Called with (deployment id, process group) for each process group a step starts.
+        self.process_tracker: Callable[[int, int], None] | None = None
         #: A :class:`~shipyard._deploy.RunControl` whose ``reason`` explains a cancellation.
         self.control = control
         self.pm = pluginmanager

@@ -112,6 +112,7 @@ class CommandStep(Step):
             raise StepFailed(
                 f"cannot run {self.program!r}: permission denied; is it executable?"
             ) from None
+        context.track_process(proc.pid)
         out_tail: deque[str] = deque(maxlen=TAIL_LINES)
         err_tail: deque[str] = deque(maxlen=TAIL_LINES)
         assert proc.stdout is not None
