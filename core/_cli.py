@@ -515,11 +515,13 @@ def _run_reporting(state: _State, req: DeployRequest, fd: int) -> NoReturn:
     try:
         outcome = _execute(state.session, req, on_begin=on_begin)
     except ShipyardError as exc:
-        if not pipe.closed:
-            from ._secrets import mask
+        from ._secrets import mask
 
+        if not pipe.closed:
             pipe.write(f"{exc.exit_code} {mask(exc.show())}".encode())
             pipe.close()
+        # After the id was reported nobody waits on the pipe: say it in detached.log.
+        print(mask(exc.show()), file=sys.stderr)
         sys.exit(exc.exit_code)
     sys.exit(outcome.exit_code)
 

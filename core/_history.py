@@ -325,11 +325,16 @@ class SQLiteHistory(HistoryStore):
     def _check_and_migrate(self) -> None:
         c = self.conn
         c.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-        app_id = c.execute("PRAGMA application_id").fetchone()[0]
-        version = c.execute("PRAGMA user_version").fetchone()[0]
-        if app_id not in (0, APPLICATION_ID) or (
-            app_id == 0 and c.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] > 0
-        ):
+        # One read transaction: a process creating the file meanwhile must not be seen half done.
+        c.execute("BEGIN")
+        try:
+            app_id = c.execute("PRAGMA application_id").fetchone()[0]
+            version = c.execute("PRAGMA user_version").fetchone()[0]
+            tables = c.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+        finally:
+            if c.in_transaction:
+                c.execute("COMMIT")
+        if app_id not in (0, APPLICATION_ID) or (app_id == 0 and tables > 0):
             raise HistoryError(
                 f"{self.path} is a SQLite file but not a Shipyard history; it was left untouched "
                 "— point --history (or SHIPYARD_HISTORY) at another file"
@@ -378,7 +383,10 @@ class SQLiteHistory(HistoryStore):
                 if durable:
                     c.execute("PRAGMA synchronous=NORMAL")
         except sqlite3.OperationalError as exc:
-            raise HistoryError(f"cannot write the history at {self.path}: {exc}") from exc
+            hint = ""
+            if "disk" in str(exc) or "full" in str(exc):
+                hint = " (is the disk full, or a file size limit reached?)"
+            raise HistoryError(f"cannot write the history at {self.path}: {exc}{hint}") from exc
 
     def _query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
         try:
