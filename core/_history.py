@@ -1008,9 +1008,10 @@ class HistoryRecorder:
         self._last_flush = time.monotonic()
 
     def tick(self) -> None:
-        """Flush log lines that waited ``flush_interval``: a step that printed and then went
-        quiet would otherwise keep them from ``logs --follow`` until it finished."""
-        if self.error is not None or not self._logs:
+        """Flush what waited ``flush_interval``: a step that printed and then went quiet would
+        otherwise keep its lines from ``logs --follow``, and a long step would not show as
+        running, until it finished."""
+        if self.error is not None or not (self._logs or self._statements):
             return
         if time.monotonic() - self._last_flush <= self.flush_interval:
             return
@@ -1056,7 +1057,8 @@ class HistoryRecorder:
                  "WHERE deployment_id=? AND stage_idx=? AND idx=?",
                  (e.ts, d.id, e.stage_index, e.index))
             )  # fmt: skip
-            self.flush()
+            # Not flushed here: a quick step is recorded in one commit when it finishes, and a
+            # long one shows as running at the next heartbeat's tick().
         elif name == "shipyard_step_finished":
             e = event
             r = e.result
@@ -1075,6 +1077,9 @@ class HistoryRecorder:
                  (e.ts, d.id, e.index))
             )  # fmt: skip
             s.append(("UPDATE deployments SET current_stage=? WHERE id=?", (e.index, d.id)))
+            # One commit per stage: the previous stage's end and this one's start are durable
+            # before any of its steps runs, so a crash never leaves a finished stage "running".
+            self.flush()
         elif name == "shipyard_stage_finished":
             e = event
             s.append(

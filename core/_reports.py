@@ -42,7 +42,13 @@ def utcnow() -> str:
 
 
 def format_ts(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    # time.strftime on a struct is several times faster than datetime.strftime, and the
+    # runner stamps every event.
+    secs = int(ts)
+    micros = round((ts - secs) * 1_000_000)
+    if micros == 1_000_000:
+        secs, micros = secs + 1, 0
+    return f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(secs))}.{micros:06d}Z"
 
 
 def parse_ts(text: str) -> float:

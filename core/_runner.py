@@ -92,6 +92,17 @@ class StepContext:
             env.update({str(k): str(v) for k, v in self.resolve(dict(extra)).items()})
         return env
 
+    def environb(self, extra: Mapping[str, Any] | None = None) -> dict[bytes, bytes]:
+        """:meth:`environ` as bytes, for ``subprocess``: it skips encoding the inherited
+        environment once per process, which costs more than the rest of a quick step's set-up."""
+        env = dict(os.environb)
+        for k, v in self.deployment_env.items():
+            env[os.fsencode(k)] = os.fsencode(v)
+        if extra:
+            for k, v in self.resolve(dict(extra)).items():
+                env[os.fsencode(str(k))] = os.fsencode(str(v))
+        return env
+
     def track_process(self, pgid: int) -> None:
         """Record a process group this step started, so that it can be stopped should this
         ``shipyard`` process die without stopping it (see ``SQLiteHistory.stop_orphans``)."""

@@ -60,23 +60,27 @@ def secret(name: str) -> Secret:
     return Secret(name)
 
 
-def names_in(obj: Any, _seen: set[int] | None = None) -> set[str]:
+def names_in(obj: Any) -> set[str]:
     """Every secret name referenced by placeholders inside ``obj`` (walks containers and objects)."""
     found: set[str] = set()
-    seen = _seen if _seen is not None else set()
-    if id(obj) in seen:
-        return found
-    seen.add(id(obj))
-    if isinstance(obj, str):
-        found.update(_PLACEHOLDER.findall(obj))
-    elif isinstance(obj, Mapping):
-        for k, v in obj.items():
-            found |= names_in(k, seen) | names_in(v, seen)
-    elif isinstance(obj, (list, tuple, set, frozenset)):
-        for v in obj:
-            found |= names_in(v, seen)
-    elif hasattr(obj, "__dict__") and not isinstance(obj, type) and not callable(obj):
-        found |= names_in(vars(obj), seen)
+    seen: set[int] = set()
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if "{{shipyard.secret:" in item:
+                found.update(_PLACEHOLDER.findall(item))
+            continue
+        if item is None or isinstance(item, (int, float, bool)) or id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, Mapping):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            stack.extend(item)
+        elif hasattr(item, "__dict__") and not isinstance(item, type) and not callable(item):
+            stack.extend(vars(item).values())
     return found
 
 
@@ -107,11 +111,13 @@ class SecretValues:
                 f"{where}secret{plural} {', '.join(missing)} not set; export the environment "
                 f"variable{plural} (or pass --secret-file) before deploying; no step has run"
             )
-        short = [n for n in names if len(env[n]) < MIN_LENGTH]
+        # Output is recorded line by line, so "abc\n" would show as the line "abc": what counts
+        # is the value without surrounding whitespace.
+        short = [n for n in names if len(env[n].strip()) < MIN_LENGTH]
         if short:
             raise SecretMissing(
-                f"{where}secret {short[0]} is shorter than {MIN_LENGTH} characters; such a value "
-                "cannot be masked safely, use a longer one"
+                f"{where}secret {short[0]} is shorter than {MIN_LENGTH} characters (not counting "
+                "surrounding whitespace); such a value cannot be masked safely, use a longer one"
             )
         values = {n: env[n] for n in names}
         register(values.values())

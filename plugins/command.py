@@ -25,6 +25,7 @@ from shipyard._reports import StepResult
 
 if TYPE_CHECKING:
     import asyncio
+    import subprocess
 
     from shipyard._plugins import StepTypeRegistry
     from shipyard._runner import StepContext
@@ -84,24 +85,19 @@ class CommandStep(Step):
                 "env": self.env, "shell": self.shell}  # fmt: skip
 
     async def run(self, context: StepContext) -> StepResult:
-        import asyncio
+        import subprocess
 
         argv = [str(a) for a in context.resolve([self.program, *self.args])]
-        env = context.environ(self.env)
+        env = context.environb(self.env)
         cwd = context.rootdir / self.cwd if self.cwd else context.rootdir
         try:
-            if self.shell:
-                proc = await asyncio.create_subprocess_shell(
-                    shlex.join(argv) if self.args else argv[0],
-                    stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                    stderr=asyncio.subprocess.PIPE, cwd=cwd, env=env, start_new_session=True,
-                )  # fmt: skip
-            else:
-                proc = await asyncio.create_subprocess_exec(
-                    *argv,
-                    stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                    stderr=asyncio.subprocess.PIPE, cwd=cwd, env=env, start_new_session=True,
-                )  # fmt: skip
+            # Popen, not asyncio's subprocess transports: spawning happens on the loop's thread
+            # either way, and the transports' machinery cost twice the process itself.
+            proc = subprocess.Popen(
+                (shlex.join(argv) if self.args else argv[0]) if self.shell else argv,
+                shell=self.shell, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, cwd=cwd, env=env, start_new_session=True,
+            )  # fmt: skip
         except FileNotFoundError as exc:
             missing = cwd if not cwd.is_dir() else self.program
             raise StepFailed(
@@ -112,34 +108,119 @@ class CommandStep(Step):
             raise StepFailed(
                 f"cannot run {self.program!r}: permission denied; is it executable?"
             ) from None
-        context.track_process(proc.pid)
-        out_tail: deque[str] = deque(maxlen=TAIL_LINES)
-        err_tail: deque[str] = deque(maxlen=TAIL_LINES)
-        assert proc.stdout is not None
-        assert proc.stderr is not None
-        readers = [
-            asyncio.ensure_future(pump(proc.stdout, "stdout", context, out_tail)),
-            asyncio.ensure_future(pump(proc.stderr, "stderr", context, err_tail)),
-        ]
+        watch = ProcessWatch(proc, context)
         try:
-            rc = await proc.wait()
-            # A background child may keep our pipes open: read what is there, then stop.
-            _, pending = await asyncio.wait(readers, timeout=2.0)
-            for t in pending:
-                t.cancel()
-        except asyncio.CancelledError:
-            await terminate(proc, context.grace)
-            for t in readers:
-                t.cancel()
+            context.track_process(proc.pid)
+            rc = await watch.wait()
+        except BaseException:
+            await terminate(proc.pid, watch, context.grace)
             raise
+        finally:
+            watch.close()
         if rc != 0:
-            tail = list(err_tail) or list(out_tail)
+            tail = list(watch.tails["stderr"]) or list(watch.tails["stdout"])
             how = f"exited with {rc}" if rc > 0 else f"was killed by {_signame(-rc)}"
             message = f"{self.program} {how}"
             if tail:
                 message += "; last output:\n" + "\n".join(f"  {line}" for line in tail[-10:])
             raise StepFailed(message, step_exit_code=rc, output=tail)
         return StepResult(exit_code=0)
+
+
+class ProcessWatch:
+    """Streams a child's stdout and stderr into the log and notices its exit, on the event loop.
+
+    The pipes are read when the loop says they are readable (bounded chunks, complete lines
+    logged at once); the exit is seen through a pidfd where the kernel has them, else by a
+    thread waiting for the process.
+    """
+
+    #: After the process exits, how long to keep reading pipes a background child may hold open.
+    DRAIN = 2.0
+
+    def __init__(self, proc: subprocess.Popen[bytes], context: StepContext) -> None:
+        import asyncio
+
+        self.proc = proc
+        self.context = context
+        self.loop = asyncio.get_running_loop()
+        self.tails: dict[str, deque[str]] = {
+            "stdout": deque(maxlen=TAIL_LINES), "stderr": deque(maxlen=TAIL_LINES),
+        }  # fmt: skip
+        self.exited: asyncio.Future[int] = self.loop.create_future()
+        self._eof: list[asyncio.Future[None]] = []
+        self._fds: list[int] = []
+        assert proc.stdout is not None
+        assert proc.stderr is not None
+        for name, pipe in (("stdout", proc.stdout), ("stderr", proc.stderr)):
+            fd = pipe.fileno()
+            os.set_blocking(fd, False)
+            eof: asyncio.Future[None] = self.loop.create_future()
+            self._eof.append(eof)
+            self._fds.append(fd)
+            self.loop.add_reader(fd, self._read, fd, name, LineSplitter(), eof)
+        self._pidfd: int | None = None
+        try:
+            self._pidfd = os.pidfd_open(proc.pid)
+        except (AttributeError, OSError):  # no pidfds here: a thread waits instead
+            self.loop.run_in_executor(None, proc.wait).add_done_callback(self._thread_saw_exit)
+        else:
+            self.loop.add_reader(self._pidfd, self._on_exit)
+
+    def _read(self, fd: int, name: str, splitter: LineSplitter, eof: Any) -> None:
+        try:
+            data = os.read(fd, _CHUNK)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        lines = splitter.feed(data) if data else splitter.finish()
+        if lines:
+            self.context.log_lines(lines, name)
+            self.tails[name].extend(lines[-TAIL_LINES:])
+        if not data:
+            self.loop.remove_reader(fd)
+            if not eof.done():
+                eof.set_result(None)
+
+    def _on_exit(self) -> None:
+        assert self._pidfd is not None
+        self.loop.remove_reader(self._pidfd)
+        rc = self.proc.wait()  # it has exited: this only reaps it
+        if not self.exited.done():
+            self.exited.set_result(rc)
+
+    def _thread_saw_exit(self, fut: Any) -> None:
+        if not self.exited.done() and not fut.cancelled() and fut.exception() is None:
+            self.exited.set_result(fut.result())
+
+    async def wait(self) -> int:
+        """The exit code, once the process exited and its output was read."""
+        import asyncio
+
+        rc = await self.exited
+        # A background child may keep our pipes open: read what is there, then stop.
+        await asyncio.wait(self._eof, timeout=self.DRAIN)
+        return rc
+
+    def close(self) -> None:
+        """Stop watching: unregister from the loop and close the pipes."""
+        for fd in self._fds:
+            self.loop.remove_reader(fd)
+        if self._pidfd is not None:
+            self.loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                pipe.close()
+        self._fds = []
+        if self.proc.poll() is None:
+            # Stopped but not reaped yet (or still dying after SIGKILL): reap it off the loop,
+            # so that it leaves no zombie behind.
+            import threading
+
+            threading.Thread(target=self.proc.wait, name="shipyard-reap", daemon=True).start()
 
 
 def _definition_error(message: str) -> Exception:
@@ -177,11 +258,10 @@ async def pump(
         tail.extend(lines[-TAIL_LINES:])
 
 
-async def terminate(proc: asyncio.subprocess.Process, grace: float) -> None:
-    """Stop ``proc``'s whole process group: SIGTERM, up to ``grace`` seconds, then SIGKILL."""
+async def terminate(pgid: int, watch: ProcessWatch, grace: float) -> None:
+    """Stop process group ``pgid``: SIGTERM, up to ``grace`` seconds, then SIGKILL."""
     import asyncio
 
-    pgid = proc.pid
     try:
         os.killpg(pgid, signal.SIGTERM)
     except ProcessLookupError:
@@ -189,14 +269,14 @@ async def terminate(proc: asyncio.subprocess.Process, grace: float) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + grace
     while loop.time() < deadline:
-        if proc.returncode is not None and not _group_alive(pgid):
+        if watch.exited.done() and not _group_alive(pgid):
             return
         await asyncio.sleep(0.05)
     try:
         os.killpg(pgid, signal.SIGKILL)
     except ProcessLookupError:
         pass
-    await proc.wait()
+    await asyncio.wait([watch.exited], timeout=grace)
 
 
 def _group_alive(pgid: int) -> bool:

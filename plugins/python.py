@@ -72,16 +72,49 @@ class PythonStep(Step):
         return StepResult()
 
 
-async def _in_daemon_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """``fn(*args, **kwargs)`` in a daemon thread of its own.
+class _DaemonWorkers:
+    """Daemon threads that run blocking step functions, reused from one step to the next.
 
     Not ``asyncio.to_thread``: a thread cannot be stopped, and the default executor is joined
     when the event loop and the interpreter shut down, so a cancelled deployment (Ctrl-C,
     SIGTERM, ``shipyard cancel``) would wait for a blocking function to return before exiting.
+    Not a thread per call either: starting one costs more than a no-op step should. A worker
+    stuck in a function that never returns is simply replaced by a new one.
     """
+
+    def __init__(self) -> None:
+        import queue
+        import threading
+
+        self._tasks: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._idle = 0
+
+    def submit(self, task: Callable[[], None]) -> None:
+        import threading
+
+        with self._lock:
+            spawn = self._idle == 0
+            if not spawn:
+                self._idle -= 1
+        if spawn:
+            threading.Thread(target=self._work, name="shipyard-python", daemon=True).start()
+        self._tasks.put(task)
+
+    def _work(self) -> None:
+        while True:
+            self._tasks.get()()
+            with self._lock:
+                self._idle += 1
+
+
+_workers = _DaemonWorkers()
+
+
+async def _in_daemon_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` on a daemon worker thread (see :class:`_DaemonWorkers`)."""
     import asyncio
     import contextvars
-    import threading
 
     loop = asyncio.get_running_loop()
     future: asyncio.Future[Any] = loop.create_future()
@@ -95,7 +128,7 @@ async def _in_daemon_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -
         else:
             future.set_result(value)
 
-    def target() -> None:
+    def task() -> None:
         try:
             value, exc = context.run(fn, *args, **kwargs), None
         except BaseException as e:
@@ -105,8 +138,7 @@ async def _in_daemon_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -
         except RuntimeError:  # the loop is closed: nobody waits any more
             pass
 
-    threading.Thread(target=target, name=f"shipyard-python-{getattr(fn, '__name__', 'step')}",
-                     daemon=True).start()  # fmt: skip
+    _workers.submit(task)
     return await future
 
 

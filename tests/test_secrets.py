@@ -570,7 +570,7 @@ def test_a_missing_secret_fails_before_any_step_naming_it(simple: Path) -> None:
     assert "secrets API_TOKEN, DB_PASSWORD not set" in both.stderr.decode()
 
 
-@pytest.mark.parametrize("value", ["", "abc", "é€😀"])
+@pytest.mark.parametrize("value", ["", "abc", "é€😀", "abc\n", "  ab  "])
 def test_an_empty_or_short_secret_is_refused(simple: Path, value: str) -> None:
     r = shipyard("deploy", "app", "1", "-e", "dev", cwd=simple,
                  env=clean_env(API_TOKEN=value, DB_PASSWORD="present-password"))  # fmt: skip
@@ -873,7 +873,8 @@ def app(d):
 
 
 @settings(max_examples=25, deadline=None)
-@given(value=secret_text.map(lambda s: "⟦" + s[1:]))
+# Values under 4 characters once stripped are refused (tested below); keep to accepted ones here.
+@given(value=secret_text.map(lambda s: "⟦" + s[1:]).filter(lambda s: len(s.strip()) >= 4))
 def test_random_secrets_never_leave_a_deployment(value: str) -> None:
     """Generated values (unicode, regex metacharacters, newlines, ...) through a real deploy.
 
