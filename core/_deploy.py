@@ -223,7 +223,7 @@ async def execute(
     runner = Runner(
         pluginmanager=pm, bus=bus, secrets=secrets, rootdir=session.config.rootdir, control=control
     )
-    runner.process_tracker = store.track_process
+    runner.process_tag = store.process_tag(dep_id)
     note = (
         f"stages before {req.start_stage + 1} were done by deployment {req.retry_of}"
         if req.retry_of

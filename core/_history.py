@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 #: "SHYD" - marks a SQLite file as a Shipyard history.
 APPLICATION_ID = 0x53485944
 #: The schema version this code writes; migrations bring older files up to it.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 1
 BUSY_TIMEOUT_MS = 30_000
 
 _DEPLOYMENT_COLUMNS = (
@@ -184,18 +184,8 @@ def _create_v1(db: Any) -> None:
     )
 
 
-def _add_step_processes(db: Any) -> None:
-    """Version 2: the process groups of running command steps, so that the command which finds a
-    deployment's process dead can stop what it left running (a kill -9 of ``shipyard deploy``
-    does not reach steps, which run in their own process groups)."""
-    db["step_processes"].create(
-        {"deployment_id": int, "pgid": int, "host": str, "proc_start": str, "started_at": str},
-        pk=("deployment_id", "pgid"),
-    )
-
-
 #: Migrations by the version they produce. Each runs inside one transaction.
-MIGRATIONS = {1: _create_v1, 2: _add_step_processes}
+MIGRATIONS = {1: _create_v1}
 
 
 def current_user() -> str:
@@ -583,62 +573,45 @@ class SQLiteHistory(HistoryStore):
             self.stop_orphans(dead)
         return dead
 
-    def track_process(self, dep_id: int, pgid: int) -> None:
-        """Remember a command step's process group until its deployment finishes."""
-        with self._tx() as c:
-            c.execute(
-                "INSERT OR REPLACE INTO step_processes VALUES (?,?,?,?,?)",
-                (dep_id, pgid, self.host, process_start(pgid), utcnow()),
-            )
+    def process_tag(self, dep_id: int) -> str:
+        """The value of ``SHIPYARD_DEPLOYMENT_TAG`` in the environment of deployment
+        ``dep_id``'s step processes: unique to this history file and deployment."""
+        import hashlib
+
+        where = hashlib.sha256(os.path.realpath(self.path).encode()).hexdigest()[:16]
+        return f"{where}-{dep_id}"
 
     def stop_orphans(self, dep_ids: Sequence[int], grace: float = 1.0) -> list[int]:
         """Stop the step processes that dead deployments left running on this host.
 
-        A group is stopped when its leader is the very process recorded (same start time), or
-        when the leader is gone but members remain; a reused pid is left alone. SIGTERM, up to
-        ``grace`` seconds, then SIGKILL. Returns the process groups signalled.
+        A kill -9 of ``shipyard deploy`` cannot reach its steps, which run in process groups of
+        their own. Every step process inherits ``SHIPYARD_DEPLOYMENT_TAG``, so they are found in
+        ``/proc`` by their environment, grandchildren included, whatever group they moved to:
+        SIGTERM, up to ``grace`` seconds, then SIGKILL. Returns the pids signalled.
         """
         if not dep_ids:
             return []
         import signal
 
-        from ._proc import group_members
-        from ._proc import stat
+        from ._proc import alive
+        from ._proc import tagged
 
-        marks = ",".join("?" * len(dep_ids))
-        rows = self._query(
-            f"SELECT deployment_id, pgid, proc_start FROM step_processes "
-            f"WHERE host=? AND deployment_id IN ({marks})",
-            (self.host, *dep_ids),
-        )
-        signalled = []
-        for r in rows:
-            leader = stat(r["pgid"])
-            if leader is not None and leader.alive and leader.starttime != r["proc_start"]:
-                continue  # the pid was reused: not ours
-            if (leader is None or not leader.alive) and not group_members(r["pgid"]):
-                continue
+        pids = tagged("SHIPYARD_DEPLOYMENT_TAG", {self.process_tag(d) for d in dep_ids})
+        for pid in pids:
             try:
-                os.killpg(r["pgid"], signal.SIGTERM)
-                signalled.append(r["pgid"])
+                os.kill(pid, signal.SIGTERM)
             except (ProcessLookupError, PermissionError):
                 pass
         deadline = time.monotonic() + grace
-        while signalled and time.monotonic() < deadline:
-            if not any(group_members(g) for g in signalled):
-                break
+        while pids and time.monotonic() < deadline and any(alive(p) for p in pids):
             time.sleep(0.05)
-        for g in signalled:
-            if group_members(g):
+        for pid in pids:
+            if alive(pid):
                 try:
-                    os.killpg(g, signal.SIGKILL)
+                    os.kill(pid, signal.SIGKILL)
                 except (ProcessLookupError, PermissionError):
                     pass
-        with self._tx() as c:
-            c.execute(
-                f"DELETE FROM step_processes WHERE deployment_id IN ({marks})", tuple(dep_ids)
-            )
-        return signalled
+        return pids
 
     def record_plan(self, dep_id: int, stages: Sequence[Stage], start_stage: int = 0,
                     note: str | None = None) -> None:  # fmt: skip
@@ -791,7 +764,6 @@ class SQLiteHistory(HistoryStore):
                 (status.value, now, error, dep_id),
             )
             c.execute("DELETE FROM locks WHERE deployment_id=?", (dep_id,))
-            c.execute("DELETE FROM step_processes WHERE deployment_id=?", (dep_id,))
 
     # -- queries ----------------------------------------------------------------------------------
 

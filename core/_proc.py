@@ -61,3 +61,30 @@ def group_members(pgid: int) -> list[int]:
 def children(pid: int) -> list[int]:
     """Pids of the live child processes of ``pid``."""
     return [p.pid for p in processes() if p.ppid == pid]
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` is a live (non-zombie) process."""
+    st = stat(pid)
+    return st is not None and st.alive
+
+
+def tagged(name: str, values: set[str]) -> list[int]:
+    """Pids of the live processes whose environment sets ``name`` to one of ``values``.
+
+    Only processes whose environment this process may read (its own user's, or all as root).
+    """
+    wanted = {f"{name}={v}".encode() for v in values}
+    me = os.getpid()
+    found = []
+    for p in processes():
+        if p.pid == me:
+            continue
+        try:
+            with open(f"/proc/{p.pid}/environ", "rb") as f:
+                entries = f.read().split(b"\0")
+        except OSError:
+            continue
+        if wanted.intersection(entries):
+            found.append(p.pid)
+    return found

@@ -10,7 +10,6 @@ import asyncio
 import os
 import time
 import traceback
-from collections.abc import Callable
 from collections.abc import Iterable
 from collections.abc import Mapping
 from pathlib import Path
@@ -88,6 +87,8 @@ class StepContext:
         """The environment for a child process: ours, ``DEPLOYMENT_*``, then ``extra`` resolved."""
         env = dict(os.environ)
         env.update(self.deployment_env)
+        if self._runner.process_tag:
+            env["SHIPYARD_DEPLOYMENT_TAG"] = self._runner.process_tag
         if extra:
             env.update({str(k): str(v) for k, v in self.resolve(dict(extra)).items()})
         return env
@@ -95,20 +96,16 @@ class StepContext:
     def environb(self, extra: Mapping[str, Any] | None = None) -> dict[bytes, bytes]:
         """:meth:`environ` as bytes, for ``subprocess``: it skips encoding the inherited
         environment once per process, which costs more than the rest of a quick step's set-up."""
-        env = dict(os.environb)
+        # environb's own copy re-encodes every item; its backing dict already holds bytes.
+        env = dict(getattr(os.environb, "_data", None) or os.environb)
         for k, v in self.deployment_env.items():
             env[os.fsencode(k)] = os.fsencode(v)
+        if self._runner.process_tag:
+            env[b"SHIPYARD_DEPLOYMENT_TAG"] = os.fsencode(self._runner.process_tag)
         if extra:
             for k, v in self.resolve(dict(extra)).items():
                 env[os.fsencode(str(k))] = os.fsencode(str(v))
         return env
-
-    def track_process(self, pgid: int) -> None:
-        """Record a process group this step started, so that it can be stopped should this
-        ``shipyard`` process die without stopping it (see ``SQLiteHistory.stop_orphans``)."""
-        tracker = self._runner.process_tracker
-        if tracker is not None:
-            tracker(self.deployment.id, pgid)
 
     def resolve(self, value: Any) -> Any:
         """``value`` with secret placeholders replaced by the real secrets (only for the step)."""
@@ -159,8 +156,9 @@ class Runner:
         retry_backoff: float | None = None,
         control: Any = None,
     ) -> None:
-        #: Called with (deployment id, process group) for each process group a step starts.
-        self.process_tracker: Callable[[int, int], None] | None = None
+        #: ``SHIPYARD_DEPLOYMENT_TAG`` of every step process: how the command that finds this
+        #: process dead finds what it left running (see ``SQLiteHistory.stop_orphans``).
+        self.process_tag: str | None = None
         #: A :class:`~shipyard._deploy.RunControl` whose ``reason`` explains a cancellation.
         self.control = control
         self.pm = pluginmanager

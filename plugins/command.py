@@ -110,7 +110,6 @@ class CommandStep(Step):
             ) from None
         watch = ProcessWatch(proc, context)
         try:
-            context.track_process(proc.pid)
             rc = await watch.wait()
         except BaseException:
             await terminate(proc.pid, watch, context.grace)
