@@ -11,6 +11,7 @@ import hashlib
 import os
 import subprocess
 import sys
+from collections.abc import Awaitable
 from collections.abc import Callable
 from dataclasses import dataclass
 from dataclasses import field
@@ -118,15 +119,16 @@ def git_commit(rootdir: os.PathLike[str] | str) -> str | None:
 
 
 async def _begin(
-    store: SQLiteHistory, session: Session, req: DeployRequest, control: RunControl
-) -> int:
+    store: SQLiteHistory, session: Session, req: DeployRequest, control: RunControl,
+    commit: Awaitable[str | None],
+) -> int:  # fmt: skip
     from ._version import __version__
 
     cfg = session.config
     info = {
         "pipelines_file": str(cfg.pipelines_file),
         "file_hash": file_hash(cfg.pipelines_file),
-        "git_commit": await asyncio.to_thread(git_commit, cfg.rootdir),
+        "git_commit": await commit,
         "args": req.args,
         "vars": req.vars,
         "shipyard_version": __version__,
@@ -188,9 +190,11 @@ async def execute(
         raise RollbackRefused(
             f"pipeline {pipe.name!r} refuses rollback (rollback=False); deploy a version instead"
         )
+    # Asked of git at once, so that it runs while the history is opened and repaired.
+    commit = asyncio.ensure_future(asyncio.to_thread(git_commit, session.config.rootdir))
     store = session.open_store()
     previous = store.previous_version(pipe.name, req.environment)
-    dep_id = await _begin(store, session, req, control)
+    dep_id = await _begin(store, session, req, control, commit)
     if req.rollback_of is not None:
         store.record_audit(
             "rollback", dep_id, req.reason or f"rollback of deployment {req.rollback_of}"

@@ -37,9 +37,10 @@ class LogLine(NamedTuple):
 LogLine.__module__ = "shipyard"
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(kw_only=True, eq=False)
 class Event:
-    """Base class of deployment events."""
+    """Base class of deployment events. Treat them as read-only: every listener gets the same
+    object. (Not frozen dataclasses: those cost several times more to build, once per event.)"""
 
     #: The hook that carries this event to plugins.
     hook: ClassVar[str] = ""
@@ -65,11 +66,13 @@ class Event:
 Event.__module__ = "shipyard"
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(kw_only=True, eq=False)
 class DeploymentStarted(Event):
     hook = "shipyard_deployment_started"
     stages: list[Stage]
     start_stage: int = 0
+    #: Why stages before ``start_stage`` do not run (a retry names the deployment that ran them).
+    note: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
@@ -78,7 +81,7 @@ class DeploymentStarted(Event):
         return out
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(kw_only=True, eq=False)
 class RollbackStarted(Event):
     hook = "shipyard_rollback_started"
     target: str
@@ -90,7 +93,7 @@ class RollbackStarted(Event):
         return out
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(kw_only=True, eq=False)
 class StageStarted(Event):
     hook = "shipyard_stage_started"
     index: int
@@ -104,7 +107,7 @@ class StageStarted(Event):
         return out
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(kw_only=True, eq=False)
 class StepStarted(Event):
     hook = "shipyard_step_started"
     stage: Stage
@@ -119,7 +122,7 @@ class StepStarted(Event):
         return out
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(kw_only=True, eq=False)
 class StepOutput(Event):
     hook = "shipyard_step_output"
     stage_index: int
@@ -133,7 +136,7 @@ class StepOutput(Event):
         return out
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(kw_only=True, eq=False)
 class StepFinished(Event):
     hook = "shipyard_step_finished"
     stage: Stage
@@ -160,7 +163,7 @@ class StepFinished(Event):
         return out
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(kw_only=True, eq=False)
 class StageFinished(Event):
     hook = "shipyard_stage_finished"
     index: int
@@ -173,7 +176,7 @@ class StageFinished(Event):
         return out
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(kw_only=True, eq=False)
 class DeploymentFinished(Event):
     hook = "shipyard_deployment_finished"
     status: Status

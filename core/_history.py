@@ -1061,7 +1061,7 @@ class HistoryRecorder:
         elif name == "shipyard_deployment_started":
             e = event
             self.flush()
-            self.store.record_plan(d.id, e.stages, e.start_stage, note=getattr(e, "note", None))
+            self.store.record_plan(d.id, e.stages, e.start_stage, note=e.note)
         elif name == "shipyard_rollback_started":
             e = event
             self.note(d.id, f"rolling back to version {e.target}: {e.reason}")

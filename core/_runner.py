@@ -180,10 +180,11 @@ class Runner:
         running steps and ends the deployment ``cancelled``.
         """
         started = utcnow()
-        event = DeploymentStarted(deployment=deployment, stages=stages, start_stage=start_stage)
-        if note:
-            object.__setattr__(event, "note", note)
-        self.bus.emit(event)
+        self.bus.emit(
+            DeploymentStarted(
+                deployment=deployment, stages=stages, start_stage=start_stage, note=note
+            )
+        )
         status, error = Status.SUCCEEDED, None
         warnings: list[str] = []
         total = len(stages)

@@ -14,7 +14,7 @@ Implement a hook with a module-level function (or a method) of the same name, ma
    ``shipyard_deployment_started``.
 4. ``shipyard_unconfigure`` when the command ends.
 
-Event hooks receive one frozen ``event`` object; new fields may be added to events, never removed.
+Event hooks receive one read-only ``event`` object; new fields may be added to events, never removed.
 An exception raised by an event hook is logged and recorded; it never fails a deployment.
 """
 

@@ -199,7 +199,8 @@ class ProcessWatch:
 
         rc = await self.exited
         # A background child may keep our pipes open: read what is there, then stop.
-        await asyncio.wait(self._eof, timeout=self.DRAIN)
+        if not all(f.done() for f in self._eof):
+            await asyncio.wait(self._eof, timeout=self.DRAIN)
         return rc
 
     def close(self) -> None:
