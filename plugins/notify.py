@@ -209,6 +209,19 @@ class WebhookNotifier:
     """POSTs each event as one JSON object to ``url``; see the module docstring for the format.
 
     Subclasses change the body by overriding :meth:`render` (``contrib/slack.py`` does).
+
+    :param url: the receiver; may contain secrets (``f"https://x/hook?t={sy.secret('T')}"``).
+    :param secret: sign each body with HMAC-SHA256 in ``X-Shipyard-Signature-256``; use
+        ``sy.secret(NAME)`` to read it from the environment when the deployment runs.
+    :param headers: extra request headers; values may contain secrets.
+    :param events: send only these events (names as in the payload's ``event``).
+    :param timeout: the most the deployment waits for this sink at its end, and the most one
+        event's retries may take (seconds).
+    :param request_timeout: the timeout of one request (seconds).
+    :param retries: extra attempts per event after a connection error, timeout, 408, 425, 429
+        or 5xx, with exponential backoff from ``backoff`` seconds, with jitter.
+    :param verify: verify TLS (default), ``False``, or the path of a CA bundle.
+    :param name: how the sink is named in warnings and the history.
     """
 
     #: What ``name`` starts with.
@@ -429,39 +442,8 @@ def _shown(url: Any) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
-def webhook(
-    url: str,
-    secret: str | None = None,
-    *,
-    headers: Mapping[str, str] | None = None,
-    events: Iterable[str] | None = None,
-    timeout: float = 10.0,
-    request_timeout: float = 5.0,
-    retries: int = 3,
-    backoff: float = 0.5,
-    verify: Any = True,
-    name: str | None = None,
-) -> WebhookNotifier:
-    """A sink that POSTs each event as JSON to ``url`` (see :mod:`shipyard.plugins.notify`).
-
-    :param url: the receiver; may contain secrets (``f"https://x/hook?t={sy.secret('T')}"``).
-    :param secret: sign each body with HMAC-SHA256 in ``X-Shipyard-Signature-256``; use
-        ``sy.secret(NAME)`` to read it from the environment when the deployment runs.
-    :param headers: extra request headers; values may contain secrets.
-    :param events: send only these events (names as in the payload's ``event``).
-    :param timeout: the most the deployment waits for this sink at its end, and the most one
-        event's retries may take (seconds).
-    :param request_timeout: the timeout of one request (seconds).
-    :param retries: extra attempts per event after a connection error, timeout, 408, 425, 429
-        or 5xx, with exponential backoff from ``backoff`` seconds, with jitter.
-    :param verify: verify TLS (default), ``False``, or the path of a CA bundle.
-    :param name: how the sink is named in warnings and the history.
-    """
-    return WebhookNotifier(
-        url, secret, headers=headers, events=events, timeout=timeout,
-        request_timeout=request_timeout, retries=retries, backoff=backoff, verify=verify,
-        name=name,
-    )  # fmt: skip
+#: ``shipyard.webhook(url, secret=None, ...)``: a sink that POSTs each event as JSON to ``url``.
+webhook = WebhookNotifier
 
 
 def _webhook_from_cli(url: str) -> WebhookNotifier:
