@@ -13,11 +13,9 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from typing import TypeVar
 
 import pytest
 import trustme
@@ -30,25 +28,13 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.dynamic import DynamicClient
 from kubernetes.dynamic import exceptions as dyn_errors
 from kubernetes.dynamic.resource import Resource
+from polling import wait_for
 
 KUBEFAKE = Path(__file__).with_name("kubefake.py")
 NS = "default"
-T = TypeVar("T")
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def wait_for(predicate: Callable[[], T | None], timeout: float = 2.0, what: str = "") -> T:
-    """Poll ``predicate`` until it returns something truthy."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what or predicate}")
-        time.sleep(0.02)
 
 
 def status_of(error: ApiException) -> dict[str, Any]:

@@ -28,6 +28,7 @@ import shipyard as sy
 from docker_fixtures import Outcome
 from docker_fixtures import Target
 from kubefake import FakeKube
+from polling import wait_for
 from shipyard import PipelineDefinitionError
 from shipyard import Status
 from shipyard.plugins.kubernetes import DONE
@@ -39,23 +40,13 @@ from shipyard.plugins.kubernetes import render
 from shipyard.plugins.kubernetes import rollout_status
 
 RESOURCES = Path(__file__).parent / "resources" / "k8s"
+
 KUBEFAKE = Path(__file__).with_name("kubefake.py")
 NS = "default"
 T = TypeVar("T")
 
 
 # -- helpers --------------------------------------------------------------------------------------
-
-
-def wait_for(predicate: Callable[[], T | None], timeout: float = 5.0, what: str = "") -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what or predicate}")
-        time.sleep(0.02)
 
 
 def image_of(fake: FakeKube, kind: str, name: str, namespace: str = NS) -> str:
