@@ -23,11 +23,14 @@ import threading
 import time
 from collections.abc import Callable
 from collections.abc import Iterable
+from collections.abc import Iterator
 from dataclasses import dataclass
 from dataclasses import field
 from http.server import BaseHTTPRequestHandler
 from http.server import ThreadingHTTPServer
 from typing import Any
+
+import pytest
 
 
 @dataclass
@@ -323,3 +326,20 @@ def tls_pair(hostnames: Iterable[str] = ("127.0.0.1", "localhost")) -> tuple[Any
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     cert.configure_cert(ctx)
     return ca, ctx
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_threads() -> Iterator[None]:
+    """Every test leaves no thread behind (servers, clients, sink workers).
+
+    Autouse in each test module that imports it by name.
+    """
+    before = set(threading.enumerate())
+    yield
+    end = time.monotonic() + 10
+    while time.monotonic() < end:
+        left = [t for t in threading.enumerate() if t not in before and t.is_alive()]
+        if not left:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"threads left behind: {left}")

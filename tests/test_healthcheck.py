@@ -10,7 +10,6 @@ import ssl
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +23,7 @@ from http_servers import LoopbackServer
 from http_servers import Reply
 from http_servers import always
 from http_servers import healthy_after
+from http_servers import no_leftover_threads  # noqa: F401 - autouse fixture
 from http_servers import redirect
 from http_servers import statuses
 from http_servers import tls_pair
@@ -34,20 +34,6 @@ from hypothesis import strategies as st
 from shipyard.plugins.healthcheck import HealthCheckStep
 from shipyard.plugins.healthcheck import ProbeReport
 from shipyard.plugins.healthcheck import probe_until_healthy
-
-
-@pytest.fixture(autouse=True)
-def no_leftover_threads() -> Iterator[None]:
-    """Every test leaves no thread behind (servers, clients, sinks)."""
-    before = set(threading.enumerate())
-    yield
-    end = time.monotonic() + 5
-    while time.monotonic() < end:
-        left = [t for t in threading.enumerate() if t not in before and t.is_alive()]
-        if not left:
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"threads left behind: {left}")
 
 
 def probe(spec: HealthCheckStep, url: str | None = None) -> tuple[ProbeReport, list[str]]:

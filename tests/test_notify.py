@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -16,6 +15,7 @@ from http_servers import LoopbackServer
 from http_servers import Reply
 from http_servers import Request
 from http_servers import always
+from http_servers import no_leftover_threads  # noqa: F401 - autouse fixture
 from http_servers import statuses
 from http_servers import unused_port
 from shipyard._notify import NotifierDispatcher
@@ -41,20 +41,6 @@ ALL_EVENTS = [
     "stage_finished",
     "deployment_finished",
 ]
-
-
-@pytest.fixture(autouse=True)
-def no_leftover_threads() -> Iterator[None]:
-    """Every test leaves no thread behind (receivers, sink workers)."""
-    before = set(threading.enumerate())
-    yield
-    end = time.monotonic() + 10
-    while time.monotonic() < end:
-        left = [t for t in threading.enumerate() if t not in before and t.is_alive()]
-        if not left:
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"threads left behind: {left}")
 
 
 def two_stage_pipeline(notify: str, *, fail: bool = False, rollback: str = "manual") -> str:

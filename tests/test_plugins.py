@@ -543,3 +543,41 @@ def test_a_third_party_distribution_adds_a_step_type_and_a_notifier(shipyarder, 
     )
     assert refused.exit_code == 2
     assert "step type 'greet' is not provided by any loaded plugin" in refused.stderr
+
+
+def test_shipyards_own_wheel_maps_the_folders_and_declares_the_entry_points(tmp_path):
+    """DESIGN §1: one distribution; core/, plugins/, contrib/ become shipyard[.plugins|.contrib]."""
+    import shutil
+    import subprocess
+    import zipfile
+
+    from test_examples import _can_build_offline
+
+    # A copy: setuptools builds in place, and the source tree must stay clean for parallel runs.
+    root = tmp_path / "src"
+    repo = Path(__file__).resolve().parents[1]
+    root.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(repo / name, root / name)
+    for name in ("core", "plugins", "contrib"):
+        shutil.copytree(repo / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    isolation = ["--no-build-isolation"] if _can_build_offline() else []
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", *isolation,
+         "--wheel-dir", str(tmp_path / "dist"), str(root)],
+        check=True, cwd=tmp_path,
+    )  # fmt: skip
+    (wheel,) = (tmp_path / "dist").glob("shipyard-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+        (ep_name,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+        entry_points = z.read(ep_name).decode()
+    for module in ("shipyard/__init__.py", "shipyard/hookspecs.py", "shipyard/testing.py",
+                   "shipyard/py.typed", "shipyard/plugins/command.py",
+                   "shipyard/contrib/slack.py"):  # fmt: skip
+        assert module in names, sorted(names)
+    assert not any(n.startswith(("core/", "plugins/", "contrib/", "tests/")) for n in names)
+    assert "shipyard = shipyard._cli:main" in entry_points
+    assert "[pytest11]" in entry_points
+    for name, module in DEFAULT_PLUGINS.items():
+        assert f"{name} = {module}" in entry_points
