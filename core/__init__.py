@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from ._runner import StepContext
     from ._secrets import Secret
     from ._secrets import secret
+    from ._store import HistoryStore
     from .hookspecs import hookspec
     from .plugins.command import command
     from .plugins.docker import docker
@@ -71,6 +72,7 @@ _LAZY: dict[str, str] = {
     "ExitCode": "shipyard._exceptions",
     "HealthCheckFailed": "shipyard._exceptions",
     "HistoryError": "shipyard._exceptions",
+    "HistoryStore": "shipyard._store",
     "LogLine": "shipyard._events",
     "NoPreviousDeployment": "shipyard._exceptions",
     "Pipeline": "shipyard._pipeline",

@@ -1,4 +1,8 @@
-"""The ``shipyard`` command line: a thin click layer over the session and the store.
+"""The ``shipyard`` command line: a thin click layer over the application layer.
+
+Each command parses its arguments, calls :class:`~shipyard._service.DeploymentService` (or runs
+a request it built through :func:`~shipyard._deploy.execute`) and renders the answer; the rules
+live there, not here.
 
 Only click is imported at start-up; every command imports what it needs, so ``--help`` and
 ``--version`` stay fast and ``list``/``plan`` never import asyncio, sqlite-utils or HTTP clients.
@@ -21,9 +25,9 @@ if TYPE_CHECKING:
 
     from ._deploy import DeployRequest
     from ._deploy import Outcome
-    from ._history import SQLiteHistory
     from ._pipeline import Deployment
     from ._pipeline import Step
+    from ._service import DeploymentService
     from ._session import Session
 
 
@@ -63,11 +67,14 @@ class _Group(click.Group):
         except ShipyardError as exc:
             _fail(exc, ctx)
         except KeyboardInterrupt:
+            from ._exceptions import ExitCode
+
             click.echo("interrupted", err=True)
-            ctx.exit(130)
+            ctx.exit(ExitCode.INTERRUPTED)
 
 
 def _fail(exc: Exception, ctx: click.Context) -> NoReturn:
+    from ._exceptions import ExitCode
     from ._exceptions import PipelineFileError
     from ._secrets import mask
 
@@ -82,7 +89,7 @@ def _fail(exc: Exception, ctx: click.Context) -> NoReturn:
             cause = exc.cause
         if cause is not None:
             click.echo(mask(_user_traceback(cause)), err=True)
-    ctx.exit(getattr(exc, "exit_code", 2))
+    ctx.exit(getattr(exc, "exit_code", ExitCode.USAGE_ERROR))
 
 
 def _user_traceback(exc: BaseException) -> str:
@@ -108,6 +115,7 @@ class _State:
         self.options = options
         self.verbose: int = options["verbose"]
         self._session: Session | None = None
+        self._service: DeploymentService | None = None
 
     @property
     def session(self) -> Session:
@@ -127,8 +135,19 @@ class _State:
             )
         return self._session
 
-    def store(self, *, create: bool = False) -> SQLiteHistory:
-        return self.session.open_store(create=create)
+    @property
+    def service(self) -> DeploymentService:
+        if self._service is None:
+            from ._service import DeploymentService
+
+            self._service = DeploymentService(self.session)
+        return self._service
+
+    def close(self) -> None:
+        if self._service is not None:
+            self._service.close()
+        if self._session is not None:
+            self._session.close()
 
 
 pass_state = click.make_pass_decorator(_State)
@@ -232,7 +251,7 @@ def cli(
 
     # Secrets are masked also in what steps and plugins print themselves (not only in reports).
     ctx.with_resource(masked_stdio())
-    ctx.call_on_close(lambda: ctx.obj._session and ctx.obj._session.close())
+    ctx.call_on_close(ctx.obj.close)
 
 
 # -- list & plan -----------------------------------------------------------------------------------
@@ -284,20 +303,10 @@ def list_cmd(state: _State, as_json: bool) -> None:
 def plan(state: _State, pipeline: str, version: str, environment: str, vars_: tuple[str, ...],
          as_json: bool) -> None:  # fmt: skip
     """Show the resolved stages and steps of a deployment; change nothing."""
-    from ._exceptions import UsageError
-    from ._pipeline import Deployment
     from ._secrets import mask
 
-    session = state.session
-    pipe = session.pipeline(pipeline)
-    if not pipe.allows(environment):
-        raise UsageError(
-            f"pipeline {pipe.name!r} may deploy to "
-            f"{', '.join(repr(e) for e in pipe.environments or [])}, not {environment!r}"
-        )
-    d = Deployment(0, pipe.name, version, environment, _parse_vars(vars_))
-    stages = session.build(pipe, d)
-    rootdir = session.config.rootdir  # steps' relative paths (e.g. manifests) start here
+    pipe, d, stages = state.service.plan(pipeline, version, environment, _parse_vars(vars_))
+    rootdir = state.session.config.rootdir  # steps' relative paths (e.g. manifests) start here
     if as_json:
         _echo_json(
             {
@@ -362,13 +371,12 @@ def _run(state: _State, req: DeployRequest, *, as_json: bool) -> NoReturn:
     except ShipyardError:
         # Recorded as failed before any step ran (build error, missing secret): still one document.
         if as_json and began:
-            _echo_json(state.store().document(began[0]))
+            _echo_json(state.service.document(began[0]))
         raise
     if as_json:
-        store = state.store()
-        doc = store.document(outcome.id)
+        doc = state.service.document(outcome.id)
         if outcome.rollback is not None:
-            doc["rollback"] = store.document(outcome.rollback.id, stages=False)
+            doc["rollback"] = state.service.document(outcome.rollback.id, stages=False)
         _echo_json(doc)
     if outcome.rollback is not None:
         rb = outcome.rollback
@@ -416,11 +424,11 @@ def _detach(state: _State, argv: list[str]) -> NoReturn:
 
     r, w = os.pipe()
     cmd = [sys.executable, "-m", "shipyard", *argv, "--report-fd", str(w)]
-    log_dir = (
-        os.path.dirname(state.session.config.history)
-        if "://" not in state.session.config.history
-        else "."
-    )
+    from ._store import scheme_of
+
+    url = state.session.config.history
+    # Beside a history file; a server store has no folder of its own: here.
+    log_dir = os.path.dirname(url.removeprefix("sqlite://")) if scheme_of(url) == "sqlite" else "."
     os.makedirs(log_dir, mode=0o700, exist_ok=True)
     with (
         open(os.devnull, "rb") as devnull,
@@ -434,14 +442,16 @@ def _detach(state: _State, argv: list[str]) -> NoReturn:
     os.close(w)
     with os.fdopen(r, "rb") as f:
         data = f.read().decode()
+    from ._exceptions import ExitCode
+
     if data.startswith("ID "):
         click.echo(data[3:].strip())
-        sys.exit(0)
+        sys.exit(ExitCode.OK)
     code, _, message = data.partition(" ")
     click.echo(
         message.strip() or "the detached deployment did not start; see detached.log", err=True
     )
-    sys.exit(int(code) if code.isdigit() else 2)
+    sys.exit(int(code) if code.isdigit() else ExitCode.USAGE_ERROR)
 
 
 @cli.command()
@@ -526,16 +536,6 @@ def _run_reporting(state: _State, req: DeployRequest, fd: int) -> NoReturn:
     sys.exit(outcome.exit_code)
 
 
-def _resolve_target(store: SQLiteHistory, ident: str, environment: str | None) -> dict[str, Any]:
-    from ._exceptions import UsageError
-
-    if environment is not None:
-        return store.latest(ident, environment)
-    if not ident.isdigit():
-        raise UsageError(f"{ident!r} is not a deployment id; to name a pipeline, add -e ENV")
-    return store.get(int(ident))
-
-
 @cli.command()
 @click.argument("target", metavar="ID | PIPELINE")
 @click.option(
@@ -554,28 +554,14 @@ def _resolve_target(store: SQLiteHistory, ident: str, environment: str | None) -
 def rollback(state: _State, target: str, environment: str | None, wait_lock: float, reason: str,
              as_json: bool) -> None:  # fmt: skip
     """Redeploy the previous successful version (before deployment ID, or the latest one)."""
-    from ._deploy import DeployRequest
-    from ._exceptions import RollbackRefused
-
-    session = state.session
-    store = state.store()
-    x = _resolve_target(store, target, environment)
-    pipe = session.pipeline(x["pipeline"])
-    if pipe.rollback is False:
-        raise RollbackRefused(
-            f"pipeline {pipe.name!r} refuses rollback (rollback=False); deploy a version instead"
-        )
-    goal = store.rollback_target(x["id"])
+    req, x, goal = state.service.rollback(
+        target, environment, wait_lock=wait_lock, reason=reason, args=list(_Group.argv)
+    )
     click.echo(
         f"rolling back deployment #{x['id']} ({x['version']}) to version {goal['version']} "
         f"(from deployment #{goal['id']})",
         err=as_json,
     )
-    req = DeployRequest(
-        pipeline=x["pipeline"], version=goal["version"], environment=x["environment"],
-        vars=dict(goal.get("vars") or {}), rollback_of=x["id"], auto_rollback=False,
-        wait_lock=wait_lock, args=list(_Group.argv), reason=reason,
-    )  # fmt: skip
     _run(state, req, as_json=as_json)
 
 
@@ -588,41 +574,7 @@ def rollback(state: _State, target: str, environment: str | None, wait_lock: flo
 @pass_state
 def retry(state: _State, deployment_id: int, wait_lock: float, as_json: bool) -> None:
     """Run a failed, cancelled or interrupted deployment again from its first unfinished stage."""
-    from ._deploy import DeployRequest
-    from ._exceptions import UsageError
-
-    store = state.store()
-    x = store.get(deployment_id)
-    if x["status"] not in ("failed", "interrupted", "cancelled"):
-        raise UsageError(
-            f"deployment {deployment_id} is {x['status']}; only failed, cancelled or interrupted "
-            "deployments can be retried"
-        )
-    stages = store.stages(deployment_id)
-    start = next(
-        (s["idx"] for s in stages if s["status"] != "succeeded" and not (s["status"] == "skipped" and s["note"])),
-        0,
-    )  # fmt: skip
-    req = DeployRequest(
-        pipeline=x["pipeline"], version=x["version"], environment=x["environment"],
-        vars=dict(x.get("vars") or {}), retry_of=deployment_id, start_stage=start,
-        auto_rollback=True, wait_lock=wait_lock, args=list(_Group.argv),
-    )  # fmt: skip
-    pipe = state.session.pipeline(x["pipeline"])
-    from ._pipeline import Deployment
-
-    names = [
-        s.name
-        for s in state.session.build(
-            pipe, Deployment(0, pipe.name, x["version"], x["environment"], req.vars)
-        )
-    ]
-    old = [s["name"] for s in stages]
-    if names[:start] != old[:start]:
-        raise UsageError(
-            f"the stages of {pipe.name!r} changed since deployment {deployment_id} "
-            f"({' -> '.join(old)} then, {' -> '.join(names)} now); deploy the version instead"
-        )
+    req = state.service.retry(deployment_id, wait_lock=wait_lock, args=list(_Group.argv))
     _run(state, req, as_json=as_json)
 
 
@@ -640,26 +592,17 @@ def retry(state: _State, deployment_id: int, wait_lock: float, as_json: bool) ->
 @pass_state
 def cancel(state: _State, deployment_id: int, reason: str, wait_s: float) -> None:
     """Stop a running deployment (also one started by another process or --detach)."""
-    import time
+    from ._exceptions import ExitCode
+    from ._identity import actor
 
-    from ._exceptions import UsageError
-    from ._history import actor
-
-    store = state.store()
-    dep = store.get(deployment_id)
-    if dep["status"] not in ("running", "pending"):
-        raise UsageError(f"deployment {deployment_id} is not running (it is {dep['status']})")
-    store.request_cancel(deployment_id, user=actor(), reason=reason)
-    deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline:
-        store.repair(state.session.config.lock_lease)
-        status = store.get(deployment_id)["status"]
-        if status not in ("running", "pending"):
-            click.echo(f"deployment #{deployment_id} {status}")
-            return
-        time.sleep(0.1)
+    service = state.service
+    service.request_cancel(deployment_id, user=actor(), reason=reason)
+    status = service.wait_finished(deployment_id, wait_s)
+    if status is not None:
+        click.echo(f"deployment #{deployment_id} {status}")
+        return
     click.echo(f"cancel requested; deployment #{deployment_id} is still stopping", err=True)
-    sys.exit(1)
+    sys.exit(ExitCode.FAILED)
 
 
 @cli.command()
@@ -669,9 +612,9 @@ def cancel(state: _State, deployment_id: int, reason: str, wait_s: float) -> Non
 @pass_state
 def unlock(state: _State, pipeline: str, environment: str, reason: str) -> None:
     """Break the lock of PIPELINE in an environment by hand (recorded)."""
-    from ._history import actor
+    from ._identity import actor
 
-    holder = state.store(create=True).unlock(pipeline, environment, user=actor(), reason=reason)
+    holder = state.service.unlock(pipeline, environment, user=actor(), reason=reason)
     if holder is None:
         click.echo(f"{pipeline!r} in {environment!r} was not locked; recorded anyway")
     else:
@@ -690,18 +633,8 @@ def unlock(state: _State, pipeline: str, environment: str, reason: str) -> None:
 @pass_state
 def status(state: _State, deployment_id: int | None, as_json: bool) -> None:
     """Running and recent deployments, with stage i/N of each."""
-    store = _read_store(state)
-    if store is None:
-        click.echo("no deployments yet")
-        return
-    if deployment_id is not None:
-        docs = [store.get(deployment_id)]
-    else:
-        running = store.deployments(statuses=("running", "pending"), limit=100)
-        recent = [
-            d for d in store.deployments(limit=10) if d["id"] not in {r["id"] for r in running}
-        ]
-        docs = running + recent
+    service = state.service
+    docs = [service.get(deployment_id)] if deployment_id is not None else service.current()
     if as_json:
         _echo_json(docs)
         return
@@ -734,14 +667,11 @@ def history(
     state: _State, pipeline: str | None, environment: str | None, limit: int, as_json: bool
 ) -> None:
     """Past deployments, newest first."""
-    store = _read_store(state)
-    docs = (
-        store.deployments(pipeline=pipeline, environment=environment, limit=limit) if store else []
-    )
+    from ._service import HISTORY_KEYS
+
+    docs = state.service.history(pipeline=pipeline, environment=environment, limit=limit)
     if as_json:
-        keys = ("id", "pipeline", "version", "environment", "status", "started_at", "finished_at",
-                "rollback_of", "retry_of", "error", "user", "host")  # fmt: skip
-        _echo_json([{k: d.get(k) for k in keys} for d in docs])
+        _echo_json([{k: d.get(k) for k in HISTORY_KEYS} for d in docs])
         return
     if not docs:
         click.echo("no deployments yet")
@@ -755,27 +685,17 @@ def history(
     _table(rows, ["id", "pipeline", "version", "env", "status", "started", "took", "by", "note"])
 
 
-def _read_store(state: _State) -> SQLiteHistory | None:
-    from pathlib import Path
-
-    hist = state.session.config.history
-    # An empty file is a history whose creation was cut short (a kill -9): nothing in it yet.
-    if "://" not in hist and (not Path(hist).exists() or Path(hist).stat().st_size == 0):
-        return None
-    return state.store()
-
-
 @cli.command()
 @click.argument("deployment_id", type=int, metavar="ID")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @pass_state
 def show(state: _State, deployment_id: int, as_json: bool) -> None:
     """One deployment: stages, steps, durations, exit codes, errors, who and where."""
-    store = state.store()
-    doc = store.document(deployment_id)
+    doc = state.service.document(deployment_id)
     if as_json:
         _echo_json(doc)
         return
+    from ._reports import Status
     from ._secrets import mask
 
     click.echo(
@@ -811,10 +731,10 @@ def show(state: _State, deployment_id: int, as_json: bool) -> None:
             tries = f"  attempts {st['attempts']}" if st["attempts"] and st["attempts"] > 1 else ""
             label = "warning" if st["warning"] else st["status"]
             click.echo(f"  {label:<11} {st['name']}  {_duration(st)}{code}{tries}")
-            if st["error"] and st["status"] != "succeeded":
+            if st["error"] and st["status"] != Status.SUCCEEDED:
                 for line in st["error"].splitlines():
                     click.echo(mask(f"              {line}"))
-    for a in store.audit(deployment_id=deployment_id):
+    for a in state.service.audit_trail(deployment_id):
         click.echo(
             f"  audit     {_when(a['ts'])} {a['action']} by {a['user']}: {a['reason'] or '-'}"
         )
@@ -826,29 +746,11 @@ def show(state: _State, deployment_id: int, as_json: bool) -> None:
 @pass_state
 def logs(state: _State, deployment_id: int, follow: bool) -> None:
     """Print the log lines of a deployment."""
-    import time
-
     from ._reports import format_ts
 
-    store = state.store()
-    store.get(deployment_id)
-    last = 0
-    while True:
-        rows = store.logs(deployment_id, after=last)
-        for r in rows:
-            step = r["step"] or r["stream"]
-            click.echo(f"{format_ts(r['ts'])[11:23]} [{step}] {r['line']}")
-            last = r["id"]
-        if rows:
-            continue
-        if not follow:
-            return
-        store.repair(state.session.config.lock_lease)
-        if store.get(deployment_id)["status"] not in ("running", "pending"):
-            if not store.logs(deployment_id, after=last, limit=1):
-                return
-            continue
-        time.sleep(0.2)
+    for r in state.service.logs(deployment_id, follow=follow):
+        step = r["step"] or r["stream"]
+        click.echo(f"{format_ts(r['ts'])[11:23]} [{step}] {r['line']}")
 
 
 @cli.command()

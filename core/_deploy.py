@@ -1,7 +1,10 @@
 """The deployment procedure.
 
 :func:`execute` is shared by the CLI (``deploy``, ``rollback``, ``retry``) and by
-:class:`shipyard.DeploymentManager`: lock, build, check secrets, run, notify, auto-rollback.
+:class:`shipyard.DeploymentManager`: check the request, record it and take the lock, build the
+stages and load the secrets, run them with a heartbeat, close the notifiers, and run the
+automatic rollback when one is due. Every write about the running deployment goes through the
+:class:`~shipyard._recorder.HistoryRecorder` listening on the event stream.
 """
 
 from __future__ import annotations
@@ -17,19 +20,34 @@ from dataclasses import dataclass
 from dataclasses import field
 from typing import TYPE_CHECKING
 from typing import Any
+from typing import Protocol
 
+from ._events import DeploymentFinished
+from ._events import EventBus
+from ._events import Listener
+from ._events import RollbackStarted
 from ._exceptions import EnvironmentLocked
+from ._exceptions import ExitCode
 from ._exceptions import NoPreviousDeployment
-from ._exceptions import RollbackRefused
 from ._exceptions import SecretMissing
 from ._exceptions import ShipyardError
-from ._exceptions import UsageError
+from ._identity import actor
+from ._identity import ci_actor
+from ._identity import current_user
+from ._notify import NotifierDispatcher
 from ._pipeline import Deployment
 from ._reports import Status
 from ._session import Session
 
 if TYPE_CHECKING:
-    from ._history import SQLiteHistory
+    from ._events import Event
+    from ._pipeline import Pipeline
+    from ._pipeline import Stage
+    from ._recorder import HistoryRecorder
+    from ._secrets import SecretValues
+    from ._store import DeploymentInfo
+    from ._store import DeploymentRow
+    from ._store import HistoryStore
 
 
 @dataclass
@@ -64,10 +82,10 @@ class Outcome:
     interrupted_by_signal: bool = False
 
     @property
-    def exit_code(self) -> int:
+    def exit_code(self) -> ExitCode:
         if self.interrupted_by_signal:
-            return 130
-        return 0 if self.status is Status.SUCCEEDED else 1
+            return ExitCode.INTERRUPTED
+        return ExitCode.OK if self.status is Status.SUCCEEDED else ExitCode.FAILED
 
 
 class RunControl:
@@ -118,187 +136,244 @@ def git_commit(rootdir: os.PathLike[str] | str) -> str | None:
     return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
-async def _begin(
-    store: SQLiteHistory, session: Session, req: DeployRequest, control: RunControl,
-    commit: Awaitable[str | None],
-) -> int:  # fmt: skip
-    from ._version import __version__
+class Reporter(Protocol):
+    """Where a deployment's progress is shown (the console): an event listener that can also
+    write a line of its own."""
 
-    cfg = session.config
-    info = {
-        "pipelines_file": str(cfg.pipelines_file),
-        "file_hash": file_hash(cfg.pipelines_file),
-        "git_commit": await commit,
-        "args": req.args,
-        "vars": req.vars,
-        "shipyard_version": __version__,
-    }
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + req.wait_lock
-    ticket: int | None = None
-    last_touch = loop.time()
-    try:
-        while True:
-            try:
-                dep_id = store.begin(
-                    pipeline=req.pipeline, version=req.version, environment=req.environment,
-                    rollback_of=req.rollback_of, retry_of=req.retry_of, info=info,
-                    lease=cfg.lock_lease, ticket=ticket,
+    def handle(self, event: Event) -> None: ...
+
+    def write(self, text: str) -> None: ...
+
+
+class _Deployment:
+    """One run of :func:`execute`: lock, build, run, notify, roll back — in that order."""
+
+    def __init__(
+        self, session: Session, req: DeployRequest, reporter: Reporter | None,
+        control: RunControl, on_begin: Callable[[int], None] | None,
+    ) -> None:  # fmt: skip
+        self.session = session
+        self.req = req
+        self.reporter = reporter
+        self.control = control
+        self.on_begin = on_begin
+
+    def say(self, text: str) -> None:
+        if self.reporter is not None:
+            self.reporter.write(text)
+
+    async def run(self) -> Outcome:
+        from ._recorder import HistoryRecorder
+        from ._service import check_request
+
+        session, req = self.session, self.req
+        pipe = check_request(session, req)
+        # Asked of git at once, so that it runs while the history is opened and repaired.
+        commit = asyncio.ensure_future(asyncio.to_thread(git_commit, session.config.rootdir))
+        store = session.open_store()
+        try:
+            previous = store.previous_version(pipe.name, req.environment)
+            dep_id = await self._begin(store, commit)
+            if req.rollback_of is not None:
+                store.add_audit(
+                    "rollback", dep_id, user=actor(),
+                    reason=req.reason or f"rollback of deployment {req.rollback_of}",
                 )  # fmt: skip
-                ticket = None  # begin() removed it from the queue
-                return dep_id
-            except EnvironmentLocked as exc:
-                if control.reason:
-                    raise KeyboardInterrupt(control.reason) from None
-                if loop.time() >= deadline:
-                    raise
-                if ticket is None:
-                    ticket = store.enqueue(req.pipeline, req.environment)
-                    print(f"waiting for the lock: {exc}", file=sys.stderr)
-                elif loop.time() - last_touch > 5:
-                    store.touch_ticket(ticket)
-                    last_touch = loop.time()
-                await asyncio.sleep(0.1)
-    finally:
-        if ticket is not None:
-            store.dequeue(ticket)
+            if self.on_begin is not None:
+                self.on_begin(dep_id)
+            deployment = Deployment(
+                id=dep_id, pipeline=pipe.name, version=req.version, environment=req.environment,
+                vars=dict(req.vars), previous_version=previous, rollback_of=req.rollback_of,
+            )  # fmt: skip
+            recorder = HistoryRecorder(
+                store,
+                on_error=lambda exc: self.control.cancel(
+                    f"stopped: the history cannot be written: {exc}"
+                ),
+            )
+            stages, sinks, secrets = self._prepare(pipe, deployment, recorder)
+            dispatcher = NotifierDispatcher(sinks, resolve=secrets.resolve)
+            listeners: list[Listener] = [recorder, *([self.reporter] if self.reporter else [])]
+            bus = EventBus([*listeners, dispatcher], session.pm)
+            status, error = await self._run_stages(
+                store, bus, secrets, deployment, stages, recorder.tick
+            )
+            target = self._rollback_target(store, pipe, dep_id, status, recorder)
+            if target is not None:
+                # Emitted before the notifiers close, so that sinks receive it too.
+                bus.emit(RollbackStarted(deployment=deployment, target=target["version"],
+                                         reason=f"deployment #{dep_id} failed (rollback='auto')"))  # fmt: skip
+            for text in await asyncio.to_thread(dispatcher.close):
+                recorder.note(dep_id, text, stream="notify")
+            if recorder.error is None:
+                recorder.flush()
+            if recorder.error is not None:
+                raise recorder.error
+        finally:
+            store.close()
+        outcome = Outcome(
+            dep_id, status, error,
+            interrupted_by_signal=self.control.by_signal and status is Status.CANCELLED,
+        )  # fmt: skip
+        if target is not None:
+            from ._service import automatic_rollback
+
+            rb = automatic_rollback(req, dep_id, target)
+            outcome.rollback = await execute(
+                session, rb, reporter=self.reporter, control=self.control
+            )
+        return outcome
+
+    async def _begin(self, store: HistoryStore, commit: Awaitable[str | None]) -> int:
+        """Record the deployment and take the lock, waiting in the queue up to ``wait_lock``."""
+        from ._liveness import dead_after
+        from ._liveness import stop_orphans
+        from ._liveness import this_process
+        from ._version import __version__
+
+        req, cfg = self.req, self.session.config
+        info: DeploymentInfo = {
+            "user": current_user(),
+            "ci_actor": ci_actor(),
+            "pipelines_file": str(cfg.pipelines_file),
+            "file_hash": file_hash(cfg.pipelines_file),
+            "git_commit": await commit,
+            "args": req.args,
+            "vars": req.vars,
+            "shipyard_version": __version__,
+        }
+        is_dead = dead_after(cfg.lock_lease)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + req.wait_lock
+        ticket: int | None = None
+        last_touch = loop.time()
+        try:
+            while True:
+                try:
+                    begun = store.begin(
+                        pipeline=req.pipeline, version=req.version, environment=req.environment,
+                        owner=this_process(), is_dead=is_dead, info=info,
+                        rollback_of=req.rollback_of, retry_of=req.retry_of, ticket=ticket,
+                    )  # fmt: skip
+                    ticket = None  # begin() removed it from the queue
+                    stop_orphans(store, begun.interrupted)
+                    return begun.id
+                except EnvironmentLocked as exc:
+                    if self.control.reason:
+                        raise KeyboardInterrupt(self.control.reason) from None
+                    if loop.time() >= deadline:
+                        raise
+                    if ticket is None:
+                        ticket = store.enqueue(req.pipeline, req.environment, this_process())
+                        print(f"waiting for the lock: {exc}", file=sys.stderr)
+                    elif loop.time() - last_touch > 5:
+                        store.touch_ticket(ticket)
+                        last_touch = loop.time()
+                    await asyncio.sleep(0.1)
+        finally:
+            if ticket is not None:
+                store.dequeue(ticket)
+
+    def _prepare(
+        self, pipe: Pipeline[Any], deployment: Deployment, recorder: HistoryRecorder
+    ) -> tuple[list[Stage], list[Any], SecretValues]:
+        """Build the stages, the notification sinks and the secrets; a failure here is recorded
+        as the deployment's failure before any step ran."""
+        from ._secrets import mask
+        from ._secrets import names_in
+
+        session, pm = self.session, self.session.pm
+        try:
+            stages = session.build(pipe, deployment)
+            sinks = list(pipe.notify) + [
+                pm.notifiers.create(s) for s in session.config.notify + self.req.notify
+            ]
+            names = names_in([st.steps for st in stages]) | names_in(sinks)
+            secrets = _load_secrets(session, names, pipe.name)
+        except ShipyardError as exc:
+            recorder.handle(
+                DeploymentFinished(
+                    deployment=deployment, status=Status.FAILED, error=mask(str(exc))
+                )
+            )
+            self.say(f"deployment #{deployment.id} failed before any step ran")
+            raise
+        return stages, sinks, secrets
+
+    async def _run_stages(
+        self, store: HistoryStore, bus: EventBus, secrets: SecretValues, deployment: Deployment,
+        stages: list[Stage], tick: Callable[[], None],
+    ) -> tuple[Status, str | None]:  # fmt: skip
+        """Run the stages with a heartbeat beside them; a cancellation of our caller stops the
+        run, which still records how it ended."""
+        from ._liveness import process_tag
+        from ._runner import Runner
+
+        req, control = self.req, self.control
+        runner = Runner(
+            pluginmanager=self.session.pm, bus=bus, secrets=secrets,
+            rootdir=self.session.config.rootdir, control=control,
+            process_tag=process_tag(store, deployment.id),
+        )  # fmt: skip
+        note = (
+            f"stages before {req.start_stage + 1} were done by deployment {req.retry_of}"
+            if req.retry_of
+            else None
+        )
+        run_task = asyncio.ensure_future(
+            runner.run(deployment, stages, start_stage=req.start_stage, note=note)
+        )
+        control.task = run_task
+        if control.reason:
+            run_task.cancel()
+        hb = asyncio.ensure_future(_heartbeat(self.session, deployment.id, control, tick=tick))
+        try:
+            return await asyncio.shield(run_task)
+        except asyncio.CancelledError:
+            # Our caller was cancelled (e.g. the API's thread): stop the run and let it record.
+            control.cancel(control.reason or "cancelled")
+            return await run_task
+        finally:
+            hb.cancel()
+            control.task = None
+
+    def _rollback_target(
+        self, store: HistoryStore, pipe: Pipeline[Any], dep_id: int, status: Status,
+        recorder: HistoryRecorder,
+    ) -> DeploymentRow | None:  # fmt: skip
+        """The version an automatic rollback returns to, or None (saying why when it is
+        skipped for lack of a target)."""
+        req = self.req
+        if not (
+            status is Status.FAILED
+            and pipe.rollback == "auto"
+            and req.auto_rollback
+            and req.rollback_of is None
+            and recorder.error is None
+        ):
+            return None
+        try:
+            return store.rollback_target(dep_id)
+        except NoPreviousDeployment as exc:
+            recorder.note(dep_id, f"automatic rollback skipped: {exc}")
+            self.say(f"automatic rollback skipped: {exc}")
+            return None
 
 
 async def execute(
     session: Session,
     req: DeployRequest,
     *,
-    reporter: Any = None,
+    reporter: Reporter | None = None,
     control: RunControl | None = None,
     on_begin: Callable[[int], None] | None = None,
 ) -> Outcome:
-    """Run one deployment from lock to notification; see the module docstring."""
-    from ._events import EventBus
-    from ._events import RollbackStarted
-    from ._history import HistoryRecorder
-    from ._notify import NotifierDispatcher
-    from ._runner import Runner
-    from ._secrets import mask
-    from ._secrets import names_in
-
-    control = control or RunControl()
-    pipe = session.pipeline(req.pipeline)
-    if not pipe.allows(req.environment):
-        allowed = ", ".join(repr(e) for e in pipe.environments or [])
-        raise UsageError(f"pipeline {pipe.name!r} may deploy to {allowed}, not {req.environment!r}")
-    if req.rollback_of is not None and pipe.rollback is False:
-        raise RollbackRefused(
-            f"pipeline {pipe.name!r} refuses rollback (rollback=False); deploy a version instead"
-        )
-    # Asked of git at once, so that it runs while the history is opened and repaired.
-    commit = asyncio.ensure_future(asyncio.to_thread(git_commit, session.config.rootdir))
-    store = session.open_store()
-    previous = store.previous_version(pipe.name, req.environment)
-    dep_id = await _begin(store, session, req, control, commit)
-    if req.rollback_of is not None:
-        store.record_audit(
-            "rollback", dep_id, req.reason or f"rollback of deployment {req.rollback_of}"
-        )
-    if on_begin is not None:
-        on_begin(dep_id)
-    deployment = Deployment(
-        id=dep_id, pipeline=pipe.name, version=req.version, environment=req.environment,
-        vars=dict(req.vars), previous_version=previous, rollback_of=req.rollback_of,
-    )  # fmt: skip
-    pm = session.pm
-    try:
-        stages = session.build(pipe, deployment)
-        sinks = list(pipe.notify) + [
-            pm.notifiers.create(s) for s in session.config.notify + req.notify
-        ]
-        names = names_in([st.steps for st in stages]) | names_in(sinks)
-        secrets = _load_secrets(session, names, pipe.name)
-    except ShipyardError as exc:
-        store.finish(dep_id, Status.FAILED, mask(str(exc)))
-        if reporter is not None:
-            reporter.write(f"deployment #{dep_id} failed before any step ran")
-        raise
-    recorder = HistoryRecorder(
-        store, on_error=lambda exc: control.cancel(f"stopped: the history cannot be written: {exc}")
-    )
-    dispatcher = NotifierDispatcher(sinks, resolve=secrets.resolve)
-    listeners: list[Any] = [recorder] + ([reporter] if reporter is not None else []) + [dispatcher]
-    bus = EventBus(listeners, pm)
-    runner = Runner(
-        pluginmanager=pm, bus=bus, secrets=secrets, rootdir=session.config.rootdir, control=control
-    )
-    runner.process_tag = store.process_tag(dep_id)
-    note = (
-        f"stages before {req.start_stage + 1} were done by deployment {req.retry_of}"
-        if req.retry_of
-        else None
-    )
-    run_task = asyncio.ensure_future(
-        runner.run(deployment, stages, start_stage=req.start_stage, note=note)
-    )
-    control.task = run_task
-    if control.reason:
-        run_task.cancel()
-    hb = asyncio.ensure_future(
-        _heartbeat(session.config.history, dep_id, control, tick=recorder.tick)
-    )
-    try:
-        status, error = await asyncio.shield(run_task)
-    except asyncio.CancelledError:
-        # Our caller was cancelled (e.g. the API's thread): stop the run and let it record.
-        control.cancel(control.reason or "cancelled")
-        status, error = await run_task
-    finally:
-        hb.cancel()
-        control.task = None
-    target: dict[str, Any] | None = None
-    if (
-        status is Status.FAILED
-        and pipe.rollback == "auto"
-        and req.auto_rollback
-        and req.rollback_of is None
-        and recorder.error is None
-    ):
-        try:
-            target = store.rollback_target(dep_id)
-        except NoPreviousDeployment as exc:
-            recorder.note(dep_id, f"automatic rollback skipped: {exc}")
-            recorder.flush()
-            if reporter is not None:
-                reporter.write(f"automatic rollback skipped: {exc}")
-        else:
-            # Emitted before the notifiers close, so that sinks receive it too.
-            bus.emit(RollbackStarted(deployment=deployment, target=target["version"],
-                                     reason=f"deployment #{dep_id} failed (rollback='auto')"))  # fmt: skip
-    errors = await asyncio.to_thread(dispatcher.close)
-    if recorder.error is not None:
-        raise recorder.error
-    if errors:
-        store.apply([], [(dep_id, None, None, _now(), "notify", e) for e in errors])
-    outcome = Outcome(
-        dep_id,
-        status,
-        error,
-        interrupted_by_signal=control.by_signal and status is Status.CANCELLED,
-    )
-    if target is not None:
-        rb_req = DeployRequest(
-            pipeline=pipe.name, version=target["version"], environment=req.environment,
-            vars=dict(target.get("vars") or {}), rollback_of=dep_id, auto_rollback=False,
-            notify=req.notify, args=req.args, wait_lock=max(req.wait_lock, 5.0),
-        )  # fmt: skip
-        outcome.rollback = await execute(session, rb_req, reporter=reporter, control=control)
-    store.close()
-    return outcome
+    """Run one deployment from lock to notification, then its automatic rollback if one is
+    due; see the module docstring."""
+    return await _Deployment(session, req, reporter, control or RunControl(), on_begin).run()
 
 
-def _now() -> float:
-    import time
-
-    return time.time()
-
-
-def _load_secrets(session: Session, names: set[str], pipeline: str) -> Any:
+def _load_secrets(session: Session, names: set[str], pipeline: str) -> SecretValues:
     from ._secrets import SecretValues
     from ._secrets import register
 
@@ -364,7 +439,7 @@ def read_secret_file(path: os.PathLike[str] | str) -> dict[str, str]:
 
 
 async def _heartbeat(
-    history: str, dep_id: int, control: RunControl, tick: Callable[[], None] | None = None
+    session: Session, dep_id: int, control: RunControl, tick: Callable[[], None] | None = None
 ) -> None:
     """Renew the lock and watch for ``shipyard cancel`` from another process.
 
@@ -373,14 +448,12 @@ async def _heartbeat(
     """
     import threading
 
-    from ._history import open_store
-
     interval = float(os.environ.get("SHIPYARD_HEARTBEAT", "1.0"))
     # Cancelling ``to_thread`` does not stop the thread: a heartbeat may still be running on
     # the connection when we stop. Closing it under the thread's feet crashed the process
     # (SIGSEGV in sqlite3), so the thread and the close take turns, and nothing opens after.
     guard = threading.Lock()
-    stores: list[Any] = []
+    stores: list[HistoryStore] = []
     closed = False
 
     def beat() -> str | None:
@@ -388,9 +461,8 @@ async def _heartbeat(
             if closed:
                 return None
             if not stores:
-                stores.append(open_store(history))
-            result: str | None = stores[0].heartbeat(dep_id)
-            return result
+                stores.append(session.open_store(repair=False))
+            return stores[0].heartbeat(dep_id)
 
     try:
         while True:

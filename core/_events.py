@@ -76,7 +76,7 @@ class DeploymentStarted(Event):
 
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
-        out["status"] = "running"
+        out["status"] = Status.RUNNING.value
         out["stages"] = [s.name for s in self.stages]
         return out
 
@@ -103,7 +103,7 @@ class StageStarted(Event):
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
         out.update(stage=self.stage.name, stage_index=self.index, stages_total=self.total)
-        out["status"] = "running"
+        out["status"] = Status.RUNNING.value
         return out
 
 
@@ -118,7 +118,7 @@ class StepStarted(Event):
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
         out.update(stage=self.stage.name, step=self.step.name, kind=self.step.kind)
-        out["status"] = "running"
+        out["status"] = Status.RUNNING.value
         return out
 
 

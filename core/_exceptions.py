@@ -24,20 +24,37 @@ uses for it and how to show itself::
 from __future__ import annotations
 
 import difflib
+import enum
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
 from typing import Any
 from typing import NoReturn
 
-if TYPE_CHECKING:
-    from ._reports import StepResult
+
+class ExitCode(enum.IntEnum):
+    """Exit codes of the ``shipyard`` command."""
+
+    #: The command or deployment succeeded.
+    OK = 0
+    #: The deployment failed or was cancelled (also when an automatic rollback then succeeded).
+    FAILED = 1
+    #: Usage, pipelines-file or not-found error; a refused rollback.
+    USAGE_ERROR = 2
+    #: The environment is locked by another deployment.
+    LOCKED = 3
+    #: Reserved: the deployment awaits an approval.
+    AWAITING_APPROVAL = 4
+    #: Interrupted by Ctrl-C or SIGTERM.
+    INTERRUPTED = 130
+
+
+ExitCode.__module__ = "shipyard"
 
 
 class ShipyardError(Exception):
     """Base class of every Shipyard error."""
 
     #: The exit code the CLI uses when this error ends a command.
-    exit_code: int = 2
+    exit_code: int = ExitCode.USAGE_ERROR
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -138,7 +155,7 @@ class RollbackRefused(DeploymentError):
 class EnvironmentLocked(DeploymentError):
     """Another deployment holds the lock of this pipeline and environment."""
 
-    exit_code = 3
+    exit_code = ExitCode.LOCKED
 
     def __init__(self, message: str, holder: dict[str, Any] | None = None) -> None:
         super().__init__(message)
@@ -148,7 +165,7 @@ class EnvironmentLocked(DeploymentError):
 class SecretMissing(DeploymentError):
     """A secret the pipeline uses is not set; no step has run."""
 
-    exit_code = 1
+    exit_code = ExitCode.FAILED
 
 
 class StepFailed(DeploymentError):
@@ -159,7 +176,7 @@ class StepFailed(DeploymentError):
     :param output: the last lines of output worth showing with the error.
     """
 
-    exit_code = 1
+    exit_code = ExitCode.FAILED
 
     def __init__(
         self,
@@ -167,12 +184,10 @@ class StepFailed(DeploymentError):
         *,
         step_exit_code: int | None = None,
         output: Iterable[str] = (),
-        result: StepResult | None = None,
     ) -> None:
         super().__init__(message)
         self.step_exit_code = step_exit_code
         self.output = list(output)
-        self.result = result
 
 
 class HealthCheckFailed(StepFailed):
@@ -204,26 +219,3 @@ class Cancelled(BaseException):
 for _cls in list(globals().values()):
     if isinstance(_cls, type) and issubclass(_cls, (ShipyardError, ShipyardWarning)):
         _cls.__module__ = "shipyard"
-
-
-import enum  # noqa: E402 - kept beside the errors whose codes it lists
-
-
-class ExitCode(enum.IntEnum):
-    """Exit codes of the ``shipyard`` command."""
-
-    #: The command or deployment succeeded.
-    OK = 0
-    #: The deployment failed or was cancelled (also when an automatic rollback then succeeded).
-    FAILED = 1
-    #: Usage, pipelines-file or not-found error; a refused rollback.
-    USAGE_ERROR = 2
-    #: The environment is locked by another deployment.
-    LOCKED = 3
-    #: Reserved: the deployment awaits an approval.
-    AWAITING_APPROVAL = 4
-    #: Interrupted by Ctrl-C or SIGTERM.
-    INTERRUPTED = 130
-
-
-ExitCode.__module__ = "shipyard"

@@ -8,7 +8,6 @@ import threading
 from collections.abc import Mapping
 from collections.abc import Sequence
 from concurrent.futures import Future
-from pathlib import Path
 from typing import Any
 
 from ._config import Config
@@ -17,10 +16,10 @@ from ._deploy import Outcome
 from ._deploy import RunControl
 from ._deploy import execute
 from ._exceptions import DeploymentNotFound
-from ._history import current_user
-from ._pipeline import Deployment
+from ._identity import current_user
 from ._pipeline import Stage
 from ._reports import Status
+from ._service import DeploymentService
 from ._session import Session
 
 
@@ -45,6 +44,7 @@ class DeploymentManager:
             file=pipelines, history=os.fspath(history) if history else None, plugins=plugins
         )
         self.session = Session(self.config)
+        self.service = DeploymentService(self.session)
         self._runs: dict[int, tuple[threading.Thread, RunControl, Future[Outcome]]] = {}
 
     # -- running ----------------------------------------------------------------------------------
@@ -53,9 +53,7 @@ class DeploymentManager:
         self, pipeline: str, version: str, environment: str, vars: Mapping[str, str] | None = None
     ) -> list[Stage]:
         """The stages ``deploy`` would run; changes nothing."""
-        pipe = self.session.pipeline(pipeline)
-        d = Deployment(0, pipe.name, version, environment, dict(vars or {}))
-        return self.session.build(pipe, d)
+        return self.service.plan(pipeline, version, environment, vars).stages
 
     def deploy(
         self,
@@ -79,19 +77,17 @@ class DeploymentManager:
         return self._start(req)
 
     def rollback(self, deployment_id: int, *, wait_lock: float = 0.0) -> int:
-        """Start a rollback of ``deployment_id`` (DESIGN §4) and return the new id."""
-        store = self.session.open_store()
-        try:
-            x = store.get(deployment_id)
-            target = store.rollback_target(deployment_id)
-        finally:
-            store.close()
-        req = DeployRequest(
-            pipeline=x["pipeline"], version=target["version"], environment=x["environment"],
-            vars=dict(target.get("vars") or {}), rollback_of=deployment_id, auto_rollback=False,
-            wait_lock=wait_lock,
-        )  # fmt: skip
+        """Start a rollback of ``deployment_id`` (DESIGN §4) and return the new id.
+
+        :raises RollbackRefused, NoPreviousDeployment, DeploymentNotFound: before anything runs.
+        """
+        req, _, _ = self.service.rollback(deployment_id, wait_lock=wait_lock)
         return self._start(req)
+
+    def retry(self, deployment_id: int, *, wait_lock: float = 0.0) -> int:
+        """Start a new run of a failed, cancelled or interrupted deployment from its first
+        unfinished stage (as ``shipyard retry``) and return the new id."""
+        return self._start(self.service.retry(deployment_id, wait_lock=wait_lock))
 
     def _start(self, req: DeployRequest) -> int:
         self.session.load()
@@ -132,17 +128,9 @@ class DeploymentManager:
                 raise TimeoutError(f"deployment {deployment_id} still running after {timeout}s")
             finished.exception()  # errors after the start are recorded in the history
         else:
-            self._poll_until_finished(deployment_id, timeout)
-        return self.show(deployment_id)
-
-    def _poll_until_finished(self, deployment_id: int, timeout: float | None) -> None:
-        import time
-
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not self.status(deployment_id).is_finished:
-            if deadline is not None and time.monotonic() > deadline:
+            if self.service.wait_finished(deployment_id, timeout) is None:
                 raise TimeoutError(f"deployment {deployment_id} still running after {timeout}s")
-            time.sleep(0.1)
+        return self.show(deployment_id)
 
     def cancel(self, deployment_id: int, reason: str = "") -> None:
         """Stop a running deployment (also one started by another process)."""
@@ -150,42 +138,30 @@ class DeploymentManager:
         if run is not None and run[0].is_alive():
             run[1].cancel(f"cancelled by {current_user()}" + (f": {reason}" if reason else ""))
             return
-        store = self.session.open_store()
-        try:
-            store.request_cancel(deployment_id, user=current_user(), reason=reason)
-        finally:
-            store.close()
+        self.service.request_cancel(deployment_id, user=current_user(), reason=reason)
 
     # -- reading ----------------------------------------------------------------------------------
 
     def status(self, deployment_id: int) -> Status:
         """The deployment's current status."""
-        return Status(self.show(deployment_id, stages=False)["status"])
+        return Status(self.service.status(deployment_id))
 
     def show(self, deployment_id: int, *, stages: bool = True) -> dict[str, Any]:
         """The deployment's document: the same as ``shipyard show ID --json``."""
-        store = self.session.open_store(create=Path(self.config.history).exists())
-        try:
-            return store.document(deployment_id, stages=stages)
-        finally:
-            store.close()
+        return self.service.document(deployment_id, stages=stages)
 
     def history(
         self, pipeline: str | None = None, environment: str | None = None, limit: int = 20
     ) -> list[dict[str, Any]]:
         """Deployments, newest first (as ``history --json``)."""
-        if not Path(self.config.history).exists():
-            return []
-        store = self.session.open_store()
-        try:
-            return store.deployments(pipeline=pipeline, environment=environment, limit=limit)
-        finally:
-            store.close()
+        rows = self.service.history(pipeline=pipeline, environment=environment, limit=limit)
+        return [dict(r) for r in rows]
 
     def close(self) -> None:
         """Wait for background deployments and unconfigure plugins."""
         for thread, _, _ in self._runs.values():
             thread.join()
+        self.service.close()
         self.session.close()
 
 

@@ -100,10 +100,6 @@ class Step:
         """One line for ``plan`` (secrets appear as placeholders, masked by the caller)."""
         return self.name
 
-    def options(self) -> dict[str, Any]:
-        """The step's options as JSON-friendly values, for ``plan --json`` and the history."""
-        return {}
-
     def plan_details(self, deployment: Deployment, rootdir: Path) -> list[str]:
         """Extra lines ``plan`` shows under the step (e.g. rendered objects); none by default.
 

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from ._pipeline import Step
     from ._reports import StepResult
     from ._runner import StepContext
+    from ._store import HistoryStore
 
 hookimpl: Final = pluggy.HookimplMarker("shipyard")
 
@@ -84,9 +85,6 @@ class StepTypeRegistry:
             )
         self.types[kind] = step_type
         self.owners[kind] = self._plugin
-
-    def owner_of(self, kind: str) -> str | None:
-        return self.owners.get(kind)
 
 
 class NotifierRegistry:
@@ -290,6 +288,15 @@ class ShipyardPluginManager(pluggy.PluginManager):
             router=router, service=service, port=port, context=context
         )
         return result
+
+    def open_store(self, url: str, *, create: bool) -> HistoryStore | None:
+        """Ask the store plugins to open ``url``; None: no plugin provides its scheme."""
+        result: HistoryStore | None = self.hook.shipyard_store_open(url=url, create=create)
+        return result
+
+    def store_schemes(self) -> list[str]:
+        """The URL schemes the store plugins open."""
+        return sorted({s for schemes in self.hook.shipyard_store_schemes() for s in schemes})
 
     def plugin_rows(self) -> list[dict[str, Any]]:
         """One row per plugin for ``shipyard plugins``: name, source, version, types, hooks."""

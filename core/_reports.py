@@ -41,14 +41,21 @@ def utcnow() -> str:
     return format_ts(time.time())
 
 
+_last_second: list[tuple[int, str]] = [(-1, "")]
+
+
 def format_ts(ts: float) -> str:
-    # time.strftime on a struct is several times faster than datetime.strftime, and the
-    # runner stamps every event.
+    # The runner stamps every event: the date and time of one second is formatted once (events
+    # come many to a second), and time.strftime is several times faster than datetime's.
     secs = int(ts)
     micros = round((ts - secs) * 1_000_000)
     if micros == 1_000_000:
         secs, micros = secs + 1, 0
-    return f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(secs))}.{micros:06d}Z"
+    last, text = _last_second[0]
+    if last != secs:
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs))
+        _last_second[0] = (secs, text)
+    return f"{text}.{micros:06d}Z"
 
 
 def parse_ts(text: str) -> float:

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 from typing import Any
+from typing import Protocol
 
 from ._events import DeploymentFinished
 from ._events import DeploymentStarted
@@ -41,6 +42,12 @@ if TYPE_CHECKING:
 
 #: Seconds between SIGTERM and SIGKILL when a step's processes are stopped.
 DEFAULT_GRACE = 3.0
+
+
+class Control(Protocol):
+    """What the runner reads of whoever may cancel it: why it was cancelled."""
+
+    reason: str | None
 
 
 class StepContext:
@@ -154,12 +161,13 @@ class Runner:
         rootdir: Path | None = None,
         grace: float = DEFAULT_GRACE,
         retry_backoff: float | None = None,
-        control: Any = None,
+        control: Control | None = None,
+        process_tag: str | None = None,
     ) -> None:
         #: ``SHIPYARD_DEPLOYMENT_TAG`` of every step process: how the command that finds this
-        #: process dead finds what it left running (see ``SQLiteHistory.stop_orphans``).
-        self.process_tag: str | None = None
-        #: A :class:`~shipyard._deploy.RunControl` whose ``reason`` explains a cancellation.
+        #: process dead finds what it left running (see ``shipyard._liveness.stop_orphans``).
+        self.process_tag = process_tag
+        #: Says why the run was cancelled (a :class:`~shipyard._deploy.RunControl`).
         self.control = control
         self.pm = pluginmanager
         self.bus = bus
@@ -215,7 +223,7 @@ class Runner:
             if task is not None:
                 task.uncancel()
             status = Status.CANCELLED
-            error = getattr(self.control, "reason", None) or "cancelled"
+            error = (self.control.reason if self.control else None) or "cancelled"
         if status is Status.SUCCEEDED and warnings:
             error = "succeeded with failed steps in continue_on_failure stages: " + ", ".join(
                 warnings
@@ -277,10 +285,12 @@ class Runner:
         self, deployment: Deployment, stage: Stage, si: int, i: int, step: Step
     ) -> StepResult:
         ctx = StepContext(self, deployment, stage, si, i, step)
-        self.bus.emit(
-            StepStarted(deployment=deployment, stage=stage, stage_index=si, index=i, step=step)
-        )
         started = utcnow()
+        self.bus.emit(
+            StepStarted(
+                deployment=deployment, stage=stage, stage_index=si, index=i, step=step, ts=started
+            )
+        )
         result: StepResult | None = None
         try:
             if step.retries:
@@ -294,7 +304,7 @@ class Runner:
             if result is None:
                 result = StepResult.failed("the step was interrupted by an internal error")
             result.started_at = started
-            result.finished_at = utcnow()
+            result.finished_at = finished = utcnow()
             if result.status is Status.FAILED and stage.continue_on_failure:
                 result.warning = True
             if result.error:
@@ -303,7 +313,7 @@ class Runner:
             self.bus.emit(
                 StepFinished(
                     deployment=deployment, stage=stage, stage_index=si, index=i, step=step,
-                    result=result,
+                    result=result, ts=finished,
                 )
             )  # fmt: skip
         return result

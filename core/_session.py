@@ -19,7 +19,7 @@ from ._pipeline import Stage
 from ._plugins import ShipyardPluginManager
 
 if TYPE_CHECKING:
-    from ._history import SQLiteHistory
+    from ._store import HistoryStore
 
 
 class Session:
@@ -70,11 +70,22 @@ class Session:
         except KeyError:
             raise PipelineNotFound(name, pipelines, self.config.pipelines_file.name) from None
 
-    def open_store(self, *, create: bool = True) -> SQLiteHistory:
-        from ._history import open_store
+    def open_store(self, *, create: bool = True, repair: bool = True) -> HistoryStore:
+        """The configured store, its dead deployments marked ``interrupted`` (``repair``).
 
-        store = open_store(self.config.history, create=create)
-        store.repair(self.config.lock_lease)
+        The built-in schemes open without loading plugins (``history`` stays cheap); any other
+        is asked of the plugins.
+        """
+        from ._store import open_store
+        from ._store import scheme_of
+
+        url = self.config.history
+        pm = None if scheme_of(url) == "sqlite" else self.pm
+        store = open_store(url, create=create, pluginmanager=pm)
+        if repair:
+            from ._liveness import repair as repair_store
+
+            repair_store(store, self.config.lock_lease)
         return store
 
     def build(self, pipeline: Pipeline[Any], deployment: Deployment) -> list[Stage]:

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from ._plugins import StepTypeRegistry
     from ._reports import StepResult
     from ._runner import StepContext
+    from ._store import HistoryStore
 
 hookspec = pluggy.HookspecMarker("shipyard")
 
@@ -119,6 +120,37 @@ def shipyard_resolve_secret(name: str, config: Config) -> str | None:
     :param name: the name given to ``shipyard.secret(name)``.
     :param config: the resolved configuration.
     :returns: the secret's value, or None.
+    """
+
+
+# -------------------------------------------------------------------------------------------------
+# The history store
+# -------------------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def shipyard_store_open(url: str, create: bool) -> HistoryStore | None:
+    """Open the history store named by ``url`` if your plugin provides its scheme; else None.
+
+    Asked for every URL whose scheme Shipyard does not open itself (a plain path and
+    ``sqlite://`` are built in). The store must implement :class:`shipyard.sdk.HistoryStore`
+    and pass the store contract suite (see the plugin author's guide). Stops at first non-None
+    result.
+
+    :param url: the ``--history``/``SHIPYARD_HISTORY`` setting, e.g. ``"mystore://host/db"``.
+    :param create: whether to create an empty store if there is none; when False and there is
+        none, raise :class:`shipyard.HistoryError` saying nothing was deployed yet.
+    :returns: the open store, or None.
+    """
+
+
+@hookspec
+def shipyard_store_schemes() -> list[str]:
+    """The URL schemes your plugin's :func:`shipyard_store_open` opens (``["mystore"]``).
+
+    Only used to name the supported schemes when a URL has a scheme nobody opens.
+
+    :returns: the schemes, without ``://``.
     """
 
 

@@ -581,10 +581,8 @@ class Shipyarder:
         # process-wide by design (a value once resolved stays masked), so restore it at teardown.
         from . import _secrets
 
-        for attr in ("_values", "_state", "_pattern"):
-            if hasattr(_secrets, attr):
-                value = getattr(_secrets, attr)
-                monkeypatch.setattr(_secrets, attr, set(value) if isinstance(value, set) else value)
+        monkeypatch.setattr(_secrets, "_values", set(_secrets._values))
+        monkeypatch.setattr(_secrets, "_state", _secrets._state)
 
     def __repr__(self) -> str:
         return f"<Shipyarder {self.path}>"
@@ -909,11 +907,13 @@ class Shipyarder:
         for manager in self._managers:
             # A test that failed half-way may leave a deployment running: stop it rather than
             # wait for it (close() waits for background deployments).
+            from ._reports import Status
+
             try:
                 running = [
                     d["id"]
                     for d in manager.history(limit=1000)
-                    if d["status"] in ("running", "pending")
+                    if not Status(d["status"]).is_finished
                 ]
                 for dep_id in running:
                     manager.cancel(dep_id, "the test ended (shipyard.testing teardown)")

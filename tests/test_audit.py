@@ -14,8 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from shipyard import DeploymentManager
 from shipyard import __version__ as SHIPYARD_VERSION
-from shipyard._history import open_store
+from shipyard._liveness import dead_after
+from shipyard._liveness import this_process
+from shipyard._store import open_store
 
 PIPELINES = """
 import shipyard as sy
@@ -84,11 +87,11 @@ def project(tmp_path: Path) -> Path:
 
 def show(project: Path, dep_id: int) -> tuple[dict[str, Any], str]:
     """The deployment as ``show --json`` has it (read in-process), and ``shipyard show``."""
-    store = open_store(str(project / ".shipyard" / "history.db"), create=False)
+    manager = DeploymentManager(project / "pipelines.py")
     try:
-        doc = store.document(dep_id)
+        doc = manager.show(dep_id)
     finally:
-        store.close()
+        manager.close()
     text = shipyard(project, "show", str(dep_id))
     assert text.returncode == 0, text.stderr
     return doc, text.stdout
@@ -162,7 +165,10 @@ def test_the_ci_identity_and_no_commit_outside_git(
 def test_unlock_records_who_and_why_on_the_interrupted_deployment(project: Path) -> None:
     store = open_store(str(project / ".shipyard" / "history.db"))
     try:
-        held = store.begin(pipeline="app", version="1", environment="dev", info={})
+        held = store.begin(
+            pipeline="app", version="1", environment="dev", owner=this_process(),
+            is_dead=dead_after(60),
+        ).id  # fmt: skip
     finally:
         store.close()
     blocked = shipyard(project, "deploy", "app", "2", "-e", "dev")
@@ -178,7 +184,7 @@ def test_unlock_records_who_and_why_on_the_interrupted_deployment(project: Path)
     assert "unlock by bob (GITLAB_USER_LOGIN=bob-ci): runner vm is gone" in text
     store = open_store(str(project / ".shipyard" / "history.db"))
     try:
-        [row] = store.audit()
+        [row] = store.audit_trail()
     finally:
         store.close()
     assert row["action"] == "unlock"
@@ -193,7 +199,7 @@ def test_unlock_records_who_and_why_on_the_interrupted_deployment(project: Path)
     assert "was not locked; recorded anyway" in again.stdout
     store = open_store(str(project / ".shipyard" / "history.db"))
     try:
-        latest = store.audit()[0]
+        latest = store.audit_trail()[0]
     finally:
         store.close()
     assert (latest["action"], latest["deployment_id"], latest["user"], latest["reason"]) == (

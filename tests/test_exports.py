@@ -19,6 +19,7 @@ EXPECTED = [
     "ExitCode",
     "HealthCheckFailed",
     "HistoryError",
+    "HistoryStore",
     "LogLine",
     "NoPreviousDeployment",
     "Pipeline",

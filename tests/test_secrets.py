@@ -698,7 +698,7 @@ def test_a_provider_plugin_supplies_secrets_before_the_environment(tmp_path: Pat
     assert r.exit_code == 0, r.output
     assert_clean(r.stdout_bytes + r.stderr_bytes + (tmp_path / "h.db").read_bytes(), "output",
                  {"vault": "from-the-vault-1", "env": "env-password"})  # fmt: skip
-    from shipyard._history import open_store
+    from shipyard._store import open_store
 
     store = open_store(str(tmp_path / "h.db"))
     lines = [row["line"] for row in store.logs(1)]

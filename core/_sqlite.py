@@ -1,8 +1,4 @@
-"""The history store: every deployment, stage, step and log line, in SQLite.
-
-The runner and the CLI only see :class:`HistoryStore` (record events, query, find the rollback
-target, locks, repair); :func:`open_store` picks the implementation from a URL-like setting so a
-shared store (PostgreSQL) can be added without touching them.
+"""The embedded default store: one SQLite file, private to its user (a :class:`HistoryStore`).
 
 SQLite specifics, and why:
 
@@ -12,6 +8,8 @@ SQLite specifics, and why:
   for deployment-level transitions, at most two commits per step, log lines batched.
 - ``PRAGMA application_id`` marks the file as ours and ``PRAGMA user_version`` is the schema
   version: any other file, or a newer schema, is refused and left untouched.
+
+All of Shipyard's SQL lives in this module.
 """
 
 from __future__ import annotations
@@ -20,14 +18,15 @@ import json
 import os
 import socket
 import sqlite3
-import time
 from collections.abc import Callable
 from collections.abc import Iterator
+from collections.abc import Mapping
 from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 from typing import Any
+from typing import cast
 
 from ._exceptions import DeploymentNotFound
 from ._exceptions import EnvironmentLocked
@@ -35,10 +34,21 @@ from ._exceptions import HistoryError
 from ._exceptions import NoPreviousDeployment
 from ._reports import Status
 from ._reports import utcnow
+from ._store import AuditRow
+from ._store import Begun
+from ._store import DeploymentInfo
+from ._store import DeploymentRow
+from ._store import Liveness
+from ._store import LockRow
+from ._store import LogRecord
+from ._store import LogRow
+from ._store import ProcessRef
+from ._store import StagePlan
+from ._store import StageRow
+from ._store import StoreNotFound
 
 if TYPE_CHECKING:
     from ._events import Event
-    from ._pipeline import Stage
 
 #: "SHYD" - marks a SQLite file as a Shipyard history.
 APPLICATION_ID = 0x53485944
@@ -188,98 +198,17 @@ def _create_v1(db: Any) -> None:
 MIGRATIONS = {1: _create_v1}
 
 
-def current_user() -> str:
-    for var in ("SHIPYARD_USER", "USER", "LOGNAME", "USERNAME"):
-        if os.environ.get(var):
-            return os.environ[var]
-    try:
-        import pwd
-
-        return pwd.getpwuid(os.getuid()).pw_name
-    except (ImportError, KeyError):
-        return "unknown"
-
-
-def ci_actor() -> str | None:
-    """The CI identity from the standard variables of common CI systems."""
-    for var in ("GITHUB_ACTOR", "GITLAB_USER_LOGIN", "BUILDKITE_BUILD_CREATOR", "CIRCLE_USERNAME"):
-        if os.environ.get(var):
-            return f"{var}={os.environ[var]}"
-    return None
-
-
-def actor() -> str:
-    """Who does something by hand, for the audit trail: the user, and the CI identity if any."""
-    ci = ci_actor()
-    return f"{current_user()} ({ci})" if ci else current_user()
-
-
-def process_start(pid: int) -> str | None:
-    """An identity of process ``pid`` that changes when the pid is reused (Linux: start ticks).
-
-    ``"dead"`` for a zombie; None where ``/proc`` cannot tell.
-    """
-    from ._proc import stat
-
-    st = stat(pid)
-    if st is None:
-        return None
-    return st.starttime if st.alive else "dead"
-
-
-def holder_alive(pid: int | None, host: str | None, proc_start: str | None) -> bool | None:
-    """Whether the process that recorded ``pid`` on ``host`` still lives; None: other host."""
-    if host != socket.gethostname():
-        return None
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    now = process_start(pid)
-    if now == "dead":
-        return False
-    return proc_start is None or now is None or now == proc_start
-
-
-class HistoryStore:
-    """The narrow interface the runner and the CLI use; see :class:`SQLiteHistory`."""
-
-    path: str
-
-
-def open_store(url: str, *, create: bool = True) -> SQLiteHistory:
-    """Open the store named by ``url``: a file path or ``sqlite:///path``.
-
-    :raises HistoryError: unsupported scheme, not a Shipyard history, newer schema, unwritable.
-    """
-    if url.startswith("sqlite://"):
-        path = url[len("sqlite://") :]
-    elif "://" in url:
-        scheme = url.split("://", 1)[0]
-        raise HistoryError(
-            f"history {url!r}: unsupported store {scheme!r}; use a file path or sqlite:///path"
-        )
-    else:
-        path = url
-    return SQLiteHistory(path, create=create)
-
-
-class SQLiteHistory(HistoryStore):
+class SQLiteStore:
     """The embedded default store: one SQLite file, private to its user."""
 
     def __init__(self, path: str | os.PathLike[str], *, create: bool = True) -> None:
         self.path = str(path)
-        self.host = socket.gethostname()
-        self.pid = os.getpid()
-        self._proc_start = process_start(self.pid)
+        self.url = self.path
+        self.identity = os.path.realpath(self.path)
         p = Path(self.path)
         exists = p.exists() and p.stat().st_size > 0
         if not exists and not create:
-            raise HistoryError(
+            raise StoreNotFound(
                 f"no history at {self.path}; nothing has been deployed from here yet"
             )
         if not exists:
@@ -373,10 +302,13 @@ class SQLiteHistory(HistoryStore):
                 if durable:
                     c.execute("PRAGMA synchronous=NORMAL")
         except sqlite3.OperationalError as exc:
-            hint = ""
-            if "disk" in str(exc) or "full" in str(exc):
-                hint = " (is the disk full, or a file size limit reached?)"
-            raise HistoryError(f"cannot write the history at {self.path}: {exc}{hint}") from exc
+            raise self._write_error(exc) from exc
+
+    def _write_error(self, exc: sqlite3.OperationalError) -> HistoryError:
+        hint = ""
+        if "disk" in str(exc) or "full" in str(exc):
+            hint = " (is the disk full, or a file size limit reached?)"
+        return HistoryError(f"cannot write the history at {self.path}: {exc}{hint}")
 
     def _query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
         try:
@@ -394,13 +326,14 @@ class SQLiteHistory(HistoryStore):
         pipeline: str,
         version: str,
         environment: str,
+        owner: ProcessRef,
+        is_dead: Liveness,
+        info: DeploymentInfo | None = None,
         rollback_of: int | None = None,
         retry_of: int | None = None,
-        info: dict[str, Any] | None = None,
         lock: bool = True,
-        lease: float = 60.0,
         ticket: int | None = None,
-    ) -> int:
+    ) -> Begun:
         """Record a new running deployment and take the lock of its pipeline and environment.
 
         Both happen in one transaction: either the deployment runs holding the lock, or nothing
@@ -408,23 +341,21 @@ class SQLiteHistory(HistoryStore):
         ``ticket`` (see :meth:`enqueue`) are served first come, first served; one without a
         ticket does not overtake them.
         """
-        dead_holder: int | None = None
-        info = dict(info or {})
+        interrupted: list[int] = []
+        info = info or {}
         now = utcnow()
+        user = info.get("user")
         with self._tx(durable=True) as c:
             if lock:
-                self._check_queue(c, pipeline, environment, ticket, lease)
-                row = c.execute(
-                    "SELECT * FROM locks WHERE pipeline=? AND environment=?",
-                    (pipeline, environment),
-                ).fetchone()
-                if row is not None:
-                    holder = self._row_dict(c, "locks", row)
-                    if self._holder_dead(holder, lease):
+                self._check_queue(c, pipeline, environment, ticket, is_dead)
+                holder = self._lock(c, pipeline, environment)
+                if holder is not None:
+                    if is_dead(_ref(holder)):
                         self._interrupt(c, holder["deployment_id"], "its process died")
-                        dead_holder = holder["deployment_id"]
+                        interrupted.append(holder["deployment_id"])
                     else:
-                        raise EnvironmentLocked(self._locked_message(holder), holder)
+                        raise EnvironmentLocked(self._locked_message(holder), dict(holder))
+            args = info.get("args")
             cur = c.execute(
                 "INSERT INTO deployments (pipeline, version, environment, status, created_at, "
                 "started_at, heartbeat_at, rollback_of, retry_of, user, ci_actor, host, pid, "
@@ -432,10 +363,10 @@ class SQLiteHistory(HistoryStore):
                 "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     pipeline, version, environment, Status.RUNNING.value, now, now, now,
-                    rollback_of, retry_of, info.get("user") or current_user(), ci_actor(),
-                    self.host, self.pid, self._proc_start, info.get("pipelines_file"),
+                    rollback_of, retry_of, user, info.get("ci_actor"), owner["host"],
+                    owner["pid"], owner["proc_start"], info.get("pipelines_file"),
                     info.get("file_hash"), info.get("git_commit"),
-                    json.dumps(info.get("args")) if info.get("args") is not None else None,
+                    json.dumps(args) if args is not None else None,
                     json.dumps(info.get("vars") or {}), info.get("shipyard_version"),
                 ),
             )  # fmt: skip
@@ -446,17 +377,15 @@ class SQLiteHistory(HistoryStore):
                 c.execute(
                     "INSERT INTO locks VALUES (?,?,?,?,?,?,?,?,?,?)",
                     (
-                        pipeline, environment, dep_id, self.pid, self.host, self._proc_start,
-                        info.get("user") or current_user(), version, now, now,
+                        pipeline, environment, dep_id, owner["pid"], owner["host"],
+                        owner["proc_start"], user, version, now, now,
                     ),
                 )  # fmt: skip
-        if dead_holder is not None:
-            self.stop_orphans([dead_holder])
-        return dep_id
+        return Begun(dep_id, interrupted)
 
     def _check_queue(
         self, c: sqlite3.Connection, pipeline: str, environment: str, ticket: int | None,
-        lease: float,
+        is_dead: Liveness,
     ) -> None:  # fmt: skip
         """Refuse the lock while an earlier live waiter is queued; drop dead waiters."""
         rows = c.execute(
@@ -468,36 +397,34 @@ class SQLiteHistory(HistoryStore):
         for qid, pid, host, proc_start, heartbeat_at in rows:
             if ticket is not None and qid >= ticket:
                 break
-            waiter = {
+            waiter: ProcessRef = {
                 "pid": pid,
                 "host": host,
                 "proc_start": proc_start,
                 "heartbeat_at": heartbeat_at,
             }
-            if self._holder_dead(waiter, lease):
+            if is_dead(waiter):
                 c.execute("DELETE FROM lock_queue WHERE id=?", (qid,))
             else:
                 ahead += 1
         if ahead:
-            holder = c.execute(
-                "SELECT * FROM locks WHERE pipeline=? AND environment=?", (pipeline, environment)
-            ).fetchone()
-            info = self._row_dict(c, "locks", holder) if holder else {}
+            holder = self._lock(c, pipeline, environment)
             raise EnvironmentLocked(
                 f"{pipeline!r} in {environment!r}: {ahead} deployment(s) are waiting for the "
                 "lock before this one; wait with --wait-lock SECONDS",
-                info,
+                dict(holder) if holder else {},
             )
 
-    def enqueue(self, pipeline: str, environment: str) -> int:
+    def enqueue(self, pipeline: str, environment: str, owner: ProcessRef) -> int:
         """Join the queue of deployments waiting for this lock; returns the ticket."""
         now = utcnow()
         with self._tx() as c:
             cur = c.execute(
                 "INSERT INTO lock_queue (pipeline, environment, pid, host, proc_start, since, "
                 "heartbeat_at) VALUES (?,?,?,?,?,?,?)",
-                (pipeline, environment, self.pid, self.host, self._proc_start, now, now),
-            )
+                (pipeline, environment, owner["pid"], owner["host"], owner["proc_start"], now,
+                 now),
+            )  # fmt: skip
         return int(cur.lastrowid or 0)
 
     def dequeue(self, ticket: int) -> None:
@@ -510,26 +437,24 @@ class SQLiteHistory(HistoryStore):
             c.execute("UPDATE lock_queue SET heartbeat_at=? WHERE id=?", (utcnow(), ticket))
 
     @staticmethod
-    def _row_dict(c: sqlite3.Connection, table: str, row: Sequence[Any]) -> dict[str, Any]:
-        cols = [r[1] for r in c.execute(f"PRAGMA table_info({table})")]
-        return dict(zip(cols, row, strict=True))
+    def _lock(c: sqlite3.Connection, pipeline: str, environment: str) -> LockRow | None:
+        cur = c.execute(
+            "SELECT * FROM locks WHERE pipeline=? AND environment=?", (pipeline, environment)
+        )
+        row = cur.fetchone()
+        if row is None:
+            return None
+        cols = [d[0] for d in cur.description]
+        return cast("LockRow", dict(zip(cols, row, strict=True)))
 
     @staticmethod
-    def _locked_message(h: dict[str, Any]) -> str:
+    def _locked_message(h: LockRow) -> str:
         return (
             f"{h['pipeline']!r} in {h['environment']!r} is locked by deployment {h['deployment_id']} "
             f"(version {h['version']}, by {h['user']} on {h['host']}, pid {h['pid']}, since "
             f"{h['acquired_at']}); wait with --wait-lock SECONDS, or if it is stuck run "
             f"`shipyard unlock {h['pipeline']} -e {h['environment']} --reason TEXT`"
         )
-
-    def _holder_dead(self, h: dict[str, Any], lease: float) -> bool:
-        alive = holder_alive(h.get("pid"), h.get("host"), h.get("proc_start"))
-        if alive is None:  # another host: only the heartbeat can tell
-            from ._reports import parse_ts
-
-            return time.time() - parse_ts(h["heartbeat_at"]) > lease
-        return not alive
 
     def _interrupt(self, c: sqlite3.Connection, dep_id: int, why: str) -> None:
         now = utcnow()
@@ -550,8 +475,8 @@ class SQLiteHistory(HistoryStore):
             )
         c.execute("DELETE FROM locks WHERE deployment_id=?", (dep_id,))
 
-    def repair(self, lease: float = 60.0) -> list[int]:
-        """Mark deployments whose process died ``interrupted`` and free their locks.
+    def repair(self, is_dead: Liveness) -> list[int]:
+        """Mark deployments whose process ``is_dead`` ``interrupted`` and free their locks.
 
         Cheap when nothing is running (one indexed query); every command calls it.
         """
@@ -559,10 +484,10 @@ class SQLiteHistory(HistoryStore):
             "SELECT id, pid, host, proc_start, heartbeat_at FROM deployments "
             "WHERE status IN ('running','pending')"
         )
-        dead = [r["id"] for r in rows if self._holder_dead(r, lease)]
+        dead = [r["id"] for r in rows if is_dead(_ref(r))]
         orphan_locks = self._query(
-            "SELECT l.* FROM locks l LEFT JOIN deployments d ON d.id = l.deployment_id "
-            "WHERE d.id IS NULL OR d.status NOT IN ('running','pending')"
+            "SELECT l.deployment_id FROM locks l LEFT JOIN deployments d "
+            "ON d.id = l.deployment_id WHERE d.id IS NULL OR d.status NOT IN ('running','pending')"
         )
         if dead or orphan_locks:
             with self._tx(durable=True) as c:
@@ -570,51 +495,12 @@ class SQLiteHistory(HistoryStore):
                     self._interrupt(c, dep_id, "its process died")
                 for lk in orphan_locks:
                     c.execute("DELETE FROM locks WHERE deployment_id=?", (lk["deployment_id"],))
-            self.stop_orphans(dead)
         return dead
 
-    def process_tag(self, dep_id: int) -> str:
-        """The value of ``SHIPYARD_DEPLOYMENT_TAG`` in the environment of deployment
-        ``dep_id``'s step processes: unique to this history file and deployment."""
-        import hashlib
-
-        where = hashlib.sha256(os.path.realpath(self.path).encode()).hexdigest()[:16]
-        return f"{where}-{dep_id}"
-
-    def stop_orphans(self, dep_ids: Sequence[int], grace: float = 1.0) -> list[int]:
-        """Stop the step processes that dead deployments left running on this host.
-
-        A kill -9 of ``shipyard deploy`` cannot reach its steps, which run in process groups of
-        their own. Every step process inherits ``SHIPYARD_DEPLOYMENT_TAG``, so they are found in
-        ``/proc`` by their environment, grandchildren included, whatever group they moved to:
-        SIGTERM, up to ``grace`` seconds, then SIGKILL. Returns the pids signalled.
-        """
-        if not dep_ids:
-            return []
-        import signal
-
-        from ._proc import alive
-        from ._proc import tagged
-
-        pids = tagged("SHIPYARD_DEPLOYMENT_TAG", {self.process_tag(d) for d in dep_ids})
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except (ProcessLookupError, PermissionError):
-                pass
-        deadline = time.monotonic() + grace
-        while pids and time.monotonic() < deadline and any(alive(p) for p in pids):
-            time.sleep(0.05)
-        for pid in pids:
-            if alive(pid):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
-        return pids
-
-    def record_plan(self, dep_id: int, stages: Sequence[Stage], start_stage: int = 0,
-                    note: str | None = None) -> None:  # fmt: skip
+    def record_plan(
+        self, dep_id: int, stages: Sequence[StagePlan], start_stage: int = 0,
+        note: str | None = None,
+    ) -> None:  # fmt: skip
         """Record every stage and step as pending (those before ``start_stage`` as skipped)."""
         stage_rows = []
         step_rows = []
@@ -626,10 +512,7 @@ class SQLiteHistory(HistoryStore):
                  note if before else None)
             )  # fmt: skip
             for i, step in enumerate(st.steps):
-                step_rows.append((dep_id, si, i, step.name, step.kind, step.describe(), status, 0))
-        from ._secrets import mask
-
-        step_rows = [(*r[:5], mask(r[5]), *r[6:]) for r in step_rows]
+                step_rows.append((dep_id, si, i, step.name, step.kind, step.description, status))
         with self._tx() as c:
             c.executemany(
                 "INSERT INTO stages (deployment_id, idx, name, status, parallel, "
@@ -638,23 +521,47 @@ class SQLiteHistory(HistoryStore):
             )
             c.executemany(
                 "INSERT INTO steps (deployment_id, stage_idx, idx, name, kind, description, "
-                "status, attempts) VALUES (?,?,?,?,?,?,?,?)",
+                "status, attempts) VALUES (?,?,?,?,?,?,?,0)",
                 step_rows,
             )
             c.execute("UPDATE deployments SET stages_total=? WHERE id=?", (len(stages), dep_id))
 
-    def apply(self, statements: list[tuple[str, Sequence[Any]]], logs: list[tuple[Any, ...]],
-              durable: bool = False) -> None:  # fmt: skip
-        """Write a batch of updates and log lines in one transaction."""
+    def record(
+        self, transitions: Sequence[Event], logs: Sequence[LogRecord], *, durable: bool = False
+    ) -> None:
+        """Write a batch of transitions and log lines in one transaction."""
+        if not durable and not logs and len(transitions) == 1:
+            # The end of a quick step: one statement is a transaction of its own (a single
+            # write takes the write lock at once, so the deferred BEGIN's "database is
+            # locked" on upgrade cannot happen), saving BEGIN and COMMIT on the hot path.
+            e = transitions[0]
+            if e.hook != "shipyard_stage_started":
+                sql, params = _TRANSITIONS[e.hook](e)
+                try:
+                    self.conn.execute(sql, params)
+                except sqlite3.OperationalError as exc:
+                    raise self._write_error(exc) from exc
+                return
         with self._tx(durable=durable) as c:
-            if logs:
-                c.executemany(
-                    "INSERT INTO logs (deployment_id, stage_idx, step_idx, ts, stream, line) "
-                    "VALUES (?,?,?,?,?,?)",
-                    logs,
+            self._write(c, transitions, logs)
+
+    @staticmethod
+    def _write(
+        c: sqlite3.Connection, transitions: Sequence[Event], logs: Sequence[LogRecord]
+    ) -> None:
+        if logs:
+            c.executemany(
+                "INSERT INTO logs (deployment_id, stage_idx, step_idx, ts, stream, line) "
+                "VALUES (?,?,?,?,?,?)",
+                logs,
+            )
+        for e in transitions:
+            sql, params = _TRANSITIONS[e.hook](e)
+            c.execute(sql, params)
+            if e.hook == "shipyard_stage_started":
+                c.execute(
+                    "UPDATE deployments SET current_stage=? WHERE id=?", (params[2], params[1])
                 )
-            for sql, params in statements:
-                c.execute(sql, params)
 
     def heartbeat(self, dep_id: int) -> str | None:
         """Renew the lock and the deployment's heartbeat; return a pending cancel request.
@@ -675,13 +582,7 @@ class SQLiteHistory(HistoryStore):
             return row[0] or f"shipyard: the lock was lost ({row[2] or row[1]})"
         return row[0] if row else None
 
-    def cancel_requested(self, dep_id: int) -> str | None:
-        row = self.conn.execute(
-            "SELECT cancel_requested FROM deployments WHERE id=?", (dep_id,)
-        ).fetchone()
-        return row[0] if row else None
-
-    def request_cancel(self, dep_id: int, *, user: str, reason: str = "") -> dict[str, Any]:
+    def request_cancel(self, dep_id: int, *, user: str, reason: str = "") -> DeploymentRow:
         dep = self.get(dep_id)
         with self._tx(durable=True) as c:
             c.execute(
@@ -691,7 +592,8 @@ class SQLiteHistory(HistoryStore):
             self._audit(c, "cancel", dep, user, reason)
         return dep
 
-    def _audit(self, c: sqlite3.Connection, action: str, dep: dict[str, Any] | None, user: str,
+    @staticmethod
+    def _audit(c: sqlite3.Connection, action: str, dep: Mapping[str, Any] | None, user: str,
                reason: str, pipeline: str | None = None, environment: str | None = None) -> None:  # fmt: skip
         c.execute(
             "INSERT INTO audit (ts, action, deployment_id, pipeline, environment, user, host, "
@@ -699,25 +601,20 @@ class SQLiteHistory(HistoryStore):
             (
                 utcnow(), action, dep["id"] if dep else None,
                 dep["pipeline"] if dep else pipeline, dep["environment"] if dep else environment,
-                user, self.host, reason,
+                user, socket.gethostname(), reason,
             ),
         )  # fmt: skip
 
-    def record_audit(self, action: str, dep_id: int, reason: str, user: str | None = None) -> None:
+    def add_audit(self, action: str, dep_id: int, *, user: str, reason: str) -> None:
         """Record who did ``action`` to deployment ``dep_id`` and why."""
         dep = self.get(dep_id)
         with self._tx() as c:
-            self._audit(c, action, dep, user or actor(), reason)
+            self._audit(c, action, dep, user, reason)
 
-    def unlock(
-        self, pipeline: str, environment: str, *, user: str, reason: str
-    ) -> dict[str, Any] | None:
+    def unlock(self, pipeline: str, environment: str, *, user: str, reason: str) -> LockRow | None:
         """Break the lock by hand; its deployment becomes ``interrupted``. Recorded in the audit."""
         with self._tx(durable=True) as c:
-            row = c.execute(
-                "SELECT * FROM locks WHERE pipeline=? AND environment=?", (pipeline, environment)
-            ).fetchone()
-            holder = self._row_dict(c, "locks", row) if row else None
+            holder = self._lock(c, pipeline, environment)
             if holder:
                 self._interrupt(c, holder["deployment_id"], f"unlocked by {user} ({reason})")
             # Recorded on the deployment it interrupted, so that `show` of it lists the unlock.
@@ -726,26 +623,14 @@ class SQLiteHistory(HistoryStore):
             self._audit(c, "unlock", dep, user, reason, pipeline, environment)
         return holder
 
-    def lock_holder(self, pipeline: str, environment: str) -> dict[str, Any] | None:
-        rows = self._query(
-            "SELECT * FROM locks WHERE pipeline=? AND environment=?", (pipeline, environment)
-        )
-        return rows[0] if rows else None
-
-    def finish(self, dep_id: int, status: Status, error: str | None,
-               statements: list[tuple[str, Sequence[Any]]] = (),  # type: ignore[assignment]
-               logs: list[tuple[Any, ...]] = ()) -> None:  # type: ignore[assignment]  # fmt: skip
+    def finish(
+        self, dep_id: int, status: Status, error: str | None,
+        transitions: Sequence[Event] = (), logs: Sequence[LogRecord] = (),
+    ) -> None:  # fmt: skip
         """Record the final status durably, mark what never ran ``skipped``, free the lock."""
         now = utcnow()
         with self._tx(durable=True) as c:
-            if logs:
-                c.executemany(
-                    "INSERT INTO logs (deployment_id, stage_idx, step_idx, ts, stream, line) "
-                    "VALUES (?,?,?,?,?,?)",
-                    logs,
-                )
-            for sql, params in statements:
-                c.execute(sql, params)
+            self._write(c, transitions, logs)
             for table in ("stages", "steps"):
                 c.execute(
                     f"UPDATE {table} SET status='skipped' WHERE deployment_id=? AND status='pending'",
@@ -767,7 +652,7 @@ class SQLiteHistory(HistoryStore):
 
     # -- queries ----------------------------------------------------------------------------------
 
-    def get(self, dep_id: int) -> dict[str, Any]:
+    def get(self, dep_id: int) -> DeploymentRow:
         rows = self._query(f"SELECT {_DEPLOYMENT_COLUMNS} FROM deployments WHERE id=?", (dep_id,))
         if not rows:
             last = self.conn.execute("SELECT max(id) FROM deployments").fetchone()[0]
@@ -782,7 +667,7 @@ class SQLiteHistory(HistoryStore):
         environment: str | None = None,
         statuses: Sequence[str] = (),
         limit: int = 20,
-    ) -> list[dict[str, Any]]:
+    ) -> list[DeploymentRow]:
         """Deployments, newest first."""
         where: list[str] = []
         params: list[Any] = []
@@ -802,7 +687,7 @@ class SQLiteHistory(HistoryStore):
         params.append(limit)
         return [_decode(r) for r in self._query(sql, params)]
 
-    def stages(self, dep_id: int) -> list[dict[str, Any]]:
+    def stages(self, dep_id: int) -> list[StageRow]:
         stages = self._query(
             "SELECT idx, name, status, parallel, continue_on_failure, started_at, finished_at, "
             "note FROM stages WHERE deployment_id=? ORDER BY idx",
@@ -821,30 +706,10 @@ class SQLiteHistory(HistoryStore):
         for st in steps:
             st["warning"] = bool(st["warning"])
             stages[st.pop("stage_idx")]["steps"].append(st)
-        return stages
+        return cast("list[StageRow]", stages)
 
-    def document(self, dep_id: int, *, stages: bool = True) -> dict[str, Any]:
-        """The JSON document of ``show --json`` and ``deploy --json``."""
-        doc = self.get(dep_id)
-        if stages:
-            doc["stages"] = [
-                {
-                    "name": s["name"],
-                    "status": s["status"],
-                    "started_at": s["started_at"],
-                    "finished_at": s["finished_at"],
-                    "steps": [
-                        {k: st[k] for k in ("name", "kind", "status", "attempts", "exit_code",
-                                            "error", "warning", "started_at", "finished_at")}
-                        for st in s["steps"]
-                    ],
-                }
-                for s in self.stages(dep_id)
-            ]  # fmt: skip
-        return doc
-
-    def logs(self, dep_id: int, *, after: int = 0, limit: int = 10_000) -> list[dict[str, Any]]:
-        return self._query(
+    def logs(self, dep_id: int, *, after: int = 0, limit: int = 10_000) -> list[LogRow]:
+        return self._query(  # type: ignore[return-value]
             "SELECT l.id, l.stage_idx, l.step_idx, l.ts, l.stream, l.line, s.name AS step "
             "FROM logs l LEFT JOIN steps s ON s.deployment_id = l.deployment_id "
             "AND s.stage_idx = l.stage_idx AND s.idx = l.step_idx "
@@ -852,13 +717,16 @@ class SQLiteHistory(HistoryStore):
             (dep_id, after, limit),
         )
 
-    def audit(self, *, deployment_id: int | None = None, limit: int = 50) -> list[dict[str, Any]]:
+    def audit_trail(self, *, deployment_id: int | None = None, limit: int = 50) -> list[AuditRow]:
         if deployment_id is None:
-            return self._query("SELECT * FROM audit ORDER BY id DESC LIMIT ?", (limit,))
-        return self._query(
+            return self._query("SELECT * FROM audit ORDER BY id DESC LIMIT ?", (limit,))  # type: ignore[return-value]
+        return self._query(  # type: ignore[return-value]
             "SELECT * FROM audit WHERE deployment_id=? ORDER BY id DESC LIMIT ?",
             (deployment_id, limit),
         )
+
+    def locks(self) -> list[LockRow]:
+        return self._query("SELECT * FROM locks ORDER BY pipeline, environment")  # type: ignore[return-value]
 
     def previous_version(self, pipeline: str, environment: str) -> str | None:
         row = self.conn.execute(
@@ -868,7 +736,7 @@ class SQLiteHistory(HistoryStore):
         ).fetchone()
         return row[0] if row else None
 
-    def rollback_target(self, dep_id: int) -> dict[str, Any]:
+    def rollback_target(self, dep_id: int) -> DeploymentRow:
         """The deployment a rollback of ``dep_id`` redeploys (DESIGN §4).
 
         The latest ``succeeded`` deployment of the same pipeline and environment that started
@@ -918,7 +786,7 @@ class SQLiteHistory(HistoryStore):
             )
         return _decode(rows[0])
 
-    def latest(self, pipeline: str, environment: str) -> dict[str, Any]:
+    def latest(self, pipeline: str, environment: str) -> DeploymentRow:
         rows = self.deployments(pipeline=pipeline, environment=environment, limit=1)
         if not rows:
             envs = [
@@ -941,133 +809,60 @@ class SQLiteHistory(HistoryStore):
         return rows[0]
 
 
-def _decode(row: dict[str, Any]) -> dict[str, Any]:
+def _decode(row: dict[str, Any]) -> DeploymentRow:
     for key in ("vars", "args"):
         if row.get(key):
             row[key] = json.loads(row[key])
-    return row
+    row["vars"] = row.get("vars") or {}
+    return cast("DeploymentRow", row)
 
 
-class HistoryRecorder:
-    """Turns the event stream into history writes: at most two commits per step.
+def _ref(row: Mapping[str, Any]) -> ProcessRef:
+    return {
+        "pid": row.get("pid"),
+        "host": row.get("host"),
+        "proc_start": row.get("proc_start"),
+        "heartbeat_at": row.get("heartbeat_at"),
+    }
 
-    Stage transitions and log lines ride along with the next step commit; log lines of a long
-    step are also flushed every ``flush_interval`` seconds so ``logs --follow`` sees them.
-    """
 
-    def __init__(
-        self,
-        store: SQLiteHistory,
-        flush_interval: float = 0.5,
-        max_lines: int = 2000,
-        on_error: Callable[[HistoryError], None] | None = None,
-    ) -> None:
-        self.store = store
-        #: The first write error; after it the recorder stops writing (the run is stopped).
-        self.error: HistoryError | None = None
-        self.on_error = on_error
-        self.flush_interval = flush_interval
-        self.max_lines = max_lines
-        self._statements: list[tuple[str, Sequence[Any]]] = []
-        self._logs: list[tuple[Any, ...]] = []
-        self._last_flush = time.monotonic()
+def _step_started(e: Any) -> tuple[str, tuple[Any, ...]]:
+    return (
+        "UPDATE steps SET status='running', started_at=? "
+        "WHERE deployment_id=? AND stage_idx=? AND idx=?",
+        (e.ts, e.deployment.id, e.stage_index, e.index),
+    )
 
-    def flush(self, durable: bool = False) -> None:
-        if self._statements or self._logs:
-            statements, logs = self._statements, self._logs
-            self._statements, self._logs = [], []
-            self.store.apply(statements, logs, durable=durable)
-        self._last_flush = time.monotonic()
 
-    def tick(self) -> None:
-        """Flush what waited ``flush_interval``: a step that printed and then went quiet would
-        otherwise keep its lines from ``logs --follow``, and a long step would not show as
-        running, until it finished."""
-        if self.error is not None or not (self._logs or self._statements):
-            return
-        if time.monotonic() - self._last_flush <= self.flush_interval:
-            return
-        try:
-            self.flush()
-        except HistoryError as exc:
-            self.error = exc
-            if self.on_error is not None:
-                self.on_error(exc)
+def _step_finished(e: Any) -> tuple[str, tuple[Any, ...]]:
+    r = e.result
+    return (
+        "UPDATE steps SET status=?, attempts=?, exit_code=?, error=?, warning=?, "
+        "started_at=coalesce(started_at, ?), finished_at=? "
+        "WHERE deployment_id=? AND stage_idx=? AND idx=?",
+        (r.status.value, r.attempts, r.exit_code, r.error, int(r.warning), r.started_at,
+         r.finished_at, e.deployment.id, e.stage_index, e.index),
+    )  # fmt: skip
 
-    def note(self, dep_id: int, text: str) -> None:
-        """Record a message of Shipyard's own (e.g. a notifier error) in the deployment's log."""
-        self._logs.append((dep_id, None, None, time.time(), "shipyard", text))
 
-    def handle(self, event: Event) -> None:
-        if self.error is not None:
-            return
-        try:
-            self._handle(event)
-        except HistoryError as exc:
-            # A full disk or a broken file: stop the deployment rather than run it unrecorded.
-            self.error = exc
-            if self.on_error is not None:
-                self.on_error(exc)
+def _stage_started(e: Any) -> tuple[str, tuple[Any, ...]]:
+    return (
+        "UPDATE stages SET status='running', started_at=? WHERE deployment_id=? AND idx=?",
+        (e.ts, e.deployment.id, e.index),
+    )
 
-    def _handle(self, event: Event) -> None:
-        name = event.hook
-        d = event.deployment
-        s = self._statements
-        if name == "shipyard_step_output":
-            e: Any = event
-            for ln in e.lines:
-                self._logs.append((d.id, e.stage_index, e.index, ln.ts, ln.stream, ln.text))
-            if (
-                len(self._logs) >= self.max_lines
-                or time.monotonic() - self._last_flush > self.flush_interval
-            ):
-                self.flush()
-        elif name == "shipyard_step_started":
-            e = event
-            s.append(
-                ("UPDATE steps SET status='running', started_at=? "
-                 "WHERE deployment_id=? AND stage_idx=? AND idx=?",
-                 (e.ts, d.id, e.stage_index, e.index))
-            )  # fmt: skip
-            # Not flushed here: a quick step is recorded in one commit when it finishes, and a
-            # long one shows as running at the next heartbeat's tick().
-        elif name == "shipyard_step_finished":
-            e = event
-            r = e.result
-            s.append(
-                ("UPDATE steps SET status=?, attempts=?, exit_code=?, error=?, warning=?, "
-                 "started_at=coalesce(started_at, ?), finished_at=? "
-                 "WHERE deployment_id=? AND stage_idx=? AND idx=?",
-                 (r.status.value, r.attempts, r.exit_code, r.error, int(r.warning), r.started_at,
-                  r.finished_at, d.id, e.stage_index, e.index))
-            )  # fmt: skip
-            self.flush()
-        elif name == "shipyard_stage_started":
-            e = event
-            s.append(
-                ("UPDATE stages SET status='running', started_at=? WHERE deployment_id=? AND idx=?",
-                 (e.ts, d.id, e.index))
-            )  # fmt: skip
-            s.append(("UPDATE deployments SET current_stage=? WHERE id=?", (e.index, d.id)))
-            # One commit per stage: the previous stage's end and this one's start are durable
-            # before any of its steps runs, so a crash never leaves a finished stage "running".
-            self.flush()
-        elif name == "shipyard_stage_finished":
-            e = event
-            s.append(
-                ("UPDATE stages SET status=?, finished_at=? WHERE deployment_id=? AND idx=?",
-                 (e.status.value, e.ts, d.id, e.index))
-            )  # fmt: skip
-        elif name == "shipyard_deployment_started":
-            e = event
-            self.flush()
-            self.store.record_plan(d.id, e.stages, e.start_stage, note=e.note)
-        elif name == "shipyard_rollback_started":
-            e = event
-            self.note(d.id, f"rolling back to version {e.target}: {e.reason}")
-            self.flush()
-        elif name == "shipyard_deployment_finished":
-            e = event
-            statements, logs = self._statements, self._logs
-            self._statements, self._logs = [], []
-            self.store.finish(d.id, e.status, e.error, statements, logs)
+
+def _stage_finished(e: Any) -> tuple[str, tuple[Any, ...]]:
+    return (
+        "UPDATE stages SET status=?, finished_at=? WHERE deployment_id=? AND idx=?",
+        (e.status.value, e.ts, e.deployment.id, e.index),
+    )
+
+
+#: The SQL of each transition the runner reports, by the event's hook name.
+_TRANSITIONS: dict[str, Callable[[Any], tuple[str, tuple[Any, ...]]]] = {
+    "shipyard_step_started": _step_started,
+    "shipyard_step_finished": _step_finished,
+    "shipyard_stage_started": _stage_started,
+    "shipyard_stage_finished": _stage_finished,
+}

@@ -1,0 +1,168 @@
+"""The history's listener on the event stream: which events go to the store, and when.
+
+The store decides how to write (:meth:`HistoryStore.record`); this module decides what to
+batch: at most two commits per step, log lines riding along with the next one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+from typing import cast
+
+from ._exceptions import HistoryError
+from ._store import LogRecord
+from ._store import StagePlan
+from ._store import StepPlan
+
+if TYPE_CHECKING:
+    from ._events import DeploymentFinished
+    from ._events import DeploymentStarted
+    from ._events import Event
+    from ._events import RollbackStarted
+    from ._events import StepFinished
+    from ._events import StepOutput
+    from ._events import StepStarted
+    from ._pipeline import Stage
+    from ._store import HistoryStore
+
+
+def plan_of(stages: list[Stage]) -> list[StagePlan]:
+    """The stages as the store records them (step descriptions masked)."""
+    from ._secrets import mask
+
+    return [
+        StagePlan(
+            s.name,
+            s.parallel,
+            s.continue_on_failure,
+            [StepPlan(st.name, st.kind, mask(st.describe())) for st in s.steps],
+        )
+        for s in stages
+    ]
+
+
+class HistoryRecorder:
+    """Turns the event stream into history writes: at most two commits per step.
+
+    Stage transitions and log lines ride along with the next step commit; log lines of a long
+    step are also flushed every ``flush_interval`` seconds so ``logs --follow`` sees them.
+    Everything the engine records about a running deployment goes through here.
+    """
+
+    def __init__(
+        self,
+        store: HistoryStore,
+        flush_interval: float = 0.5,
+        max_lines: int = 2000,
+        on_error: Callable[[HistoryError], None] | None = None,
+    ) -> None:
+        self.store = store
+        #: The first write error; after it the recorder stops writing (the run is stopped).
+        self.error: HistoryError | None = None
+        self.on_error = on_error
+        self.flush_interval = flush_interval
+        self.max_lines = max_lines
+        self._transitions: list[Event] = []
+        self._logs: list[LogRecord] = []
+        self._last_flush = time.monotonic()
+        self._handlers: dict[str, Callable[[Event], None]] = {
+            "shipyard_step_output": self._output,  # type: ignore[dict-item]
+            "shipyard_step_finished": self._step_finished,  # type: ignore[dict-item]
+            "shipyard_step_started": self._transitions.append,
+            "shipyard_stage_started": self._commit_after,
+            "shipyard_stage_finished": self._transitions.append,
+            "shipyard_deployment_started": self._started,  # type: ignore[dict-item]
+            "shipyard_rollback_started": self._rollback,  # type: ignore[dict-item]
+            "shipyard_deployment_finished": self._finished,  # type: ignore[dict-item]
+        }
+
+    def flush(self, durable: bool = False) -> None:
+        if self._transitions or self._logs:
+            transitions, logs = self._take()
+            self.store.record(transitions, logs, durable=durable)
+        self._last_flush = time.monotonic()
+
+    def _take(self) -> tuple[list[Event], list[LogRecord]]:
+        # Emptied in place: the handler table holds the bound ``append`` of this list.
+        batch = (self._transitions[:], self._logs[:])
+        self._transitions.clear()
+        self._logs.clear()
+        return batch
+
+    def tick(self) -> None:
+        """Flush what waited ``flush_interval``: a step that printed and then went quiet would
+        otherwise keep its lines from ``logs --follow``, and a long step would not show as
+        running, until it finished."""
+        if self.error is not None or not (self._logs or self._transitions):
+            return
+        if time.monotonic() - self._last_flush <= self.flush_interval:
+            return
+        self._guarded(self.flush)
+
+    def note(self, dep_id: int, text: str, stream: str = "shipyard") -> None:
+        """Record a message of Shipyard's own (a notifier error, a skipped rollback) in the
+        deployment's log; written with the next commit."""
+        self._logs.append(LogRecord(dep_id, None, None, time.time(), stream, text))
+
+    def handle(self, event: Event) -> None:
+        if self.error is None:
+            self._guarded(self._handlers[event.hook], event)
+
+    def _guarded(self, fn: Callable[..., None], *args: object) -> None:
+        try:
+            fn(*args)
+        except HistoryError as exc:
+            # A full disk or a broken file: stop the deployment rather than run it unrecorded.
+            self.error = exc
+            if self.on_error is not None:
+                self.on_error(exc)
+
+    # -- one method per kind of event -------------------------------------------------------------
+
+    def _output(self, e: StepOutput) -> None:
+        dep_id = e.deployment.id
+        self._logs.extend(
+            LogRecord(dep_id, e.stage_index, e.index, ln.ts, ln.stream, ln.text) for ln in e.lines
+        )
+        if (
+            len(self._logs) >= self.max_lines
+            or time.monotonic() - self._last_flush > self.flush_interval
+        ):
+            self.flush()
+
+    def _commit_after(self, e: Event) -> None:
+        # A step's end is one commit; so is a stage's start, so that the previous stage's end
+        # and this one's start are durable before any of its steps runs (a crash never leaves a
+        # finished stage "running"). A step's start waits for its end: a quick step is one
+        # commit, a long one shows as running at the next heartbeat's tick().
+        self._transitions.append(e)
+        self.flush()
+
+    def _step_finished(self, e: StepFinished) -> None:
+        # The end records the start time too: a start still waiting in the batch is redundant
+        # (one statement less for every quick step).
+        t = self._transitions
+        for i in range(len(t) - 1, -1, -1):
+            s = cast("StepStarted", t[i])
+            if (
+                s.hook == "shipyard_step_started"
+                and s.index == e.index
+                and s.stage_index == e.stage_index
+            ):
+                del t[i]
+                break
+        self._commit_after(e)
+
+    def _started(self, e: DeploymentStarted) -> None:
+        self.flush()
+        self.store.record_plan(e.deployment.id, plan_of(e.stages), e.start_stage, note=e.note)
+
+    def _rollback(self, e: RollbackStarted) -> None:
+        self.note(e.deployment.id, f"rolling back to version {e.target}: {e.reason}")
+        self.flush()
+
+    def _finished(self, e: DeploymentFinished) -> None:
+        transitions, logs = self._take()
+        self.store.finish(e.deployment.id, e.status, e.error, transitions, logs)

@@ -1,0 +1,408 @@
+"""The store port: what the engine asks of a history store, and how one is chosen by URL.
+
+:class:`HistoryStore` is the whole contract between Shipyard and a store: the runner, the
+application layer and the CLI use nothing else, and a store written by a third party (a plugin
+answering :func:`~shipyard.hookspecs.shipyard_store_open`) passes the same contract suite as
+the built-in SQLite store (tests/store_contract.py).
+
+The store only keeps records. It never looks at processes: whether the holder of a lock is
+still alive is a question the caller answers with a :data:`Liveness` predicate, and stopping
+what a dead deployment left running is done outside (see :mod:`shipyard._liveness`).
+
+Rows come back as :class:`~typing.TypedDict` records, which are plain dicts at run time, so
+the JSON documents of ``show --json`` and the dashboard are built from them directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+from typing import Any
+from typing import NamedTuple
+from typing import Protocol
+from typing import TypedDict
+from typing import runtime_checkable
+
+from ._exceptions import HistoryError
+
+if TYPE_CHECKING:
+    from ._events import Event
+    from ._plugins import ShipyardPluginManager
+    from ._reports import Status
+
+
+# -- what goes in ----------------------------------------------------------------------------------
+
+
+class ProcessRef(TypedDict):
+    """Who runs (or waits for) a deployment: enough to tell later whether it still lives."""
+
+    pid: int | None
+    host: str | None
+    #: An identity of the process that changes when its pid is reused (Linux: start ticks).
+    proc_start: str | None
+    #: The last time it said it was alive (ISO 8601 UTC); across hosts the only sign of life.
+    heartbeat_at: str | None
+
+
+#: Answers "is the process behind this record dead?"; given to every store method that may
+#: find a dead holder. Built by :func:`shipyard._liveness.dead_after` from the lock lease.
+Liveness = Callable[[ProcessRef], bool]
+
+
+class DeploymentInfo(TypedDict, total=False):
+    """What is recorded about a new deployment besides its identity (the audit of DESIGN §4)."""
+
+    user: str
+    ci_actor: str | None
+    pipelines_file: str | None
+    file_hash: str | None
+    git_commit: str | None
+    args: list[str] | None
+    vars: dict[str, str]
+    shipyard_version: str
+
+
+class StepPlan(NamedTuple):
+    """A step as planned: recorded ``pending`` before the deployment runs."""
+
+    name: str
+    kind: str
+    #: One line for ``show`` (already masked).
+    description: str
+
+
+class StagePlan(NamedTuple):
+    """A stage as planned, with its steps."""
+
+    name: str
+    parallel: bool
+    continue_on_failure: bool
+    steps: Sequence[StepPlan]
+
+
+class LogRecord(NamedTuple):
+    """One log line to record; ``stage_index``/``step_index`` are None for Shipyard's own."""
+
+    deployment_id: int
+    stage_index: int | None
+    step_index: int | None
+    ts: float
+    stream: str
+    text: str
+
+
+class Begun(NamedTuple):
+    """The result of :meth:`HistoryStore.begin`."""
+
+    #: The new deployment's id.
+    id: int
+    #: Deployments found dead holding the lock and marked ``interrupted`` on the way.
+    interrupted: list[int]
+
+
+# -- what comes out --------------------------------------------------------------------------------
+
+
+class DeploymentRow(TypedDict):
+    """One deployment, as ``history --json`` prints it (plus the audit fields)."""
+
+    id: int
+    pipeline: str
+    version: str
+    environment: str
+    status: str
+    started_at: str | None
+    finished_at: str | None
+    rollback_of: int | None
+    retry_of: int | None
+    error: str | None
+    user: str | None
+    ci_actor: str | None
+    host: str | None
+    pid: int | None
+    pipelines_file: str | None
+    file_hash: str | None
+    git_commit: str | None
+    args: list[str] | None
+    vars: dict[str, str]
+    shipyard_version: str | None
+    stages_total: int | None
+    current_stage: int | None
+    cancel_requested: str | None
+
+
+class StepRow(TypedDict):
+    idx: int
+    name: str
+    kind: str
+    description: str | None
+    status: str
+    attempts: int
+    exit_code: int | None
+    error: str | None
+    warning: bool
+    started_at: str | None
+    finished_at: str | None
+
+
+class StageRow(TypedDict):
+    idx: int
+    name: str
+    status: str
+    parallel: bool
+    continue_on_failure: bool
+    started_at: str | None
+    finished_at: str | None
+    #: Why the stage did not run here (a retry names the deployment that ran it).
+    note: str | None
+    steps: list[StepRow]
+
+
+class LogRow(TypedDict):
+    id: int
+    stage_idx: int | None
+    step_idx: int | None
+    ts: float
+    stream: str
+    line: str
+    #: The step's name, or None for Shipyard's own lines.
+    step: str | None
+
+
+class AuditRow(TypedDict):
+    id: int
+    ts: str
+    action: str
+    deployment_id: int | None
+    pipeline: str | None
+    environment: str | None
+    user: str
+    host: str | None
+    reason: str | None
+
+
+class LockRow(TypedDict):
+    pipeline: str
+    environment: str
+    deployment_id: int
+    pid: int | None
+    host: str | None
+    proc_start: str | None
+    user: str | None
+    version: str
+    acquired_at: str
+    heartbeat_at: str
+
+
+# -- the port --------------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class HistoryStore(Protocol):
+    """The contract of a history store. Every method is atomic; every error is a
+    :class:`~shipyard.HistoryError` (or the domain error named).
+
+    A store may be used from several threads, one call at a time, and from many processes at
+    once (the SQLite file is shared by every process of one machine; a server store by many
+    machines): locks and ids must be right under that concurrency.
+    """
+
+    #: Where the store is, for messages (passwords masked).
+    url: str
+    #: A stable identity of the store's data (the same file or database gives the same text),
+    #: used to tag a deployment's processes so that a later command finds them.
+    identity: str
+
+    def close(self) -> None:
+        """Release the connection; the store is not used after."""
+
+    # -- a deployment's life ------------------------------------------------------------------
+
+    def begin(
+        self,
+        *,
+        pipeline: str,
+        version: str,
+        environment: str,
+        owner: ProcessRef,
+        is_dead: Liveness,
+        info: DeploymentInfo | None = None,
+        rollback_of: int | None = None,
+        retry_of: int | None = None,
+        lock: bool = True,
+        ticket: int | None = None,
+    ) -> Begun:
+        """Record a new ``running`` deployment and take its pipeline and environment's lock.
+
+        Both or neither: when another live deployment holds the lock (or a live waiter queued
+        before ``ticket``), nothing is recorded and :class:`~shipyard.EnvironmentLocked` names the
+        holder. A holder that ``is_dead`` is marked ``interrupted`` and its lock taken over.
+        """
+        ...
+
+    def enqueue(self, pipeline: str, environment: str, owner: ProcessRef) -> int:
+        """Join the first-come-first-served queue for a lock; returns the ticket."""
+        ...
+
+    def touch_ticket(self, ticket: int) -> None:
+        """Say that the waiter holding ``ticket`` is still alive."""
+        ...
+
+    def dequeue(self, ticket: int) -> None:
+        """Leave the queue (the waiter gave up)."""
+        ...
+
+    def record_plan(
+        self, dep_id: int, stages: Sequence[StagePlan], start_stage: int = 0,
+        note: str | None = None,
+    ) -> None:  # fmt: skip
+        """Record every stage and step ``pending``; those before ``start_stage`` ``skipped``
+        with ``note`` saying why."""
+        ...
+
+    def record(
+        self, transitions: Sequence[Event], logs: Sequence[LogRecord], *, durable: bool = False
+    ) -> None:
+        """Record stage and step transitions (the runner's ``StageStarted``, ``StageFinished``,
+        ``StepStarted``, ``StepFinished`` events) and log lines, in one transaction.
+
+        ``durable``: survive a power loss, not only a crash of the process.
+        """
+        ...
+
+    def heartbeat(self, dep_id: int) -> str | None:
+        """Renew the deployment's lock lease; return why it must stop, if it must: a cancel
+        request (``user: reason``) or a lost lock (another process marked it ``interrupted``)."""
+        ...
+
+    def finish(
+        self, dep_id: int, status: Status, error: str | None,
+        transitions: Sequence[Event] = (), logs: Sequence[LogRecord] = (),
+    ) -> None:  # fmt: skip
+        """Record the final status durably with the last transitions and lines, mark stages
+        and steps that never ran ``skipped`` (and those still running as ``status``), and free
+        the lock. A deployment already ``interrupted`` by another process stays so."""
+        ...
+
+    def request_cancel(self, dep_id: int, *, user: str, reason: str = "") -> DeploymentRow:
+        """Ask the running deployment to stop (seen at its next heartbeat); audited."""
+        ...
+
+    def unlock(self, pipeline: str, environment: str, *, user: str, reason: str) -> LockRow | None:
+        """Break the lock by hand: its deployment becomes ``interrupted``; audited even when
+        nothing was locked. Returns the lock that was broken."""
+        ...
+
+    def add_audit(self, action: str, dep_id: int, *, user: str, reason: str) -> None:
+        """Record who did ``action`` to deployment ``dep_id`` and why."""
+        ...
+
+    def repair(self, is_dead: Liveness) -> list[int]:
+        """Mark ``running``/``pending`` deployments whose process ``is_dead`` as
+        ``interrupted``, free their locks and any lock left without a running deployment.
+        Returns the ids marked. Cheap when nothing runs: every command calls it."""
+        ...
+
+    # -- questions ----------------------------------------------------------------------------
+
+    def get(self, dep_id: int) -> DeploymentRow:
+        """One deployment; :class:`~shipyard.DeploymentNotFound` names the ids there are."""
+        ...
+
+    def deployments(
+        self, *, pipeline: str | None = None, environment: str | None = None,
+        statuses: Sequence[str] = (), limit: int = 20,
+    ) -> list[DeploymentRow]:  # fmt: skip
+        """Deployments, newest first (by start time, then id)."""
+        ...
+
+    def stages(self, dep_id: int) -> list[StageRow]:
+        """The stages of a deployment, each with its steps, in order."""
+        ...
+
+    def logs(self, dep_id: int, *, after: int = 0, limit: int = 10_000) -> list[LogRow]:
+        """Log lines with an id above ``after``, oldest first."""
+        ...
+
+    def audit_trail(self, *, deployment_id: int | None = None, limit: int = 50) -> list[AuditRow]:
+        """Audit records, newest first; all of them or one deployment's."""
+        ...
+
+    def locks(self) -> list[LockRow]:
+        """The locks held now, by pipeline and environment."""
+        ...
+
+    def previous_version(self, pipeline: str, environment: str) -> str | None:
+        """The version of the latest ``succeeded`` deployment there."""
+        ...
+
+    def rollback_target(self, dep_id: int) -> DeploymentRow:
+        """The deployment a rollback of ``dep_id`` redeploys (DESIGN §4): the latest
+        ``succeeded`` one of the same pipeline and environment that started before it, with
+        another version, not itself rolled back. :class:`~shipyard.NoPreviousDeployment` says
+        what was looked for and what is there instead."""
+        ...
+
+    def latest(self, pipeline: str, environment: str) -> DeploymentRow:
+        """The latest deployment of ``pipeline`` in ``environment``."""
+        ...
+
+
+class StoreNotFound(HistoryError):
+    """There is no store at that URL yet, and it was opened only to read."""
+
+
+# -- choosing a store ------------------------------------------------------------------------------
+
+#: The schemes Shipyard itself opens; others are asked of the plugins.
+BUILTIN_SCHEMES = ("sqlite",)
+
+
+def scheme_of(url: str) -> str:
+    """``"sqlite"`` for a plain path, else the URL's scheme."""
+    if "://" not in url:
+        return "sqlite"
+    return url.split("://", 1)[0].lower()
+
+
+def open_store(
+    url: str, *, create: bool = True, pluginmanager: ShipyardPluginManager | None = None
+) -> HistoryStore:
+    """Open the store named by ``url``: a file path, ``sqlite:///path``, or a scheme that a
+    plugin opens (:func:`~shipyard.hookspecs.shipyard_store_open`, first result wins).
+
+    :param create: create an empty store when there is none (commands that only read pass
+        False, and get a :class:`~shipyard.HistoryError` saying nothing was deployed yet).
+    :raises HistoryError: an unsupported scheme (naming the supported ones), not a Shipyard
+        history, a newer schema, unwritable.
+    """
+    scheme = scheme_of(url)
+    if scheme == "sqlite":
+        from ._sqlite import SQLiteStore
+
+        path = url[len("sqlite://") :] if url.startswith("sqlite://") else url
+        return SQLiteStore(path, create=create)
+    store: Any = None
+    offered: list[str] = []
+    if pluginmanager is not None:
+        store = pluginmanager.open_store(url, create=create)
+        offered = pluginmanager.store_schemes()
+    if store is None:
+        from ._secrets import mask_url
+
+        supported = ", ".join(f"{s}://" for s in [*BUILTIN_SCHEMES, *offered])
+        raise HistoryError(
+            f"history {mask_url(url)!r}: no store for the scheme {scheme!r}; supported: a file "
+            f"path, {supported} (a plugin may add others)"
+        )
+    if not isinstance(store, HistoryStore):
+        raise HistoryError(
+            f"history {scheme}://: the plugin's store {type(store).__name__} does not implement "
+            "shipyard.sdk.HistoryStore"
+        )
+    return store
+
+
+HistoryStore.__module__ = "shipyard"

@@ -1,0 +1,127 @@
+"""The public API for plugin authors: everything a built-in step type or notifier uses.
+
+Shipyard's own plugins (``shipyard.plugins.*``, ``shipyard.contrib.*``) import nothing private
+(a test enforces it), so a third-party plugin can do anything a built-in one does with this
+module and the :mod:`shipyard` façade alone::
+
+    from shipyard import sdk
+
+    class Deploy(sdk.Step):
+        kind = "ansible"
+
+        def __init__(self, playbook: str, **options: object) -> None:
+            step_options = {k: options.pop(k) for k in ("name", "timeout", "retries") if k in options}
+            super().__init__(**step_options)
+            sdk.reject_unknown_options(self, options)
+            self.playbook = playbook
+
+        async def run(self, context: sdk.StepContext) -> sdk.StepResult:
+            context.log(f"running {self.playbook}")
+            return sdk.StepResult(exit_code=0)
+
+    @sdk.hookimpl
+    def shipyard_register_step_types(registry: sdk.StepTypeRegistry) -> None:
+        registry.add(Deploy)
+
+Names load on first use, so importing this module costs nothing; the HTTP probe imports httpx
+only when it probes. See docs/guides/plugin-authors.md.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+from typing import Any
+
+if TYPE_CHECKING:
+    from ._events import Event
+    from ._events import LogLine
+    from ._exceptions import HealthCheckFailed
+    from ._exceptions import PipelineDefinitionError
+    from ._exceptions import StepFailed
+    from ._output import MAX_LINE
+    from ._output import TAIL_LINES
+    from ._output import LineSplitter
+    from ._output import ThreadedFollower
+    from ._pipeline import Deployment
+    from ._pipeline import Step
+    from ._pipeline import reject_unknown_options
+    from ._plugins import NotifierRegistry
+    from ._plugins import StepTypeRegistry
+    from ._plugins import hookimpl
+    from ._probe import HttpProbe
+    from ._probe import ProbeReport
+    from ._probe import body_excerpt
+    from ._probe import classify_error
+    from ._probe import display_url
+    from ._probe import probe_until_healthy
+    from ._probe import ssl_verify
+    from ._proc import children
+    from ._proc import group_members
+    from ._reports import Status
+    from ._reports import StepResult
+    from ._reports import parse_ts
+    from ._reports import utcnow
+    from ._runner import StepContext
+    from ._secrets import Secret
+    from ._secrets import cut_point
+    from ._secrets import mask
+    from ._secrets import register as register_secrets
+    from ._threads import BlockingCalls
+    from ._threads import tail_text
+    from ._version import __version__
+
+#: Each public name and the private module (and name there) it comes from.
+_LAZY: dict[str, tuple[str, str]] = {
+    "BlockingCalls": ("shipyard._threads", "BlockingCalls"),
+    "Deployment": ("shipyard._pipeline", "Deployment"),
+    "Event": ("shipyard._events", "Event"),
+    "HealthCheckFailed": ("shipyard._exceptions", "HealthCheckFailed"),
+    "HttpProbe": ("shipyard._probe", "HttpProbe"),
+    "LineSplitter": ("shipyard._output", "LineSplitter"),
+    "LogLine": ("shipyard._events", "LogLine"),
+    "MAX_LINE": ("shipyard._output", "MAX_LINE"),
+    "NotifierRegistry": ("shipyard._plugins", "NotifierRegistry"),
+    "PipelineDefinitionError": ("shipyard._exceptions", "PipelineDefinitionError"),
+    "ProbeReport": ("shipyard._probe", "ProbeReport"),
+    "Secret": ("shipyard._secrets", "Secret"),
+    "Status": ("shipyard._reports", "Status"),
+    "Step": ("shipyard._pipeline", "Step"),
+    "StepContext": ("shipyard._runner", "StepContext"),
+    "StepFailed": ("shipyard._exceptions", "StepFailed"),
+    "StepResult": ("shipyard._reports", "StepResult"),
+    "StepTypeRegistry": ("shipyard._plugins", "StepTypeRegistry"),
+    "TAIL_LINES": ("shipyard._output", "TAIL_LINES"),
+    "ThreadedFollower": ("shipyard._output", "ThreadedFollower"),
+    "__version__": ("shipyard._version", "__version__"),
+    "body_excerpt": ("shipyard._probe", "body_excerpt"),
+    "children": ("shipyard._proc", "children"),
+    "classify_error": ("shipyard._probe", "classify_error"),
+    "cut_point": ("shipyard._secrets", "cut_point"),
+    "display_url": ("shipyard._probe", "display_url"),
+    "group_members": ("shipyard._proc", "group_members"),
+    "hookimpl": ("shipyard._plugins", "hookimpl"),
+    "mask": ("shipyard._secrets", "mask"),
+    "parse_ts": ("shipyard._reports", "parse_ts"),
+    "probe_until_healthy": ("shipyard._probe", "probe_until_healthy"),
+    "register_secrets": ("shipyard._secrets", "register"),
+    "reject_unknown_options": ("shipyard._pipeline", "reject_unknown_options"),
+    "ssl_verify": ("shipyard._probe", "ssl_verify"),
+    "tail_text": ("shipyard._threads", "tail_text"),
+    "utcnow": ("shipyard._reports", "utcnow"),
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    where = _LAZY.get(name)
+    if where is None:
+        raise AttributeError(f"module 'shipyard.sdk' has no attribute {name!r}")
+    value = getattr(importlib.import_module(where[0]), where[1])
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
