@@ -10,56 +10,56 @@ import importlib
 from typing import TYPE_CHECKING
 from typing import Any
 
-from ._version import __version__
+from ._version import __version__ as __version__
 
 if TYPE_CHECKING:
     from . import plugins as _plugins_pkg
-    from ._deploy import DeployRequest
-    from ._events import Event
-    from ._events import LogLine
-    from ._exceptions import DeploymentError
-    from ._exceptions import DeploymentNotFound
-    from ._exceptions import EnvironmentLocked
-    from ._exceptions import ExitCode
-    from ._exceptions import HealthCheckFailed
-    from ._exceptions import HistoryError
-    from ._exceptions import NoPreviousDeployment
-    from ._exceptions import PipelineDefinitionError
-    from ._exceptions import PipelineFileError
-    from ._exceptions import PipelineNotFound
-    from ._exceptions import RollbackRefused
-    from ._exceptions import SecretMissing
-    from ._exceptions import ShipyardError
-    from ._exceptions import ShipyardWarning
-    from ._exceptions import StepFailed
-    from ._exceptions import UsageError
-    from ._exceptions import fail
-    from ._exceptions import skip
-    from ._manager import DeploymentManager
-    from ._pipeline import Deployment
-    from ._pipeline import Pipeline
-    from ._pipeline import Stage
-    from ._pipeline import Step
-    from ._pipeline import pipeline
-    from ._pipeline import stage
-    from ._plugins import hookimpl
-    from ._reports import Status
-    from ._reports import StepResult
-    from ._runner import StepContext
-    from ._secrets import Secret
-    from ._secrets import secret
-    from ._store import HistoryStore
-    from .hookspecs import hookspec
-    from .plugins.command import command
-    from .plugins.docker import docker
-    from .plugins.healthcheck import health_check
-    from .plugins.kubernetes import kubernetes
-    from .plugins.nginx import nginx
-    from .plugins.notify import console
-    from .plugins.notify import jsonl
-    from .plugins.notify import webhook
-    from .plugins.python import python
-    from .plugins.wait import wait
+    from ._deploy import DeployRequest as DeployRequest
+    from ._events import Event as Event
+    from ._events import LogLine as LogLine
+    from ._exceptions import DeploymentError as DeploymentError
+    from ._exceptions import DeploymentNotFound as DeploymentNotFound
+    from ._exceptions import EnvironmentLocked as EnvironmentLocked
+    from ._exceptions import ExitCode as ExitCode
+    from ._exceptions import HealthCheckFailed as HealthCheckFailed
+    from ._exceptions import HistoryError as HistoryError
+    from ._exceptions import NoPreviousDeployment as NoPreviousDeployment
+    from ._exceptions import PipelineDefinitionError as PipelineDefinitionError
+    from ._exceptions import PipelineFileError as PipelineFileError
+    from ._exceptions import PipelineNotFound as PipelineNotFound
+    from ._exceptions import RollbackRefused as RollbackRefused
+    from ._exceptions import SecretMissing as SecretMissing
+    from ._exceptions import ShipyardError as ShipyardError
+    from ._exceptions import ShipyardWarning as ShipyardWarning
+    from ._exceptions import StepFailed as StepFailed
+    from ._exceptions import UsageError as UsageError
+    from ._exceptions import fail as fail
+    from ._exceptions import skip as skip
+    from ._manager import DeploymentManager as DeploymentManager
+    from ._pipeline import Deployment as Deployment
+    from ._pipeline import Pipeline as Pipeline
+    from ._pipeline import Stage as Stage
+    from ._pipeline import Step as Step
+    from ._pipeline import pipeline as pipeline
+    from ._pipeline import stage as stage
+    from ._plugins import hookimpl as hookimpl
+    from ._reports import Status as Status
+    from ._reports import StepResult as StepResult
+    from ._runner import StepContext as StepContext
+    from ._secrets import Secret as Secret
+    from ._secrets import secret as secret
+    from ._store import HistoryStore as HistoryStore
+    from .hookspecs import hookspec as hookspec
+    from .plugins.command import command as command
+    from .plugins.docker import docker as docker
+    from .plugins.healthcheck import health_check as health_check
+    from .plugins.kubernetes import kubernetes as kubernetes
+    from .plugins.nginx import nginx as nginx
+    from .plugins.notify import console as console
+    from .plugins.notify import jsonl as jsonl
+    from .plugins.notify import webhook as webhook
+    from .plugins.python import python as python
+    from .plugins.wait import wait as wait
 
 _LAZY: dict[str, str] = {
     "Deployment": "shipyard._pipeline",

@@ -21,6 +21,7 @@ import click
 from ._version import __version__
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
     from pathlib import Path
 
     from ._deploy import DeployRequest
@@ -192,7 +193,7 @@ def _when(ts: str | None) -> str:
     return (ts or "-").replace("T", " ")[:19]
 
 
-def _duration(doc: dict[str, Any]) -> str:
+def _duration(doc: Mapping[str, Any]) -> str:
     from ._console import fmt_duration
     from ._reports import parse_ts
     from ._reports import utcnow
@@ -262,8 +263,8 @@ def cli(
 @pass_state
 def list_cmd(state: _State, as_json: bool) -> None:
     """List pipelines, their environments and stages."""
+    from ._exceptions import PipelineDefinitionError
     from ._pipeline import Deployment
-    from ._pipeline import PipelineDefinitionError
 
     pipelines = state.session.load()
     rows: list[dict[str, Any]] = []

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import inspect
 import sys
+import types
 from collections.abc import Callable
 from collections.abc import Mapping
 from collections.abc import Sequence
@@ -124,12 +125,12 @@ Step.__module__ = "shipyard"
 
 def _find_user_frame(step: Step) -> tuple[str, int]:
     """The first frame outside Shipyard and the step's own ``__init__``: where the user built it."""
-    frame = sys._getframe(2)
+    frame: types.FrameType | None = sys._getframe(2)
     while frame is not None:
         module = frame.f_globals.get("__name__", "")
         if module.split(".")[0] != "shipyard" and frame.f_locals.get("self") is not step:
             return frame.f_code.co_filename, frame.f_lineno
-        frame = frame.f_back  # type: ignore[assignment]
+        frame = frame.f_back
     return "<unknown>", 0
 
 

@@ -296,7 +296,7 @@ class ShipyardPluginManager(pluggy.PluginManager):
 
     def store_schemes(self) -> list[str]:
         """The URL schemes the store plugins open."""
-        return sorted({s for schemes in self.hook.shipyard_store_schemes() for s in schemes})
+        return sorted({s for schemes in self.hook.shipyard_store_schemes() for s in schemes or ()})
 
     def plugin_rows(self) -> list[dict[str, Any]]:
         """One row per plugin for ``shipyard plugins``: name, source, version, types, hooks."""

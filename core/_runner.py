@@ -320,6 +320,8 @@ class Runner:
 
     async def _attempt(self, step: Step, ctx: StepContext) -> StepResult:
         scope = None
+        # object, not StepResult: a third-party executor may return anything at all.
+        result: object
         try:
             if step.timeout is not None:
                 async with asyncio.timeout(step.timeout) as scope:

@@ -145,7 +145,7 @@ def shipyard_store_open(url: str, create: bool) -> HistoryStore | None:
 
 
 @hookspec
-def shipyard_store_schemes() -> list[str]:
+def shipyard_store_schemes() -> list[str] | None:
     """The URL schemes your plugin's :func:`shipyard_store_open` opens (``["mystore"]``).
 
     Only used to name the supported schemes when a URL has a scheme nobody opens.

@@ -34,42 +34,42 @@ from typing import TYPE_CHECKING
 from typing import Any
 
 if TYPE_CHECKING:
-    from ._events import Event
-    from ._events import LogLine
-    from ._exceptions import HealthCheckFailed
-    from ._exceptions import PipelineDefinitionError
-    from ._exceptions import StepFailed
-    from ._output import MAX_LINE
-    from ._output import TAIL_LINES
-    from ._output import LineSplitter
-    from ._output import ThreadedFollower
-    from ._pipeline import Deployment
-    from ._pipeline import Step
-    from ._pipeline import reject_unknown_options
-    from ._plugins import NotifierRegistry
-    from ._plugins import StepTypeRegistry
-    from ._plugins import hookimpl
-    from ._probe import HttpProbe
-    from ._probe import ProbeReport
-    from ._probe import body_excerpt
-    from ._probe import classify_error
-    from ._probe import display_url
-    from ._probe import probe_until_healthy
-    from ._probe import ssl_verify
-    from ._proc import children
-    from ._proc import group_members
-    from ._reports import Status
-    from ._reports import StepResult
-    from ._reports import parse_ts
-    from ._reports import utcnow
-    from ._runner import StepContext
-    from ._secrets import Secret
-    from ._secrets import cut_point
-    from ._secrets import mask
+    from ._events import Event as Event
+    from ._events import LogLine as LogLine
+    from ._exceptions import HealthCheckFailed as HealthCheckFailed
+    from ._exceptions import PipelineDefinitionError as PipelineDefinitionError
+    from ._exceptions import StepFailed as StepFailed
+    from ._output import MAX_LINE as MAX_LINE
+    from ._output import TAIL_LINES as TAIL_LINES
+    from ._output import LineSplitter as LineSplitter
+    from ._output import ThreadedFollower as ThreadedFollower
+    from ._pipeline import Deployment as Deployment
+    from ._pipeline import Step as Step
+    from ._pipeline import reject_unknown_options as reject_unknown_options
+    from ._plugins import NotifierRegistry as NotifierRegistry
+    from ._plugins import StepTypeRegistry as StepTypeRegistry
+    from ._plugins import hookimpl as hookimpl
+    from ._probe import HttpProbe as HttpProbe
+    from ._probe import ProbeReport as ProbeReport
+    from ._probe import body_excerpt as body_excerpt
+    from ._probe import classify_error as classify_error
+    from ._probe import display_url as display_url
+    from ._probe import probe_until_healthy as probe_until_healthy
+    from ._probe import ssl_verify as ssl_verify
+    from ._proc import children as children
+    from ._proc import group_members as group_members
+    from ._reports import Status as Status
+    from ._reports import StepResult as StepResult
+    from ._reports import parse_ts as parse_ts
+    from ._reports import utcnow as utcnow
+    from ._runner import StepContext as StepContext
+    from ._secrets import Secret as Secret
+    from ._secrets import cut_point as cut_point
+    from ._secrets import mask as mask
     from ._secrets import register as register_secrets
-    from ._threads import BlockingCalls
-    from ._threads import tail_text
-    from ._version import __version__
+    from ._threads import BlockingCalls as BlockingCalls
+    from ._threads import tail_text as tail_text
+    from ._version import __version__ as __version__
 
 #: Each public name and the private module (and name there) it comes from.
 _LAZY: dict[str, tuple[str, str]] = {

@@ -408,7 +408,7 @@ class KubernetesJobStep(Step):
                 f"{shown} of deployment {made_by} is still running; wait for it to finish, or "
                 f"delete it (kubectl delete job {self.job} -n {namespace}) and try again"
             )
-        return made_by
+        return str(made_by)
 
     async def _wait_until_gone(
         self, cluster: Cluster, jobs: Any, namespace: str, shown: str, deadline: float | None
@@ -458,10 +458,10 @@ class KubernetesJobStep(Step):
                     last_state = state
                     context.log(f"pod {pod['metadata']['name']}: {state}", "shipyard")
                 if _container_started(pod):
-                    follower.start(pod["metadata"]["name"])
+                    follower.follow(pod["metadata"]["name"])
             if finished:
                 if pod is not None and not follower.started and _container_started(pod):
-                    follower.start(pod["metadata"]["name"])  # the whole log, at once
+                    follower.follow(pod["metadata"]["name"])  # the whole log, at once
                 await follower.wait(LOG_GRACE)
                 return job, pod
             now = loop.time()

@@ -33,7 +33,8 @@ class PodLogFollower(ThreadedFollower):
         self._pod = ""
         self._read = 24 * 3600.0
 
-    def start(self, pod: str) -> None:
+    def follow(self, pod: str) -> None:
+        """Start following the log of ``pod``."""
         self._pod = self.label = pod
         # The stream ends with the container; its read timeout is what is left of the step.
         if self.deadline is not None:
