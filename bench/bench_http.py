@@ -149,7 +149,7 @@ class _Service:
 
 def detection_latency(interval: float = INTERVAL, trials: int = TRIALS) -> dict[str, Any]:
     import shipyard as sy
-    from shipyard.plugins.healthcheck import probe_until_healthy
+    from shipyard.sdk import probe_until_healthy
 
     latencies = []
     rng = random.Random(42)
@@ -181,7 +181,7 @@ async def _no_pause(_seconds: float) -> None:
 def probe_cost(probes: int = PROBES, rounds: int = ROUNDS) -> dict[str, Any]:
     import httpx
     import shipyard as sy
-    from shipyard.plugins.healthcheck import probe_until_healthy
+    from shipyard.sdk import probe_until_healthy
 
     probe_ms: list[float] = []
     urllib_ms: list[float] = []

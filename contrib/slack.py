@@ -22,11 +22,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 from typing import Any
 
-from shipyard._plugins import hookimpl
-from shipyard.plugins.notify import WebhookNotifier
+from shipyard import webhook as WebhookNotifier
+from shipyard.sdk import hookimpl
 
 if TYPE_CHECKING:
-    from shipyard._plugins import NotifierRegistry
+    from shipyard.sdk import NotifierRegistry
 
 #: The longest error text put in a message.
 MAX_ERROR = 500
@@ -50,7 +50,7 @@ def duration(started_at: str | None, finished_at: str | None) -> str | None:
     """``"2m05s"`` between two ISO timestamps of the payload, or None if one is missing."""
     if not started_at or not finished_at:
         return None
-    from shipyard._reports import parse_ts
+    from shipyard.sdk import parse_ts
 
     try:
         seconds = max(0.0, parse_ts(finished_at) - parse_ts(started_at))
@@ -126,7 +126,7 @@ class SlackNotifier(WebhookNotifier):
         # The whole path of a Slack webhook URL is the credential.
         from urllib.parse import urlsplit
 
-        from shipyard._secrets import mask
+        from shipyard.sdk import mask
 
         try:
             host = urlsplit(mask(self.url)).hostname

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from ._runner import StepContext
     from ._store import HistoryStore
 
-hookimpl: Final = pluggy.HookimplMarker("shipyard")
+hookimpl: Final[pluggy.HookimplMarker] = pluggy.HookimplMarker("shipyard")
 
 #: The entry-point group third-party plugins (and our own built-ins) register under.
 ENTRY_POINT_GROUP: Final = "shipyard"

@@ -320,8 +320,8 @@ class Runner:
 
     async def _attempt(self, step: Step, ctx: StepContext) -> StepResult:
         scope = None
-        # object, not StepResult: a third-party executor may return anything at all.
-        result: object
+        # Any, not StepResult: a third-party executor may return anything at all.
+        result: Any
         try:
             if step.timeout is not None:
                 async with asyncio.timeout(step.timeout) as scope:
@@ -341,12 +341,13 @@ class Runner:
             )
         except (Exception, SystemExit) as exc:  # sys.exit() in a step fails the step, not us
             result = StepResult.failed(describe_exception(exc))
-        if not isinstance(result, StepResult):
-            result = StepResult.failed(
-                f"step type {step.kind!r} returned {result!r}, not a StepResult"
-            )
-        result.attempts = ctx.attempt
-        return result
+        checked = (
+            result
+            if isinstance(result, StepResult)
+            else StepResult.failed(f"step type {step.kind!r} returned {result!r}, not a StepResult")
+        )
+        checked.attempts = ctx.attempt
+        return checked
 
     async def _with_retries(self, step: Step, ctx: StepContext) -> StepResult:
         import tenacity

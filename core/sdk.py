@@ -34,9 +34,21 @@ from typing import TYPE_CHECKING
 from typing import Any
 
 if TYPE_CHECKING:
+    from ._events import DeploymentFinished as DeploymentFinished
+    from ._events import DeploymentStarted as DeploymentStarted
     from ._events import Event as Event
     from ._events import LogLine as LogLine
+    from ._events import RollbackStarted as RollbackStarted
+    from ._events import StageFinished as StageFinished
+    from ._events import StageStarted as StageStarted
+    from ._events import StepFinished as StepFinished
+    from ._events import StepOutput as StepOutput
+    from ._events import StepStarted as StepStarted
+    from ._exceptions import DeploymentNotFound as DeploymentNotFound
+    from ._exceptions import EnvironmentLocked as EnvironmentLocked
     from ._exceptions import HealthCheckFailed as HealthCheckFailed
+    from ._exceptions import HistoryError as HistoryError
+    from ._exceptions import NoPreviousDeployment as NoPreviousDeployment
     from ._exceptions import PipelineDefinitionError as PipelineDefinitionError
     from ._exceptions import StepFailed as StepFailed
     from ._output import MAX_LINE as MAX_LINE
@@ -58,6 +70,7 @@ if TYPE_CHECKING:
     from ._probe import ssl_verify as ssl_verify
     from ._proc import children as children
     from ._proc import group_members as group_members
+    from ._recorder import plan_of as plan_of
     from ._reports import Status as Status
     from ._reports import StepResult as StepResult
     from ._reports import parse_ts as parse_ts
@@ -66,10 +79,28 @@ if TYPE_CHECKING:
     from ._secrets import Secret as Secret
     from ._secrets import cut_point as cut_point
     from ._secrets import mask as mask
-    from ._secrets import register as register_secrets
+    from ._secrets import register as _register
+    from ._store import AuditRow as AuditRow
+    from ._store import Begun as Begun
+    from ._store import DeploymentInfo as DeploymentInfo
+    from ._store import DeploymentRow as DeploymentRow
+    from ._store import HistoryStore as HistoryStore
+    from ._store import Liveness as Liveness
+    from ._store import LockRow as LockRow
+    from ._store import LogRecord as LogRecord
+    from ._store import LogRow as LogRow
+    from ._store import ProcessRef as ProcessRef
+    from ._store import StagePlan as StagePlan
+    from ._store import StageRow as StageRow
+    from ._store import StepPlan as StepPlan
+    from ._store import StepRow as StepRow
+    from ._store import StoreNotFound as StoreNotFound
+    from ._store import open_store as open_store
     from ._threads import BlockingCalls as BlockingCalls
     from ._threads import tail_text as tail_text
     from ._version import __version__ as __version__
+
+    register_secrets = _register
 
 #: Each public name and the private module (and name there) it comes from.
 _LAZY: dict[str, tuple[str, str]] = {
@@ -109,6 +140,35 @@ _LAZY: dict[str, tuple[str, str]] = {
     "ssl_verify": ("shipyard._probe", "ssl_verify"),
     "tail_text": ("shipyard._threads", "tail_text"),
     "utcnow": ("shipyard._reports", "utcnow"),
+    "AuditRow": ("shipyard._store", "AuditRow"),
+    "Begun": ("shipyard._store", "Begun"),
+    "DeploymentInfo": ("shipyard._store", "DeploymentInfo"),
+    "DeploymentRow": ("shipyard._store", "DeploymentRow"),
+    "HistoryStore": ("shipyard._store", "HistoryStore"),
+    "Liveness": ("shipyard._store", "Liveness"),
+    "LockRow": ("shipyard._store", "LockRow"),
+    "LogRecord": ("shipyard._store", "LogRecord"),
+    "LogRow": ("shipyard._store", "LogRow"),
+    "ProcessRef": ("shipyard._store", "ProcessRef"),
+    "StagePlan": ("shipyard._store", "StagePlan"),
+    "StageRow": ("shipyard._store", "StageRow"),
+    "StepPlan": ("shipyard._store", "StepPlan"),
+    "StepRow": ("shipyard._store", "StepRow"),
+    "StoreNotFound": ("shipyard._store", "StoreNotFound"),
+    "open_store": ("shipyard._store", "open_store"),
+    "plan_of": ("shipyard._recorder", "plan_of"),
+    "DeploymentStarted": ("shipyard._events", "DeploymentStarted"),
+    "RollbackStarted": ("shipyard._events", "RollbackStarted"),
+    "StageStarted": ("shipyard._events", "StageStarted"),
+    "StepStarted": ("shipyard._events", "StepStarted"),
+    "StepOutput": ("shipyard._events", "StepOutput"),
+    "StepFinished": ("shipyard._events", "StepFinished"),
+    "StageFinished": ("shipyard._events", "StageFinished"),
+    "DeploymentFinished": ("shipyard._events", "DeploymentFinished"),
+    "HistoryError": ("shipyard._exceptions", "HistoryError"),
+    "EnvironmentLocked": ("shipyard._exceptions", "EnvironmentLocked"),
+    "DeploymentNotFound": ("shipyard._exceptions", "DeploymentNotFound"),
+    "NoPreviousDeployment": ("shipyard._exceptions", "NoPreviousDeployment"),
 }
 
 __all__ = sorted(_LAZY)

@@ -14,21 +14,21 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 from typing import Any
 
-from shipyard._exceptions import StepFailed
-from shipyard._output import MAX_LINE as MAX_LINE  # re-exported: tests and plugins use it
-from shipyard._output import TAIL_LINES
-from shipyard._output import LineSplitter
-from shipyard._pipeline import Step
-from shipyard._pipeline import reject_unknown_options
-from shipyard._plugins import hookimpl
-from shipyard._reports import StepResult
+from shipyard.sdk import MAX_LINE as MAX_LINE  # re-exported: tests use it
+from shipyard.sdk import TAIL_LINES
+from shipyard.sdk import LineSplitter
+from shipyard.sdk import Step
+from shipyard.sdk import StepFailed
+from shipyard.sdk import StepResult
+from shipyard.sdk import hookimpl
+from shipyard.sdk import reject_unknown_options
 
 if TYPE_CHECKING:
     import asyncio
     import subprocess
 
-    from shipyard._plugins import StepTypeRegistry
-    from shipyard._runner import StepContext
+    from shipyard.sdk import StepContext
+    from shipyard.sdk import StepTypeRegistry
 
 _CHUNK = 64 * 1024
 
@@ -79,10 +79,6 @@ class CommandStep(Step):
         if self.env:
             extra.append("env=" + ",".join(f"{k}={v}" for k, v in self.env.items()))
         return argv + (f"  ({'; '.join(extra)})" if extra else "")
-
-    def options(self) -> dict[str, Any]:
-        return {"program": self.program, "args": self.args, "cwd": self.cwd and os.fspath(self.cwd),
-                "env": self.env, "shell": self.shell}  # fmt: skip
 
     async def run(self, context: StepContext) -> StepResult:
         import subprocess
@@ -147,17 +143,12 @@ class ProcessWatch:
             "stdout": deque(maxlen=TAIL_LINES), "stderr": deque(maxlen=TAIL_LINES),
         }  # fmt: skip
         self.exited: asyncio.Future[int] = self.loop.create_future()
-        self._eof: list[asyncio.Future[None]] = []
-        self._fds: list[int] = []
         assert proc.stdout is not None
         assert proc.stderr is not None
-        for name, pipe in (("stdout", proc.stdout), ("stderr", proc.stderr)):
-            fd = pipe.fileno()
-            os.set_blocking(fd, False)
-            eof: asyncio.Future[None] = self.loop.create_future()
-            self._eof.append(eof)
-            self._fds.append(fd)
-            self.loop.add_reader(fd, self._read, fd, name, LineSplitter(), eof)
+        self._readers = [
+            PipeReader(proc.stdout.fileno(), "stdout", context, self.tails["stdout"]),
+            PipeReader(proc.stderr.fileno(), "stderr", context, self.tails["stderr"]),
+        ]
         self._pidfd: int | None = None
         try:
             self._pidfd = os.pidfd_open(proc.pid)
@@ -165,22 +156,6 @@ class ProcessWatch:
             self.loop.run_in_executor(None, proc.wait).add_done_callback(self._thread_saw_exit)
         else:
             self.loop.add_reader(self._pidfd, self._on_exit)
-
-    def _read(self, fd: int, name: str, splitter: LineSplitter, eof: Any) -> None:
-        try:
-            data = os.read(fd, _CHUNK)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        lines = splitter.feed(data) if data else splitter.finish()
-        if lines:
-            self.context.log_lines(lines, name)
-            self.tails[name].extend(lines[-TAIL_LINES:])
-        if not data:
-            self.loop.remove_reader(fd)
-            if not eof.done():
-                eof.set_result(None)
 
     def _on_exit(self) -> None:
         assert self._pidfd is not None
@@ -199,14 +174,15 @@ class ProcessWatch:
 
         rc = await self.exited
         # A background child may keep our pipes open: read what is there, then stop.
-        if not all(f.done() for f in self._eof):
-            await asyncio.wait(self._eof, timeout=self.DRAIN)
+        pending = [r.eof for r in self._readers if not r.eof.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=self.DRAIN)
         return rc
 
     def close(self) -> None:
         """Stop watching: unregister from the loop and close the pipes."""
-        for fd in self._fds:
-            self.loop.remove_reader(fd)
+        for reader in self._readers:
+            reader.close()
         if self._pidfd is not None:
             self.loop.remove_reader(self._pidfd)
             os.close(self._pidfd)
@@ -214,7 +190,6 @@ class ProcessWatch:
         for pipe in (self.proc.stdout, self.proc.stderr):
             if pipe is not None:
                 pipe.close()
-        self._fds = []
         if self.proc.poll() is None:
             # Stopped but not reaped yet (or still dying after SIGKILL): reap it off the loop,
             # so that it leaves no zombie behind.
@@ -224,7 +199,7 @@ class ProcessWatch:
 
 
 def _definition_error(message: str) -> Exception:
-    from shipyard._exceptions import PipelineDefinitionError
+    from shipyard.sdk import PipelineDefinitionError
 
     return PipelineDefinitionError(message)
 
@@ -236,26 +211,46 @@ def _signame(num: int) -> str:
         return f"signal {num}"
 
 
-async def pump(
-    stream: asyncio.StreamReader, name: str, context: StepContext, tail: deque[str]
-) -> None:
-    """Read ``stream`` to the end in bounded chunks, logging complete lines as they arrive.
+class PipeReader:
+    """Logs what arrives on a non-blocking pipe, line by line, as the event loop sees it readable.
 
-    Bytes that are not UTF-8 become U+FFFD; a line longer than :data:`MAX_LINE` is split.
+    Bounded chunks of :data:`_CHUNK` bytes; bytes that are not UTF-8 become U+FFFD and a line
+    longer than :data:`MAX_LINE` is split (:class:`~shipyard.sdk.LineSplitter`). ``eof`` is
+    done once the writer closed its end.
     """
-    splitter = LineSplitter()
-    while True:
-        chunk = await stream.read(_CHUNK)
-        if not chunk:
-            break
-        lines = splitter.feed(chunk)
+
+    def __init__(self, fd: int, name: str, context: Any, tail: deque[str]) -> None:
+        import asyncio
+
+        self.fd = fd
+        self.name = name
+        self.context = context
+        self.tail = tail
+        self.loop = asyncio.get_running_loop()
+        self.splitter = LineSplitter()
+        self.eof: asyncio.Future[None] = self.loop.create_future()
+        os.set_blocking(fd, False)
+        self.loop.add_reader(fd, self._read)
+
+    def _read(self) -> None:
+        try:
+            data = os.read(self.fd, _CHUNK)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        lines = self.splitter.feed(data) if data else self.splitter.finish()
         if lines:
-            context.log_lines(lines, name)
-            tail.extend(lines[-TAIL_LINES:])
-    lines = splitter.finish()
-    if lines:
-        context.log_lines(lines, name)
-        tail.extend(lines[-TAIL_LINES:])
+            self.context.log_lines(lines, self.name)
+            self.tail.extend(lines[-TAIL_LINES:])
+        if not data:
+            self.close()
+            if not self.eof.done():
+                self.eof.set_result(None)
+
+    def close(self) -> None:
+        """Stop watching the pipe (the caller closes it)."""
+        self.loop.remove_reader(self.fd)
 
 
 async def terminate(pgid: int, watch: ProcessWatch, grace: float) -> None:
@@ -292,7 +287,7 @@ def _group_alive(pgid: int) -> bool:
 
 def live_group_members(pgid: int) -> list[int]:
     """Pids of the non-zombie processes of group ``pgid`` (Linux ``/proc``)."""
-    from shipyard._proc import group_members
+    from shipyard.sdk import group_members
 
     return group_members(pgid)
 

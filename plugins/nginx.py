@@ -25,12 +25,12 @@ from typing import TYPE_CHECKING
 from typing import Any
 from typing import Final
 
-from shipyard._exceptions import PipelineDefinitionError
-from shipyard._exceptions import StepFailed
-from shipyard._plugins import hookimpl
+from shipyard.sdk import PipelineDefinitionError
+from shipyard.sdk import StepFailed
+from shipyard.sdk import hookimpl
 
 if TYPE_CHECKING:
-    from shipyard._runner import StepContext
+    from shipyard.sdk import StepContext
 
 #: Seconds ``nginx -t`` or ``nginx -s reload`` may take.
 COMMAND_TIMEOUT: Final = 30.0
@@ -293,7 +293,7 @@ def _holding_listeners(pids: set[int]) -> bool | None:
 
 def _children(pid: int) -> list[int]:
     """Pids of the live child processes of ``pid`` (Linux ``/proc``)."""
-    from shipyard._proc import children
+    from shipyard.sdk import children
 
     return children(pid)
 

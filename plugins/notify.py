@@ -74,12 +74,12 @@ from typing import TYPE_CHECKING
 from typing import Any
 from typing import ClassVar
 
-from shipyard._exceptions import PipelineDefinitionError
-from shipyard._plugins import hookimpl
+from shipyard.sdk import PipelineDefinitionError
+from shipyard.sdk import hookimpl
 
 if TYPE_CHECKING:
     import httpx
-    from shipyard._plugins import NotifierRegistry
+    from shipyard.sdk import NotifierRegistry
 
 
 class ConsoleNotifier:
@@ -304,8 +304,8 @@ class WebhookNotifier:
         """Resolve the URL, headers and secret and open a connection pool for this thread."""
         import httpx
         from shipyard import __version__
-        from shipyard._secrets import register
-        from shipyard.plugins.healthcheck import ssl_verify
+        from shipyard.sdk import register_secrets as register
+        from shipyard.sdk import ssl_verify
 
         self.close()
         url = str(resolve(self.url))
@@ -367,9 +367,9 @@ class WebhookNotifier:
     def _deliver(self, delivery: _Delivery, body: bytes, headers: dict[str, str]) -> None:
         import httpx
         import tenacity
-        from shipyard._secrets import mask
-        from shipyard.plugins.healthcheck import body_excerpt
-        from shipyard.plugins.healthcheck import classify_error
+        from shipyard.sdk import body_excerpt
+        from shipyard.sdk import classify_error
+        from shipyard.sdk import mask
 
         start = time.monotonic()
         attempts = 0
@@ -426,7 +426,7 @@ class _Final(Exception):
 
 def _shown(url: Any) -> str:
     """``url`` with secrets masked and without password or query (tokens often live there)."""
-    from shipyard._secrets import mask
+    from shipyard.sdk import mask
 
     text = mask(str(url))
     from urllib.parse import urlsplit
@@ -448,7 +448,7 @@ webhook = WebhookNotifier
 
 def _webhook_from_cli(url: str) -> WebhookNotifier:
     """``deploy --notify URL``: signed with ``SHIPYARD_WEBHOOK_SECRET`` when it is set."""
-    from shipyard._secrets import Secret
+    from shipyard.sdk import Secret
 
     secret = (
         Secret("SHIPYARD_WEBHOOK_SECRET") if os.environ.get("SHIPYARD_WEBHOOK_SECRET") else None

@@ -7,14 +7,14 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 from typing import Any
 
-from shipyard._exceptions import PipelineDefinitionError
-from shipyard._pipeline import Step
-from shipyard._plugins import hookimpl
-from shipyard._reports import StepResult
+from shipyard.sdk import PipelineDefinitionError
+from shipyard.sdk import Step
+from shipyard.sdk import StepResult
+from shipyard.sdk import hookimpl
 
 if TYPE_CHECKING:
-    from shipyard._plugins import StepTypeRegistry
-    from shipyard._runner import StepContext
+    from shipyard.sdk import StepContext
+    from shipyard.sdk import StepTypeRegistry
 
 
 class PythonStep(Step):

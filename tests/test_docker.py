@@ -204,9 +204,10 @@ def test_unreachable_default_socket_names_it(
 ) -> None:
     pytest.importorskip("docker")
     from shipyard.plugins import docker as plugin
+    from shipyard.plugins.docker import _engine  # where engine_address() reads DEFAULT_ENGINE
 
     monkeypatch.delenv("DOCKER_HOST", raising=False)
-    monkeypatch.setattr(plugin, "DEFAULT_ENGINE", "unix:///nonexistent/docker.sock")
+    monkeypatch.setattr(_engine, "DEFAULT_ENGINE", "unix:///nonexistent/docker.sock")
     assert plugin.engine_address() == (
         "unix:///nonexistent/docker.sock",
         "the default socket; DOCKER_HOST is not set",

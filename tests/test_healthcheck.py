@@ -32,8 +32,8 @@ from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
 from shipyard.plugins.healthcheck import HealthCheckStep
-from shipyard.plugins.healthcheck import ProbeReport
-from shipyard.plugins.healthcheck import probe_until_healthy
+from shipyard.sdk import ProbeReport
+from shipyard.sdk import probe_until_healthy
 
 
 def probe(spec: HealthCheckStep, url: str | None = None) -> tuple[ProbeReport, list[str]]:
@@ -336,7 +336,9 @@ def test_describe_and_options():
         "GET http://127.0.0.1:8080/healthz expect 200-299 containing 'ok' within 30s "
         "(interval <= 2s)  (follow redirects)"
     )
-    assert spec.options()["expect"] == "200-299"
+    assert spec.probe.expect == range(200, 300)
+    assert spec.probe.deadline == 30.0
+    assert spec.probe.interval == 2.0
     assert (
         sy.health_check("http://h/", expect={204, 200})
         .describe()
@@ -447,7 +449,7 @@ def test_health_check_reads_no_http_client_until_it_runs(tmp_path: Path):
 @settings(max_examples=150, deadline=None)
 def test_body_excerpt_never_shows_a_piece_of_a_secret(prefix: int, filler: str, cut_body: bool):
     from shipyard import _secrets
-    from shipyard.plugins.healthcheck import body_excerpt
+    from shipyard.sdk import body_excerpt
 
     secret = "Sup3r-S3cret-Value-0042"
     # The masking table is process-wide: restore it, as the shipyarder fixture does.
