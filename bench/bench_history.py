@@ -10,7 +10,7 @@ retries, times increasing with the id as in a real history.
 Then, against that file:
 
 - ``shipyard --history FILE history -n 20``, whole process: <= 150 ms;
-- ``SQLiteHistory.rollback_target`` and ``SQLiteHistory.list(limit=20)``, in this process: each
+- ``SQLiteStore.rollback_target`` and ``SQLiteStore.deployments(limit=20)``, in this process: each
   <= 3x the same indexed queries run with sqlite3 directly (the floor returns plain tuples; its
   answers are checked against Shipyard's, and both query plans are recorded).
 """
@@ -49,7 +49,7 @@ META = CACHE / "history-1m.json"
 #: Bump when the generated data changes.
 GENERATOR = 1
 
-#: The columns of Shipyard's ``deployments`` table (core/_history.py) this generator fills.
+#: The columns of Shipyard's ``deployments`` table (core/_sqlite.py) this generator fills.
 COLUMNS = (
     "id",
     "pipeline",
@@ -79,7 +79,7 @@ COLUMNS = (
     "cancel_requested",
 )
 
-#: The rows Shipyard returns: core/_history.py ``_DEPLOYMENT_COLUMNS``.
+#: The rows Shipyard returns: core/_sqlite.py ``_DEPLOYMENT_COLUMNS``.
 RETURNED = (
     "id, pipeline, version, environment, status, started_at, finished_at, rollback_of, "
     "retry_of, error, user, ci_actor, host, pid, pipelines_file, file_hash, git_commit, args, "
@@ -231,7 +231,7 @@ def _create_empty(path: Path) -> dict[str, Any]:
     if missing:
         raise RuntimeError(
             f"the deployments table has no column(s) {sorted(missing)}: update COLUMNS in "
-            f"{__file__} to core/_history.py"
+            f"{__file__} to core/_sqlite.py"
         )
     db = sqlite3.connect(path, isolation_level=None)
     tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
@@ -349,7 +349,7 @@ def _time_pair(
 
 def history_1m(opts: Options) -> dict[str, Any]:
     """Figure 7: ``history -n 20`` <= 150 ms; rollback target and last 20 <= 3x raw sqlite3."""
-    from shipyard._history import SQLiteHistory
+    from shipyard._sqlite import SQLiteStore
 
     meta, built_now = ensure(rebuild=opts.rebuild)
     exe = shipyard_exe()
@@ -368,7 +368,7 @@ def history_1m(opts: Options) -> dict[str, Any]:
         )
     cli_ms = {k: walls_ms(v) for k, v in runs.items()}
 
-    store = SQLiteHistory(DB, create=False)
+    store = SQLiteStore(DB, create=False)
     raw = sqlite3.connect(DB)
     try:
         pipeline, environment = PIPELINES[7], "production"
@@ -383,8 +383,7 @@ def history_1m(opts: Options) -> dict[str, Any]:
         assert raw_rollback()[0] == target["id"], "the floor must find the same deployment"
         rb_sy, rb_raw = _time_pair(lambda: store.rollback_target(x["id"]), raw_rollback)
 
-        # The listing method: ``list`` in the brief, ``deployments`` since it was renamed.
-        listing = getattr(store, "list", None) or store.deployments
+        listing = store.deployments
         assert [d["id"] for d in listing(limit=20)] == [
             r[0] for r in raw.execute(RAW_LIST, (20,))
         ], "the floor must list the same deployments"

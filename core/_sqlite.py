@@ -636,12 +636,11 @@ class SQLiteStore:
                     f"UPDATE {table} SET status='skipped' WHERE deployment_id=? AND status='pending'",
                     (dep_id,),
                 )
-                if status is not Status.SUCCEEDED:
-                    c.execute(
-                        f"UPDATE {table} SET status=?, finished_at=? "
-                        "WHERE deployment_id=? AND status='running'",
-                        (status.value, now, dep_id),
-                    )
+                c.execute(
+                    f"UPDATE {table} SET status=?, finished_at=? "
+                    "WHERE deployment_id=? AND status='running'",
+                    (status.value, now, dep_id),
+                )
             # A deployment already marked ``interrupted`` (its lock was broken) stays so.
             c.execute(
                 "UPDATE deployments SET status=?, finished_at=?, error=? "

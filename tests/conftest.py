@@ -43,3 +43,45 @@ def _alive(pid: int) -> bool:
 def alive():
     """``alive(pid)``: whether the process runs (zombies count as gone)."""
     return _alive
+
+
+# -- history stores: the backends the contract suite (tests/store_contract.py) runs against -------
+
+
+class SQLiteBackend:
+    """Fresh SQLite stores: one file each, in the test's temporary directory."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.root = tmp_path / "stores"
+        self.count = 0
+
+    def new_url(self) -> str:
+        self.count += 1
+        return str(self.root / f"store-{self.count}" / "history.db")
+
+    def open(self, url: str):
+        from shipyard.sdk import open_store
+
+        return open_store(url)
+
+    def cleanup(self) -> None:
+        """Nothing to drop: the files go with the temporary directory."""
+
+
+#: Every backend of the contract suite, by id. A new store (PostgreSQL) is one more entry here:
+#: a class taking ``tmp_path`` with ``new_url()`` (the URL of a fresh, empty store, as
+#: ``--history`` accepts it), ``open(url)`` (a new connection) and ``cleanup()``.
+STORE_BACKENDS = [pytest.param(SQLiteBackend, id="sqlite")]
+
+
+@pytest.fixture(params=STORE_BACKENDS)
+def store_factory(request, tmp_path):
+    """``store_factory()``: a fresh, empty store; ``store_factory.reopen(store)``: a second
+    connection to the same one (as a second process opens it). See tests/store_contract.py."""
+    from store_contract import StoreFactory
+
+    factory = StoreFactory(request.param(tmp_path))
+    try:
+        yield factory
+    finally:
+        factory.close_all()

@@ -1,5 +1,9 @@
 """Fault-injection helpers: real ``shipyard`` processes, marker files, kills, ``/proc`` inspection.
 
+The history is read through the store port (:meth:`Harness.store`), like any other reader;
+only what the port does not ask (the lock queue, the file's integrity, its write lock) is read
+from SQLite directly.
+
 Synchronisation is always on something a process wrote (a marker file, a history row), never on
 sleeping and hoping. Timeouts here only turn a hang into a readable failure.
 
@@ -23,8 +27,14 @@ import uuid
 from collections.abc import Callable
 from collections.abc import Iterable
 from collections.abc import Iterator
+from collections.abc import Mapping
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 from typing import Any
+
+if TYPE_CHECKING:
+    from shipyard import HistoryStore
 
 SHIPYARD = Path(sys.executable).parent / "shipyard"
 
@@ -377,6 +387,56 @@ class Harness:
 
     # -- the history ------------------------------------------------------------------------------
 
+    @contextmanager
+    def store(self) -> Iterator[HistoryStore | None]:
+        """The history through the store port, opened only to read (None: nothing recorded yet)."""
+        from shipyard.sdk import StoreNotFound
+        from shipyard.sdk import open_store
+
+        try:
+            store = open_store(str(self.history), create=False)
+        except StoreNotFound:
+            yield None
+            return
+        try:
+            yield store
+        finally:
+            store.close()
+
+    def deployments(self) -> list[dict[str, Any]]:
+        """Every deployment, oldest first (port rows, but ``vars`` as the JSON text it was
+        stored as: test_crash.py compares it as text)."""
+        with self.store() as store:
+            rows = store.deployments(limit=1_000_000) if store else []
+        return [_with_vars_text(r) for r in sorted(rows, key=lambda r: r["id"])]
+
+    def deployment(self, dep_id: int) -> dict[str, Any]:
+        from shipyard import DeploymentNotFound
+
+        with self.store() as store:
+            try:
+                assert store is not None
+                return _with_vars_text(store.get(dep_id))
+            except (AssertionError, DeploymentNotFound):
+                raise AssertionError(f"no deployment {dep_id} in the history") from None
+
+    def stages(self, dep_id: int) -> dict[str, str]:
+        with self.store() as store:
+            rows = store.stages(dep_id) if store else []
+        return {r["name"]: r["status"] for r in rows}
+
+    def locks(self) -> list[dict[str, Any]]:
+        with self.store() as store:
+            return [dict(lk) for lk in store.locks()] if store else []
+
+    def audit(self) -> list[dict[str, Any]]:
+        """Every audit record, oldest first."""
+        with self.store() as store:
+            rows = store.audit_trail(limit=1_000_000) if store else []
+        return [dict(r) for r in reversed(rows)]
+
+    # -- SQLite only: what the port does not ask, and the file itself -----------------------------
+
     def db(self) -> sqlite3.Connection:
         """A plain SQLite connection to the history (as any other reader would open it)."""
         conn = sqlite3.connect(self.history, timeout=30, isolation_level=None)
@@ -390,22 +450,9 @@ class Harness:
         finally:
             conn.close()
 
-    def deployments(self) -> list[dict[str, Any]]:
-        return self.query("SELECT * FROM deployments ORDER BY id")
-
-    def deployment(self, dep_id: int) -> dict[str, Any]:
-        rows = self.query("SELECT * FROM deployments WHERE id=?", (dep_id,))
-        assert rows, f"no deployment {dep_id} in the history"
-        return rows[0]
-
-    def stages(self, dep_id: int) -> dict[str, str]:
-        rows = self.query(
-            "SELECT name, status FROM stages WHERE deployment_id=? ORDER BY idx", (dep_id,)
-        )
-        return {r["name"]: r["status"] for r in rows}
-
-    def locks(self) -> list[dict[str, Any]]:
-        return self.query("SELECT * FROM locks")
+    def lock_queue(self) -> list[dict[str, Any]]:
+        """The waiters for locks, in queue order (the port has no question about the queue)."""
+        return self.query("SELECT * FROM lock_queue ORDER BY id")
 
     def integrity(self) -> str:
         conn = sqlite3.connect(self.history, timeout=30)
@@ -445,6 +492,15 @@ class Harness:
             if time.monotonic() > deadline:
                 raise AssertionError(f"not reached after {timeout}s: {what}")
             time.sleep(0.02)
+
+
+def _with_vars_text(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A port row with ``vars`` as JSON text, as the old raw reads gave it.
+
+    Only for tests/test_crash.py (``'"color": "blue"' in dep["vars"]``); once that reads
+    ``dep["vars"] == {...}``, return port rows unchanged.
+    """
+    return {**row, "vars": json.dumps(row["vars"])}
 
 
 # -- /proc ---------------------------------------------------------------------------------------
