@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import nox
 
 nox.options.sessions = ["lint", "tests"]
@@ -21,11 +23,17 @@ def tests(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def lint(session: nox.Session) -> None:
-    """ruff (lint and format) and mypy."""
-    session.install("-e", EXTRAS, "ruff", "mypy")
+    """ruff (lint and format) and mypy strict on the installed package.
+
+    mypy checks ``shipyard`` as installed (not editable): the package a user imports, with its
+    built-in plugins and contrib modules in place, and its ``py.typed`` marker.
+    """
+    session.install(EXTRAS, "ruff", "mypy", "types-PyYAML")
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
-    session.run("mypy")
+    with session.chdir(session.create_tmp()):  # not the checkout: its core/ is not `shipyard`
+        session.run("mypy", "--config-file", str(Path(__file__).parent / "pyproject.toml"),
+                    "-p", "shipyard")  # fmt: skip
 
 
 @nox.session(python=PYTHON)
@@ -37,6 +45,20 @@ def bench(session: nox.Session) -> None:
     """
     session.install(EXTRAS, "pytest-benchmark")
     session.run("python", "bench/run.py", *session.posargs)
+
+
+@nox.session(python=PYTHON, name="bench-peers")
+def bench_peers(session: nox.Session) -> None:
+    """Figures 4 to 7 with doit and Prefect 3 beside Shipyard, in one run (bench/results.json).
+
+    The peers get virtualenvs of their own (under .nox/peers, made on first use), so that none
+    of their dependencies is installed beside Shipyard's. Prefect runs take seconds each: the
+    whole session takes about ten minutes on 2 cores.
+    """
+    session.install(EXTRAS, "pytest-benchmark")
+    peers = Path(__file__).parent / ".nox" / "peers"
+    names = session.posargs or ["noop-steps", "command-steps", "parallel", "history"]
+    session.run("python", "bench/run.py", "--peers", str(peers), *names)
 
 
 @nox.session(python=PYTHON)

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from collections.abc import Sequence
 from dataclasses import dataclass
+from dataclasses import field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,13 @@ class Options:
     hyperfine: bool = False
     #: Rebuild the cached 1M-deployment history even if it is up to date.
     rebuild: bool = False
+    #: The peers (``_peers.Peer``) measured beside Shipyard in the same run (``--peers DIR``).
+    peers: list[Any] = field(default_factory=list)
+    #: Runs of each peer measurement (a Prefect run of 1,000 tasks takes seconds).
+    peer_runs: int = 3
+    #: Where the peers keep their state during the run: one history each, kept from one
+    #: figure to the next, so that figure 7 lists the runs of figures 4 to 6.
+    peer_state: Path | None = None
 
 
 def python() -> str:
@@ -255,11 +263,13 @@ def figure(
     max_value: float | None = None,
     strict: bool = False,
     details: dict[str, Any] | None = None,
+    peers: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One row of the table: a measured value beside its floor, and whether it meets its target.
 
     A ratio target compares ``measured / floor`` with ``max_ratio``; an absolute one compares
-    ``measured`` with ``max_value`` (``strict``: ``<`` instead of ``<=``).
+    ``measured`` with ``max_value`` (``strict``: ``<`` instead of ``<=``). ``peers``: the same
+    figure measured on other tools in the same run, by name (``{"measured": ..., ...}``).
     """
     ratio = measured / floor if floor else None
     if max_ratio is not None:
@@ -281,6 +291,7 @@ def figure(
         "target": target,
         "pass": ok,
         "details": details or {},
+        "peers": peers or {},
     }
 
 

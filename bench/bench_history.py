@@ -39,6 +39,8 @@ from _common import spread
 from _common import tmpdir
 from _common import walls_ms
 from bench_steps import deploy_argv
+from bench_steps import peer_state
+from bench_steps import peer_walls
 from bench_steps import steps_pipelines
 
 ROWS = 1_000_000
@@ -403,6 +405,19 @@ def history_1m(opts: Options) -> dict[str, Any]:
         "rows": meta["rows"],
         "file_mib": round(DB.stat().st_size / 2**20, 1),
     }
+    peers: dict[str, dict[str, Any]] = {}
+    for peer in opts.peers:
+        argv = peer.history_argv()
+        if argv is None:
+            peers[peer.name] = {"version": peer.version, "measured": None,
+                                "note": "keeps no history of runs (each task's last state only)"}  # fmt: skip
+            continue
+        with tmpdir("peer-history") as tmp:
+            state = peer_state(opts, peer, Path(tmp))
+            walls = peer_walls(opts, peer, state, {"run": argv})["run"]
+        peers[peer.name] = {"version": peer.version, "measured": round(median(walls), 1),
+                            "unit": "ms", "runs": opts.peer_runs, "details": spread(walls),
+                            "note": "on its own history: the runs of this bench run, not 1M"}  # fmt: skip
     return {
         "figures": [
             figure(
@@ -414,6 +429,7 @@ def history_1m(opts: Options) -> dict[str, Any]:
                 floor_label="python: sqlite3 query, print 20 rows",
                 max_value=150.0,
                 details={k: spread(v) for k, v in cli_ms.items()} | {"cpu_ms_median": cpu_ms(runs)},
+                peers=peers,
             ),
             figure(
                 "7b",

@@ -1,9 +1,12 @@
 """Run Shipyard's benchmarks, each beside its floor, and report them against their targets.
 
     python bench/run.py [--runs N] [--hyperfine] [--rebuild] [--json PATH] [NAME ...]
+    python bench/run.py --peers DIR [--peer-runs N] noop-steps command-steps parallel history
 
 NAMEs (default: all): see BENCHMARKS below or ``--list``. Prints a table and writes
 bench/results.json. Exit status: 0 when every figure meets its target, 1 otherwise.
+``--peers DIR``: also measure doit and Prefect 3 (virtualenvs under DIR, made on first use) on
+the same scenarios, in the same run; each figure then has them under ``peers`` (bench/_peers.py).
 See bench/README.md for what each figure means.
 """
 
@@ -13,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -33,6 +37,7 @@ from _common import ROOT
 from _common import Options
 from _common import figure
 from _common import shipyard_exe
+from _peers import ensure as ensure_peers
 
 
 def http_figures(opts: Options) -> dict[str, Any]:
@@ -97,6 +102,12 @@ def _fmt(value: float | None, unit: str = "") -> str:
     return f"{value:.{digits}f}{(' ' + unit) if unit else ''}"
 
 
+def _peer_cell(name: str, peer: dict[str, Any], unit: str) -> str:
+    if peer["measured"] is None:
+        return f"{name} {peer['version']}: - ({peer.get('note', 'no equivalent')})"
+    return f"{name} {peer['version']}: {_fmt(peer['measured'], peer.get('unit', unit))}"
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     header = ["#", "figure", "measured", "floor", "ratio", "target", "result"]
     body = [
@@ -119,7 +130,13 @@ def table(rows: list[dict[str, Any]]) -> str:
         for row in body
     ]
     floors = [f"  {r['id']}: floor = {r['floor_label']}" for r in rows if r["floor_label"]]
-    return "\n".join([*lines, "", "floors:", *floors])
+    peers = [
+        f"  {r['id']}: shipyard {_fmt(r['measured'], r['unit'])}; "
+        + "; ".join(_peer_cell(name, p, r["unit"]) for name, p in r["peers"].items())
+        for r in rows
+        if r.get("peers")
+    ]
+    return "\n".join([*lines, "", "floors:", *floors, *(["", "peers:", *peers] if peers else [])])
 
 
 def environment() -> dict[str, Any]:
@@ -154,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rebuild", action="store_true", help="rebuild the 1M-row history")
     parser.add_argument("--json", type=Path, default=BENCH / "results.json", help="results file")
     parser.add_argument("--list", action="store_true", help="list the benchmarks and exit")
+    parser.add_argument("--peers", type=Path, metavar="DIR", help="measure doit and Prefect too")
+    parser.add_argument("--peer-runs", type=int, default=3, help="runs per peer measurement")
     args = parser.parse_args(argv)
     if args.list:
         for name, (_, fn) in BENCHMARKS.items():
@@ -166,6 +185,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: --runs {args.runs} is below the 10 runs the figures are defined with")
     opts = Options(runs=args.runs, hyperfine=args.hyperfine, rebuild=args.rebuild)
     env = environment()
+    if args.peers:
+        print("peers: installing or checking their virtualenvs", flush=True)
+        opts.peers = ensure_peers(args.peers.resolve())
+        opts.peer_runs = args.peer_runs
+        opts.peer_state = args.peers.resolve() / "state"
+        shutil.rmtree(opts.peer_state, ignore_errors=True)  # each run starts with no history
+        env["peers"] = {p.name: p.version for p in opts.peers}
     print(f"shipyard benchmarks: {env['shipyard']} on Python {env['python']}, {env['cpus']} CPUs")
     load = env["loadavg_before"][0]
     if load > (env["cpus"] or 1):
@@ -211,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         json.dumps(
             {
                 "environment": env,
-                "options": vars(opts),
+                "options": vars(opts)
+                | {"peers": env.get("peers", {}), "peer_state": str(opts.peer_state or "")},
                 "seconds": seconds,
                 "total_seconds": total,
                 "figures": rows,

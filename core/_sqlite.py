@@ -6,6 +6,8 @@ SQLite specifics, and why:
   file, and a deferred BEGIN that upgrades to a write lock fails with "database is locked".
 - ``synchronous=NORMAL`` for step and log writes (survives any kill of the process) and a FULL sync
   for deployment-level transitions, at most two commits per step, log lines batched.
+- A checkpoint every 8,192 WAL pages (SQLite's default is 1,000) and one after each deployment:
+  a checkpoint syncs the file, which would otherwise cost every quick step ~10 µs on average.
 - ``PRAGMA application_id`` marks the file as ours and ``PRAGMA user_version`` is the schema
   version: any other file, or a newer schema, is refused and left untouched.
 
@@ -55,6 +57,8 @@ APPLICATION_ID = 0x53485944
 #: The schema version this code writes; migrations bring older files up to it.
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_MS = 30_000
+#: WAL pages between automatic checkpoints (see the docstring): about 32 MiB of WAL at most.
+WAL_CHECKPOINT_PAGES = 8192
 
 _DEPLOYMENT_COLUMNS = (
     "id, pipeline, version, environment, status, started_at, finished_at, rollback_of, "
@@ -266,6 +270,8 @@ class SQLiteStore:
         if c.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
             c.execute("PRAGMA journal_mode=WAL")
         c.execute("PRAGMA synchronous=NORMAL")
+        c.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
+        c.execute(f"PRAGMA journal_size_limit={WAL_CHECKPOINT_PAGES * 4096}")
         if version < SCHEMA_VERSION:
             self._migrate(version)
 
@@ -648,6 +654,12 @@ class SQLiteStore:
                 (status.value, now, error, dep_id),
             )
             c.execute("DELETE FROM locks WHERE deployment_id=?", (dep_id,))
+        # The deployment's pages go into the file now, not at some later step's commit; PASSIVE
+        # never waits for a reader (what it cannot copy yet, the next checkpoint does).
+        try:
+            self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except sqlite3.OperationalError:  # busy: the next checkpoint does it
+            pass
 
     # -- queries ----------------------------------------------------------------------------------
 

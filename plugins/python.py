@@ -17,6 +17,23 @@ if TYPE_CHECKING:
     from shipyard.sdk import StepTypeRegistry
 
 
+def _signature(fn: Callable[..., Any]) -> inspect.Signature:
+    """``inspect.signature(fn)``, computed once per function: a pipeline that builds a step per
+    item of a list calls the same function a thousand times."""
+    try:
+        cached = _signatures.get(fn)
+    except TypeError:  # an unhashable callable
+        return inspect.signature(fn)
+    if cached is None:
+        cached = inspect.signature(fn)
+        if len(_signatures) < 1024:
+            _signatures[fn] = cached
+    return cached
+
+
+_signatures: dict[Callable[..., Any], inspect.Signature] = {}
+
+
 class PythonStep(Step):
     """Call ``fn(*args, **kwargs)``: coroutine functions are awaited, others run in a thread.
 
@@ -42,13 +59,14 @@ class PythonStep(Step):
         self.args = args
         self.kwargs = kwargs
         try:
-            inspect.signature(fn).bind(*args, **kwargs)
+            _signature(fn).bind(*args, **kwargs)
         except TypeError as exc:
             raise PipelineDefinitionError(
                 f"python step {getattr(fn, '__qualname__', fn)!r}: {exc}"
             ) from None
         except ValueError:  # builtins without a signature: checked when called
             pass
+        self._coroutine = inspect.iscoroutinefunction(fn)
         super().__init__(name=name, timeout=timeout, retries=retries)
 
     def default_name(self) -> str:
@@ -61,7 +79,7 @@ class PythonStep(Step):
     async def run(self, context: StepContext) -> StepResult:
         args = context.resolve(list(self.args))
         kwargs = context.resolve(dict(self.kwargs))
-        if inspect.iscoroutinefunction(self.fn):
+        if self._coroutine:
             value = await self.fn(*args, **kwargs)
         else:
             value = await _in_daemon_thread(self.fn, *args, **kwargs)
@@ -86,11 +104,11 @@ class _DaemonWorkers:
         import queue
         import threading
 
-        self._tasks: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._tasks: queue.SimpleQueue[_Call] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._idle = 0
 
-    def submit(self, task: Callable[[], None]) -> None:
+    def submit(self, call: _Call) -> None:
         import threading
 
         with self._lock:
@@ -99,47 +117,95 @@ class _DaemonWorkers:
                 self._idle -= 1
         if spawn:
             threading.Thread(target=self._work, name="shipyard-python", daemon=True).start()
-        self._tasks.put(task)
+        self._tasks.put(call)
 
     def _work(self) -> None:
         while True:
-            self._tasks.get()()
+            call = self._tasks.get()
+            call.run()
+            # Idle before the caller learns of the result: its next call reuses this worker.
             with self._lock:
                 self._idle += 1
+            call.settle()
 
 
 _workers = _DaemonWorkers()
 
 
-async def _in_daemon_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """``fn(*args, **kwargs)`` on a daemon worker thread (see :class:`_DaemonWorkers`)."""
-    import asyncio
-    import contextvars
+#: How long the event loop blocks waiting for a blocking function before it gives the thread's
+#: result back through the loop instead (seconds). A quick function (most steps of a pipeline
+#: that only glue things together) is then handed back with no loop wake-up at all; a slow one
+#: costs the loop this much once, which the other steps of a parallel stage barely notice.
+QUICK_WAIT = 0.0005
 
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[Any] = loop.create_future()
-    context = contextvars.copy_context()
 
-    def settle(value: Any, exc: BaseException | None) -> None:
-        if future.done():  # cancelled meanwhile
-            return
-        if exc is not None:
-            future.set_exception(exc)
-        else:
-            future.set_result(value)
+class _Call:
+    """One call handed to a worker: its outcome, and how the waiting coroutine learns of it."""
 
-    def task() -> None:
+    __slots__ = ("args", "context", "done", "exc", "fn", "guard", "kwargs", "value", "wake")
+
+    def __init__(self, fn: Callable[..., Any], args: Any, kwargs: Any) -> None:
+        import contextvars
+        import threading
+
+        self.fn, self.args, self.kwargs = fn, args, kwargs
+        self.context = contextvars.copy_context()
+        self.value: Any = None
+        self.exc: BaseException | None = None
+        #: Held until the call returns: the loop's quick wait is an acquire with a timeout.
+        self.done = threading.Lock()
+        self.done.acquire()
+        #: Orders "the call returned" against "the loop now waits through ``wake``".
+        self.guard = threading.Lock()
+        self.wake: Callable[[], None] | None = None
+
+    def run(self) -> None:  # on the worker thread
         try:
-            value, exc = context.run(fn, *args, **kwargs), None
+            self.value = self.context.run(self.fn, *self.args, **self.kwargs)
         except BaseException as e:
-            value, exc = None, e
-        try:
-            loop.call_soon_threadsafe(settle, value, exc)
-        except RuntimeError:  # the loop is closed: nobody waits any more
-            pass
+            self.exc = e
 
-    _workers.submit(task)
-    return await future
+    def settle(self) -> None:  # on the worker thread, after run()
+        with self.guard:
+            self.done.release()
+            wake = self.wake
+        if wake is not None:
+            wake()
+
+
+async def _in_daemon_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` on a daemon worker thread (see :class:`_DaemonWorkers`).
+
+    The loop first waits :data:`QUICK_WAIT` for the result; past that, the worker wakes it
+    through ``call_soon_threadsafe`` when the call returns, and a cancelled step stops waiting.
+    """
+    import asyncio
+
+    call = _Call(fn, args, kwargs)
+    _workers.submit(call)
+    if not call.done.acquire(timeout=QUICK_WAIT):
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+
+        def settle() -> None:
+            if not future.done():  # not cancelled meanwhile
+                future.set_result(None)
+
+        def wake() -> None:
+            try:
+                loop.call_soon_threadsafe(settle)
+            except RuntimeError:  # the loop is closed: nobody waits any more
+                pass
+
+        with call.guard:
+            returned = call.done.acquire(blocking=False)
+            if not returned:
+                call.wake = wake
+        if not returned:
+            await future
+    if call.exc is not None:
+        raise call.exc
+    return call.value
 
 
 python = PythonStep
