@@ -571,11 +571,23 @@ def rollback(state: _State, target: str, environment: str | None, wait_lock: flo
 @click.option(
     "--wait-lock", type=float, default=0.0, metavar="SECONDS", help="Wait for a held lock."
 )
+@click.option(
+    "--from-start", is_flag=True,
+    help="Run every stage again (needed once another deployment ran there since ID).",
+)  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print the new deployment as JSON.")
 @pass_state
-def retry(state: _State, deployment_id: int, wait_lock: float, as_json: bool) -> None:
-    """Run a failed, cancelled or interrupted deployment again from its first unfinished stage."""
-    req = state.service.retry(deployment_id, wait_lock=wait_lock, args=list(_Group.argv))
+def retry(
+    state: _State, deployment_id: int, wait_lock: float, from_start: bool, as_json: bool
+) -> None:
+    """Run a failed, cancelled or interrupted deployment again from its first unfinished stage.
+
+    Refused (exit 2) once another deployment ran in that pipeline and environment since ID:
+    what ID's finished stages did may have been undone. --from-start runs every stage again.
+    """
+    req = state.service.retry(
+        deployment_id, wait_lock=wait_lock, args=list(_Group.argv), from_start=from_start
+    )
     _run(state, req, as_json=as_json)
 
 

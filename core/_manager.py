@@ -84,10 +84,13 @@ class DeploymentManager:
         req, _, _ = self.service.rollback(deployment_id, wait_lock=wait_lock)
         return self._start(req)
 
-    def retry(self, deployment_id: int, *, wait_lock: float = 0.0) -> int:
+    def retry(self, deployment_id: int, *, wait_lock: float = 0.0, from_start: bool = False) -> int:
         """Start a new run of a failed, cancelled or interrupted deployment from its first
-        unfinished stage (as ``shipyard retry``) and return the new id."""
-        return self._start(self.service.retry(deployment_id, wait_lock=wait_lock))
+        unfinished stage (as ``shipyard retry``; ``from_start``: every stage) and return the
+        new id."""
+        return self._start(
+            self.service.retry(deployment_id, wait_lock=wait_lock, from_start=from_start)
+        )
 
     def _start(self, req: DeployRequest) -> int:
         self.session.load()

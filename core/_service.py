@@ -173,10 +173,12 @@ class DeploymentService:
         return req, x, goal
 
     def retry(
-        self, dep_id: int, *, wait_lock: float = 0.0, args: list[str] | None = None
-    ) -> DeployRequest:
+        self, dep_id: int, *, wait_lock: float = 0.0, args: list[str] | None = None,
+        from_start: bool = False,
+    ) -> DeployRequest:  # fmt: skip
         """A new run of a failed, cancelled or interrupted deployment from its first unfinished
-        stage, if the pipeline's stages up to there are still the same."""
+        stage, if the pipeline's stages up to there are still the same and nothing else was
+        deployed there since; with ``from_start``, a new run of every stage."""
         from ._deploy import DeployRequest
 
         store = self.store()
@@ -193,6 +195,24 @@ class DeploymentService:
              if s["status"] != Status.SUCCEEDED and not (s["status"] == Status.SKIPPED and s["note"])),
             0,
         )  # fmt: skip
+        if from_start:
+            start = 0
+        elif start > 0:
+            # What the stages before ``start`` did may have been undone since: resuming would
+            # record this version as deployed while another one runs.
+            since = store.latest(x["pipeline"], x["environment"])
+            if since["id"] != dep_id:
+                what = (
+                    f"a rollback to {since['version']}" if since["rollback_of"]
+                    else f"a deployment of {since['version']}"
+                )  # fmt: skip
+                raise UsageError(
+                    f"deployment {since['id']} ({what}, {since['status']}) ran in "
+                    f"{x['environment']} after deployment {dep_id}, so what {dep_id}'s first "
+                    f"{start} stage(s) did may no longer be in place; run every stage again with "
+                    f"`shipyard retry {dep_id} --from-start`, or deploy the version: "
+                    f"`shipyard deploy {x['pipeline']} {x['version']} -e {x['environment']}`"
+                )
         req = DeployRequest(
             pipeline=x["pipeline"], version=x["version"], environment=x["environment"],
             vars=dict(x["vars"]), retry_of=dep_id, start_stage=start, auto_rollback=True,

@@ -90,7 +90,8 @@ elif mode == "fail":
     sys.exit(1)
 elif mode == "failflag":
     mark(name)
-    if (MARKERS / "fail-flag").exists():
+    version_flag = MARKERS / f"fail-flag-{os.environ.get('DEPLOYMENT_VERSION')}"
+    if (MARKERS / "fail-flag").exists() or version_flag.exists():
         print(f"step {name} fails: fail-flag is set", file=sys.stderr, flush=True)
         sys.exit(1)
 elif mode == "block":

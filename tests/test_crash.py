@@ -197,6 +197,47 @@ def test_retry_of_a_retry_keeps_the_first_finished_stages(sy: Harness) -> None:
     assert set(sy.markers_named("build")) == {"1"}
 
 
+def test_retry_is_refused_once_the_environment_moved_on(sy: Harness) -> None:
+    # Issue 12, item 1: 1.0 runs; 2.0 fails at verify and its automatic rollback restores 1.0.
+    # Resuming 2.0 at verify would record "2.0 succeeded" while 1.0 is what runs.
+    assert sy.run("deploy", "app", "1.0", "-e", "prod").code == 0
+    (sy.markers / "fail-flag-2.0").touch()  # verify fails for 2.0 only
+    assert sy.run("deploy", "app", "2.0", "-e", "prod").code == 1
+    rollback = sy.deployment(3)
+    assert (rollback["rollback_of"], rollback["version"], rollback["status"]) == (
+        2,
+        "1.0",
+        "succeeded",
+    )
+    (sy.markers / "fail-flag-2.0").unlink()
+    r = sy.run("retry", "2")
+    assert r.code == 2, r
+    assert "deployment 3 (a rollback to 1.0, succeeded) ran in prod after deployment 2" in r.err, r
+    assert "shipyard retry 2 --from-start" in r.err
+    assert "shipyard deploy app 2.0 -e prod" in r.err
+    assert "Traceback" not in r.err
+    assert sy.query("SELECT count(*) AS n FROM deployments")[0]["n"] == 3  # nothing recorded
+    # --from-start runs every stage of 2.0 again: the record tells the truth.
+    r = sy.run("retry", "2", "--from-start")
+    assert r.code == 0, r
+    dep = sy.deployment(4)
+    assert (dep["retry_of"], dep["version"], dep["status"]) == (2, "2.0", "succeeded")
+    assert sy.stages(4) == {"build": "succeeded", "release": "succeeded", "verify": "succeeded"}
+    assert "4" in sy.markers_named("build")
+    assert "4" in sy.markers_named("release")
+
+
+def test_retry_resumes_when_nothing_ran_there_since(sy: Harness) -> None:
+    # Another environment moving on does not matter; the same environment is what counts.
+    (sy.markers / "fail-flag").touch()
+    assert sy.run("deploy", "app", "2.0", "-e", "prod").code == 1
+    (sy.markers / "fail-flag").unlink()
+    assert sy.run("deploy", "app", "3.0", "-e", "staging").code == 0
+    r = sy.run("retry", "1")
+    assert r.code == 0, r
+    assert sy.stages(sy.query("SELECT max(id) AS n FROM deployments")[0]["n"])["build"] == "skipped"
+
+
 def _deploy_limited(sy: Harness, limit: int, *args: str) -> subprocess.CompletedProcess[str]:
     """``shipyard deploy ARGS`` with a file size limit (output to pipes: they have none)."""
 
