@@ -35,6 +35,8 @@ from ._secrets import SecretValues
 from ._secrets import mask
 
 if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+
     from ._pipeline import Deployment
     from ._pipeline import Stage
     from ._pipeline import Step
@@ -117,6 +119,15 @@ class StepContext:
     def resolve(self, value: Any) -> Any:
         """``value`` with secret placeholders replaced by the real secrets (only for the step)."""
         return self._runner.secrets.resolve(value)
+
+    def captured_output(self) -> AbstractContextManager[object]:
+        """A block in which what this step's code writes to ``sys.stdout`` and ``sys.stderr``
+        (``print()``, a logging handler on them, threads it starts) is this step's output:
+        logged line by line like a command's, masked, and recorded. For steps that run code in
+        the ``shipyard`` process, as ``python`` steps do; enter it on the event loop."""
+        from ._capture import capturing
+
+        return capturing(self)
 
     def log(self, text: str, stream: str = "stdout") -> None:
         """Record and show one line of output (masked)."""

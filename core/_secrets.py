@@ -437,16 +437,20 @@ class _MaskedBuffer:
 
 @contextlib.contextmanager
 def masked_stdio() -> Iterator[None]:
-    """Mask secrets in everything written to ``sys.stdout`` and ``sys.stderr`` meanwhile."""
+    """Mask secrets in everything written to ``sys.stdout`` and ``sys.stderr`` meanwhile; what a
+    step capturing its output writes there goes to its log (:mod:`shipyard._capture`)."""
+    from ._capture import StepStreams
+
     saved = sys.stdout, sys.stderr
     out, err = MaskedStream(saved[0]), MaskedStream(saved[1])
-    sys.stdout, sys.stderr = out, err
+    routed = StepStreams(out, "stdout"), StepStreams(err, "stderr")
+    sys.stdout, sys.stderr = routed
     try:
         yield
     finally:
-        if sys.stdout is out:
+        if sys.stdout is routed[0]:
             sys.stdout = saved[0]
-        if sys.stderr is err:
+        if sys.stderr is routed[1]:
             sys.stderr = saved[1]
         for s in (out, err):
             try:

@@ -79,12 +79,13 @@ class PythonStep(Step):
     async def run(self, context: StepContext) -> StepResult:
         args = context.resolve(list(self.args))
         kwargs = context.resolve(dict(self.kwargs))
-        if self._coroutine:
-            value = await self.fn(*args, **kwargs)
-        else:
-            value = await _in_daemon_thread(self.fn, *args, **kwargs)
-            if inspect.isawaitable(value):
-                value = await value
+        with context.captured_output():  # print() and logging go to the step's log
+            if self._coroutine:
+                value = await self.fn(*args, **kwargs)
+            else:
+                value = await _in_daemon_thread(self.fn, *args, **kwargs)
+                if inspect.isawaitable(value):
+                    value = await value
         if isinstance(value, StepResult):
             return value
         return StepResult()
