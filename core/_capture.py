@@ -18,16 +18,12 @@ from __future__ import annotations
 
 import contextvars
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import TYPE_CHECKING
 from typing import Any
 
 from ._output import pieces
 
 if TYPE_CHECKING:
-    import asyncio
-
     from ._runner import StepContext
 
 _current: contextvars.ContextVar[Capture | None] = contextvars.ContextVar(
@@ -41,11 +37,17 @@ _passing = threading.local()
 
 
 class Capture:
-    """The output of one step's in-process code, on its way to the step's log."""
+    """The output of one step's in-process code, on its way to the step's log; a context
+    manager (see :func:`capturing`), entered on the event loop's thread."""
 
-    def __init__(self, ctx: StepContext, loop: asyncio.AbstractEventLoop) -> None:
+    __slots__ = ("_lines", "_lock", "_partial", "_scheduled", "_token", "closed", "ctx", "loop",
+                 "loop_thread")  # fmt: skip
+
+    def __init__(self, ctx: StepContext) -> None:
+        import asyncio
+
         self.ctx = ctx
-        self.loop = loop
+        self.loop = asyncio.get_running_loop()
         self.loop_thread = threading.get_ident()
         self._lock = threading.Lock()
         self._lines: list[tuple[str, str]] = []
@@ -53,18 +55,33 @@ class Capture:
         self._scheduled = False
         self.closed = False
 
-    def feed(self, stream: str, text: str) -> None:
-        """Take ``text`` written to ``stream`` (any thread); its complete lines are logged soon."""
+    def __enter__(self) -> Capture:
+        self._token = _current.set(self)
+        _active.append(self)  # atomic: readers in other threads see it whole
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _active.remove(self)
+        _current.reset(self._token)
+        with self._lock:
+            self.closed = True  # what a lingering thread writes now goes to the terminal
+            pending = bool(self._lines or self._partial)
+        if pending:
+            self.drain(final=True)
+
+    def feed(self, stream: str, text: str) -> bool:
+        """Take ``text`` written to ``stream`` (any thread); its complete lines are logged soon.
+        False: the step is over, ``text`` was not taken."""
         with self._lock:
             if self.closed:
-                return
+                return False
             text = self._partial.pop(stream, "") + text
             *complete, rest = text.split("\n")
             if rest:
                 self._partial[stream] = rest
             self._lines += [(stream, ln.removesuffix("\r")) for ln in complete]
             if not complete or self._scheduled:
-                return
+                return True
             self._scheduled = True
         try:
             if threading.get_ident() == self.loop_thread:
@@ -73,6 +90,7 @@ class Capture:
                 self.loop.call_soon_threadsafe(self.drain)
         except RuntimeError:  # the loop is closed: the step is over
             pass
+        return True
 
     def drain(self, final: bool = False) -> None:
         """Log the lines written so far (on the loop's thread); ``final``: unfinished ones too."""
@@ -82,7 +100,8 @@ class Capture:
             if final:
                 lines += [(s, t) for s, t in self._partial.items() if t]
                 self._partial.clear()
-                self.closed = True
+        if not lines:
+            return
         _passing.on = True
         try:
             i = 0
@@ -97,22 +116,10 @@ class Capture:
             _passing.on = False
 
 
-@contextmanager
-def capturing(ctx: StepContext) -> Iterator[Capture]:
-    """Hand what this step's code writes to ``sys.stdout``/``sys.stderr`` to its log."""
-    import asyncio
-
-    cap = Capture(ctx, asyncio.get_running_loop())
-    token = _current.set(cap)
-    with _active_lock:
-        _active.append(cap)
-    try:
-        yield cap
-    finally:
-        with _active_lock:
-            _active.remove(cap)
-        _current.reset(token)
-        cap.drain(final=True)
+def capturing(ctx: StepContext) -> Capture:
+    """A context manager: what this step's code writes to ``sys.stdout``/``sys.stderr``
+    meanwhile goes to its log."""
+    return Capture(ctx)
 
 
 def _owner() -> Capture | None:
@@ -139,8 +146,7 @@ class StepStreams:
     def write(self, text: str) -> int:
         if _active and not getattr(_passing, "on", False):
             cap = _owner()
-            if cap is not None and isinstance(text, str):
-                cap.feed(self.stream, text)
+            if cap is not None and isinstance(text, str) and cap.feed(self.stream, text):
                 return len(text)
         return int(self.target.write(text))
 
