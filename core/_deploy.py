@@ -145,6 +145,30 @@ class Reporter(Protocol):
     def write(self, text: str) -> None: ...
 
 
+class _Unnumbered(Deployment):
+    """A deployment before the history numbered it, for building its stages first: it notes
+    whether the pipeline function read ``id``, and takes its number afterwards."""
+
+    @property
+    def id_was_read(self) -> bool:
+        return bool(self.__dict__.get("_id_read"))
+
+    def __getattribute__(self, name: str) -> Any:
+        if name == "id":
+            object.__setattr__(self, "_id_read", True)
+        return object.__getattribute__(self, name)
+
+    def numbered(self, dep_id: int) -> Deployment:
+        """This same object (the steps may hold it), now a plain Deployment with its id."""
+        object.__setattr__(self, "id", dep_id)
+        self.__dict__.pop("_id_read", None)
+        object.__setattr__(self, "__class__", Deployment)
+        return self
+
+    def __repr__(self) -> str:
+        return Deployment.__repr__(self).replace(type(self).__qualname__, "Deployment", 1)
+
+
 class _Deployment:
     """One run of :func:`execute`: lock, build, run, notify, roll back — in that order."""
 
@@ -173,6 +197,17 @@ class _Deployment:
         store = session.open_store()
         try:
             previous = store.previous_version(pipe.name, req.environment)
+            # Built before anything is recorded: a definition error (no stages, a step type no
+            # plugin provides) is refused like `plan` refuses it, with no "failed" row.
+            draft = _Unnumbered(
+                id=0, pipeline=pipe.name, version=req.version, environment=req.environment,
+                vars=dict(req.vars), previous_version=previous, rollback_of=req.rollback_of,
+            )  # fmt: skip
+            try:
+                stages: list[Stage] | None = session.build(pipe, draft)
+            except BaseException:
+                commit.cancel()
+                raise
             dep_id = await self._begin(store, commit)
             if req.rollback_of is not None:
                 store.add_audit(
@@ -181,17 +216,22 @@ class _Deployment:
                 )  # fmt: skip
             if self.on_begin is not None:
                 self.on_begin(dep_id)
-            deployment = Deployment(
-                id=dep_id, pipeline=pipe.name, version=req.version, environment=req.environment,
-                vars=dict(req.vars), previous_version=previous, rollback_of=req.rollback_of,
-            )  # fmt: skip
+            if draft.id_was_read:  # the stages depend on the id: built again with the real one
+                deployment: Deployment = Deployment(
+                    id=dep_id, pipeline=pipe.name, version=req.version,
+                    environment=req.environment, vars=dict(req.vars), previous_version=previous,
+                    rollback_of=req.rollback_of,
+                )  # fmt: skip
+                stages = None
+            else:
+                deployment = draft.numbered(dep_id)
             recorder = HistoryRecorder(
                 store,
                 on_error=lambda exc: self.control.cancel(
                     f"stopped: the history cannot be written: {exc}"
                 ),
             )
-            stages, sinks, secrets = self._prepare(pipe, deployment, recorder)
+            stages, sinks, secrets = self._prepare(pipe, deployment, recorder, stages)
             dispatcher = NotifierDispatcher(sinks, resolve=secrets.resolve)
             listeners: list[Listener] = [recorder, *([self.reporter] if self.reporter else [])]
             bus = EventBus([*listeners, dispatcher], session.pm)
@@ -275,16 +315,18 @@ class _Deployment:
                 store.dequeue(ticket)
 
     def _prepare(
-        self, pipe: Pipeline[Any], deployment: Deployment, recorder: HistoryRecorder
-    ) -> tuple[list[Stage], list[Any], SecretValues]:
-        """Build the stages, the notification sinks and the secrets; a failure here is recorded
-        as the deployment's failure before any step ran."""
+        self, pipe: Pipeline[Any], deployment: Deployment, recorder: HistoryRecorder,
+        stages: list[Stage] | None,
+    ) -> tuple[list[Stage], list[Any], SecretValues]:  # fmt: skip
+        """The stages (built unless given), the notification sinks and the secrets; a failure
+        here is recorded as the deployment's failure before any step ran."""
         from ._secrets import mask
         from ._secrets import names_in
 
         session, pm = self.session, self.session.pm
         try:
-            stages = session.build(pipe, deployment)
+            if stages is None:
+                stages = session.build(pipe, deployment)
             sinks = list(pipe.notify) + [
                 pm.notifiers.create(s) for s in session.config.notify + self.req.notify
             ]

@@ -8,6 +8,7 @@ Python. Neither knows which store is behind it.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from collections.abc import Mapping
@@ -53,6 +54,33 @@ def check_environment(pipe: Pipeline[Any], environment: str) -> None:
         raise UsageError(f"pipeline {pipe.name!r} may deploy to {allowed}, not {environment!r}")
 
 
+#: What a version may be: it becomes part of paths, image tags and container names.
+VERSION_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}"
+_VERSION = re.compile(VERSION_PATTERN)
+
+
+def check_version(version: str) -> None:
+    """Refuse a version that could not safely be a path, an image tag or a container name."""
+    if _VERSION.fullmatch(version) and ".." not in version:
+        return
+    bad = next((c for c in version if not (c.isascii() and (c.isalnum() or c in "._+-"))), None)
+    if not version:
+        problem = "is empty"
+    elif len(version) > 128:
+        problem = f"is {len(version)} characters long"
+    elif bad is not None:
+        problem = f"contains {bad!r}"
+    elif ".." in version:
+        problem = "contains '..'"
+    else:
+        problem = f"starts with {version[0]!r}"
+    shown = version if len(version) <= 40 else version[:40] + "..."
+    raise UsageError(
+        f"version {shown!r} {problem}: a version is 1 to 128 letters, digits, '.', '_', '-' "
+        "and '+', starting with a letter or a digit (e.g. 1.4.2, 2026.12.03-rc1, 1.0+abc123)"
+    )
+
+
 def check_rollback_allowed(pipe: Pipeline[Any]) -> None:
     """Refuse a rollback of a pipeline declared ``rollback=False``."""
     if pipe.rollback is False:
@@ -63,6 +91,8 @@ def check_rollback_allowed(pipe: Pipeline[Any]) -> None:
 
 def check_request(session: Session, req: DeployRequest) -> Pipeline[Any]:
     """The pipeline of ``req``, once every rule allows the request."""
+    if req.rollback_of is None and req.retry_of is None:  # recorded versions were checked then
+        check_version(req.version)
     pipe = session.pipeline(req.pipeline)
     check_environment(pipe, req.environment)
     if req.rollback_of is not None:
@@ -142,6 +172,7 @@ class DeploymentService:
         self, pipeline: str, version: str, environment: str, vars: Mapping[str, str] | None = None
     ) -> Plan:
         """The stages ``deploy`` would run; changes nothing."""
+        check_version(version)
         pipe = self.session.pipeline(pipeline)
         check_environment(pipe, environment)
         d = Deployment(0, pipe.name, version, environment, dict(vars or {}))

@@ -499,3 +499,38 @@ def test_vars_reach_the_pipeline_and_the_history(project):
     doc = result.json()
     assert doc["vars"] == {"port": "9090", "url": "http://h/?a=b"}
     assert json.loads(doc["stages"][0]["steps"][0]["name"]) == doc["vars"]
+
+
+# -- versions (issue 12, item 6) ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("version", "problem"),
+    [
+        ("", "is empty"),
+        ("1.0/../../etc", "contains '/'"),
+        ("..", "contains '..'"),
+        (".hidden", "starts with '.'"),
+        ("1..2", "contains '..'"),
+        ("1.0 beta", "contains ' '"),
+        ("1.0\x1b[31m", "contains '\\x1b'"),
+        ("1.0;rm", "contains ';'"),
+        ("$(id)", "contains '$'"),
+        ("-rc1", "starts with '-'"),
+        ("v" * 129, "is 129 characters long"),
+    ],
+)
+@pytest.mark.parametrize("command", ["plan", "deploy"])
+def test_unsafe_versions_are_refused_with_the_allowed_pattern(project, command, version, problem):
+    result = project.run(command, "-e", "staging", "--", "web", version)
+    assert result.exit_code == 2, result
+    assert problem in result.stderr, result.stderr
+    assert "1 to 128 letters, digits, '.', '_', '-' and '+'" in result.stderr
+    assert "Traceback" not in result.output
+    assert result.history == []
+
+
+@pytest.mark.parametrize("version", ["1.4.2", "2026.12.03-rc1", "1.0+abc123", "v2_beta", "7"])
+def test_ordinary_versions_are_accepted(project, version):
+    result = project.run("plan", "web", version, "-e", "staging")
+    assert result.exit_code == 0, result

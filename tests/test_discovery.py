@@ -171,7 +171,10 @@ def test_pipelines_file_errors_name_file_and_line_without_traceback(
         f"Error: {path}:{marked_line(src)}: {message}"
     ), result
     assert "Traceback" not in result.output
-    assert result.stdout == "" or "failed before any step ran" in result.stdout
+    # A definition error is refused before anything is recorded, by deploy as by plan.
+    assert result.stdout == "", result
+    if "deploy" in args:
+        assert result.deployment is None
 
 
 @pytest.mark.parametrize("flag", ["-v", "--debug"])
@@ -325,3 +328,29 @@ def test_load_module_error_carries_path_line_and_cause(tmp_path):
     assert isinstance(info.value.cause, ZeroDivisionError)
     assert str(info.value) == f"{path}:2: ZeroDivisionError: division by zero"
     assert info.value.exit_code == 2
+
+
+@pytest.mark.parametrize("command", ["plan", "deploy"])
+def test_a_pipeline_with_no_stages_is_refused_before_anything_is_recorded(shipyarder, command):
+    # Issue 12, item 8: plan and deploy refuse it alike; no "failed before any step ran" row.
+    path = shipyarder.makepipelines(
+        "import shipyard as sy\n\n@sy.pipeline\ndef web(d):\n    return []\n"
+    )
+    result = shipyarder.run(command, "web", "1.0", "-e", "x")
+    assert result.exit_code == 2, result
+    assert result.stderr.startswith(f"Error: {path}:3: pipeline 'web'"), result.stderr
+    assert "Traceback" not in result.output
+    assert result.history == []
+
+
+def test_a_pipeline_that_reads_the_id_is_built_with_the_real_one(shipyarder):
+    # Stages are built before the history numbers the deployment (to refuse definition errors
+    # first); a pipeline that reads d.id is built again with the id the history gave.
+    shipyarder.makepipelines(
+        "import shipyard as sy\n\n@sy.pipeline\ndef web(d):\n"
+        "    return [sy.stage('s', sy.command('echo', f'id={d.id}', name='show'))]\n"
+    )
+    assert shipyarder.run("deploy", "web", "1.0", "-e", "x").exit_code == 0
+    second = shipyarder.run("deploy", "web", "1.1", "-e", "x")
+    assert second.exit_code == 0, second
+    assert "│ id=2" in second.stdout, second.stdout

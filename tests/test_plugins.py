@@ -186,10 +186,9 @@ def test_disabling_a_builtin_removes_its_step_type(shipyarder):
     assert "step type 'wait' is not provided by any loaded plugin; plugin 'wait' is disabled" in (
         result.stderr
     )
-    # Recorded as failed, with no stage: it failed before any step ran.
-    assert result.deployment["status"] == "failed"
-    assert result.deployment["stages"] == []
-    result.assert_outcomes()
+    # Refused like plan refuses it, before anything is recorded (issue 12, item 8).
+    assert result.deployment is None
+    assert "failed before any step ran" not in result.output
 
 
 def test_disabling_a_plugin_given_with_p_wins(shipyarder):
