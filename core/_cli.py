@@ -22,11 +22,10 @@ from ._version import __version__
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
-    from pathlib import Path
 
     from ._deploy import DeployRequest
     from ._deploy import Outcome
-    from ._pipeline import Deployment
+    from ._pipeline import Stage
     from ._pipeline import Step
     from ._service import DeploymentService
     from ._session import Session
@@ -303,11 +302,34 @@ def list_cmd(state: _State, as_json: bool) -> None:
 @pass_state
 def plan(state: _State, pipeline: str, version: str, environment: str, vars_: tuple[str, ...],
          as_json: bool) -> None:  # fmt: skip
-    """Show the resolved stages and steps of a deployment; change nothing."""
+    """Show the resolved stages and steps of a deployment; change nothing.
+
+    Exits 2 when a step cannot be rendered (a manifest with an unknown variable, say): deploy
+    would fail on it.
+    """
+    from ._exceptions import PipelineDefinitionError
+    from ._exceptions import UsageError
     from ._secrets import mask
 
     pipe, d, stages = state.service.plan(pipeline, version, environment, _parse_vars(vars_))
     rootdir = state.session.config.rootdir  # steps' relative paths (e.g. manifests) start here
+    problems: list[str] = []
+
+    def details(stage: Stage, step: Step) -> list[str]:
+        try:
+            return step.plan_details(d, rootdir)
+        except PipelineDefinitionError as exc:
+            problems.append(mask(f"stage {stage.name!r}, step {step.name!r}: {exc}"))
+            return [str(exc)]
+
+    def done() -> None:
+        if problems:
+            n = len(problems)
+            raise UsageError(
+                f"{n} step{'s' if n > 1 else ''} of the plan cannot be rendered (deploy would "
+                "fail): " + "; ".join(problems)
+            )
+
     if as_json:
         _echo_json(
             {
@@ -315,12 +337,12 @@ def plan(state: _State, pipeline: str, version: str, environment: str, vars_: tu
                 "stages": [
                     {"name": s.name, "parallel": s.parallel,
                      "continue_on_failure": s.continue_on_failure,
-                     "steps": [_plan_step(st, d, rootdir) for st in s.steps]}
+                     "steps": [_plan_step(st, details(s, st)) for st in s.steps]}
                     for s in stages
                 ],
             }
         )  # fmt: skip
-        return
+        return done()
     click.echo(f"plan: {pipe.name} {version} -> {environment}")
     for i, s in enumerate(stages, 1):
         flags = [
@@ -337,15 +359,15 @@ def plan(state: _State, pipeline: str, version: str, environment: str, vars_: tu
                 opts.append(f"retries {st.retries}")
             extra = f"  [{', '.join(opts)}]" if opts else ""
             click.echo(mask(f"  - {st.kind}: {st.describe()}{extra}"))
-            for line in st.plan_details(d, rootdir):
+            for line in details(s, st):
                 click.echo(mask(f"      {line}"))
+    done()
 
 
-def _plan_step(step: Step, deployment: Deployment, rootdir: Path) -> dict[str, Any]:
+def _plan_step(step: Step, details: list[str]) -> dict[str, Any]:
     """One step of ``plan --json``; ``details`` are the extra lines, e.g. rendered objects."""
     return {"name": step.name, "kind": step.kind, "description": step.describe(),
-            "timeout": step.timeout, "retries": step.retries,
-            "details": step.plan_details(deployment, rootdir)}  # fmt: skip
+            "timeout": step.timeout, "retries": step.retries, "details": details}  # fmt: skip
 
 
 # -- deploy, rollback, retry -----------------------------------------------------------------------

@@ -19,7 +19,8 @@ How a page's fenced blocks are treated (in page order, in one temporary "project
   ``export`` carries over too.
 - Directives are HTML comments on the lines right above a fence (invisible on the site):
   ``<!-- test: skip REASON -->`` (not run; the reason is mandatory, keep these rare),
-  ``<!-- test: deploy -->`` (see above), ``<!-- test: invalid -->`` (a pipelines file that shows
+  ``<!-- test: deploy -->`` (see above), ``<!-- test: vars K=V ... -->`` (the --var options
+  of that plan and deploy), ``<!-- test: invalid -->`` (a pipelines file that shows
   an error: written, but not checked on its own; the console block after it shows the error),
   ``<!-- test: env NAME=VALUE -->`` (set a variable for the page's later commands),
   ``<!-- test: signature -->`` (a call such as ``sy.wait(seconds, name=None)``: its parameters
@@ -285,7 +286,7 @@ class PageRunner:
             elif word == "signature":
                 self.check_signature(block)
                 return
-            elif word not in ("deploy", "invalid"):
+            elif word not in ("deploy", "invalid", "vars"):
                 raise AssertionError(f"{block.where}: unknown directive {d!r}")
         generated = _page_id(self.page) in GENERATED
         if block.lang in ("python", "py", "python3"):
@@ -398,7 +399,9 @@ class PageRunner:
             dest.write_text(content, encoding="utf-8")
         (project / "pipelines.py").write_text(text, encoding="utf-8")
         deploy = "1" if block.directive("deploy") is not None else ""
-        code, out = self.run([sys.executable, "-c", _CHECK_PIPELINES, deploy], project)
+        # ``<!-- test: vars K=V ... -->``: the --var options plan and deploy are given.
+        variables = (block.directive("vars") or "").split()
+        code, out = self.run([sys.executable, "-c", _CHECK_PIPELINES, deploy, *variables], project)
         if code != 0:
             self.fail(block, f"the pipelines check failed:\n{out}")
 
@@ -474,8 +477,9 @@ def run(*args):
         sys.exit(f"shipyard {' '.join(args)} exited {result.exit_code}:\\n{result.output}")
     return result.output
 
+variables = [x for kv in sys.argv[2:] for x in ("--var", kv)]
 for p in json.loads(run("list", "--json")) or sys.exit("shipyard list found no pipeline"):
-    args = (p["name"], "1.0.0", "-e", (p["environments"] or ["staging"])[0])
+    args = (p["name"], "1.0.0", "-e", (p["environments"] or ["staging"])[0], *variables)
     run("plan", *args)
     if sys.argv[1]:
         run("deploy", *args)

@@ -769,7 +769,12 @@ def test_plan_shows_the_rendered_objects_and_talks_to_no_server(
         """
     )
     result = shipyarder.run("plan", "web", "3.1", "-e", "prod", "--var", "CHANNEL=edge")
-    assert result.exit_code == 0, result.output
+    # Everything is shown, and the step deploy would fail on makes plan exit 2 (issue 12.7).
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(
+        "Error: 1 step of the plan cannot be rendered (deploy would fail): stage 'broken', step "
+    ), result.stderr
+    assert "unknown variable ${RELEASE_CHANNEL}" in result.stderr
     result.fnmatch_lines([
         "[[]1/2] release",
         "  - kubernetes: server-side apply k8s/app.yaml, k8s/multi (namespace: the document's, else shop); wait for *",
@@ -787,6 +792,10 @@ def test_plan_shows_the_rendered_objects_and_talks_to_no_server(
         "      cannot render the manifests: k8s/unknown-variable.yaml:7: unknown variable ${RELEASE_CHANNEL} *",
     ])  # fmt: skip
     as_json = shipyarder.run("plan", "web", "3.1", "-e", "prod", "--var", "CHANNEL=edge", "--json")
+    assert as_json.exit_code == 2, as_json
+    assert as_json.json()["stages"][1]["steps"][0]["details"][0].startswith(
+        "cannot render the manifests: k8s/unknown-variable.yaml:7: unknown variable"
+    )
     step = as_json.json()["stages"][0]["steps"][0]
     assert step["details"][2] == (
         "deployment.apps/web (namespace shop): image registry.example/web:3.1  [k8s/app.yaml:14]"

@@ -147,8 +147,8 @@ class KubernetesApplyStep(Step):
         """One line per rendered object: kind/name, namespace, images, and where it is written."""
         try:
             docs = load_documents(self.manifests, rootdir, variables_for(deployment))
-        except ManifestError as exc:
-            return [f"cannot render the manifests: {exc.message}"]
+        except ManifestError as exc:  # `plan` shows it and exits 2: deploy would fail on it
+            raise PipelineDefinitionError(f"cannot render the manifests: {exc.message}") from None
         lines = []
         for doc in docs:
             if doc.kind in _CLUSTER_SCOPED:
