@@ -224,6 +224,11 @@ env_option = click.option("-e", "--env", "environment", required=True, help="Tar
 )  # fmt: skip
 @click.option("-v", "--verbose", count=True, help="More detail; tracebacks of pipeline errors.")
 @click.option("--debug", is_flag=True, help="Same as -v.")
+@click.option(
+    "--color", type=click.Choice(["auto", "always", "never"]), default="auto",
+    show_default=True,
+    help="Colours, and steps' output as it is; else escapes and control characters removed.",
+)  # fmt: skip
 @click.version_option(
     __version__, "--version", prog_name="shipyard", message="%(prog)s %(version)s"
 )
@@ -235,6 +240,7 @@ def cli(
     plugins: tuple[str, ...],
     verbose: int,
     debug: bool,
+    color: str,
 ) -> None:
     """Deploy pipelines written in Python.
 
@@ -245,8 +251,11 @@ def cli(
     not-found error; 3 the environment is locked; 130 interrupted.
     """
     ctx.obj = _State(
-        file=file, history=history, plugins=list(plugins), verbose=verbose + int(debug)
-    )
+        file=file, history=history, plugins=list(plugins), verbose=verbose + int(debug),
+        color=color,
+    )  # fmt: skip
+    if color != "auto":
+        ctx.color = color == "always"  # click.echo strips or keeps ANSI codes by this too
     from ._secrets import masked_stdio
 
     # Secrets are masked also in what steps and plugins print themselves (not only in reports).
@@ -376,11 +385,13 @@ def _plan_step(step: Step, details: list[str]) -> dict[str, Any]:
 def _run(state: _State, req: DeployRequest, *, as_json: bool) -> NoReturn:
     """Run a deployment in this process with signal handling; exit with its code."""
     from ._console import ConsoleReporter
+    from ._console import use_color
     from ._exceptions import ShipyardError
 
     session = state.session
     session.load()
-    reporter = ConsoleReporter(sys.stderr if as_json else sys.stdout)
+    stream = sys.stderr if as_json else sys.stdout
+    reporter = ConsoleReporter(stream, color=use_color(stream, state.options["color"]))
     began: list[int] = []
     try:
         if as_json:
@@ -781,11 +792,15 @@ def show(state: _State, deployment_id: int, as_json: bool) -> None:
 @pass_state
 def logs(state: _State, deployment_id: int, follow: bool) -> None:
     """Print the log lines of a deployment."""
+    from ._console import sanitize
+    from ._console import use_color
     from ._reports import format_ts
 
+    raw = use_color(sys.stdout, state.options["color"])
     for r in state.service.logs(deployment_id, follow=follow):
         step = r["step"] or r["stream"]
-        click.echo(f"{format_ts(r['ts'])[11:23]} [{step}] {r['line']}")
+        line = r["line"] if raw else sanitize(r["line"])
+        click.echo(f"{format_ts(r['ts'])[11:23]} [{step}] {line}")
 
 
 @cli.command()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from typing import IO
@@ -23,8 +24,26 @@ _COLORS = {
 }
 
 
-def use_color(stream: IO[str]) -> bool:
-    """Colour only on a terminal, never with ``NO_COLOR``; ``FORCE_COLOR`` forces it."""
+#: Escape sequences: CSI (colours, cursor moves), OSC (titles, links, clipboard) and the
+#: two-character ones.
+_ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-Z\\-_]?")
+#: Control characters but tab (a line has no newline): NUL, bell, backspace, carriage return...
+_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def sanitize(text: str) -> str:
+    """``text`` without escape sequences and control characters (tabs stay): what a file or a
+    CI log should get of a step's output, whose colours and cursor moves mean nothing there."""
+    if "\x1b" in text:
+        text = _ESCAPES.sub("", text)
+    return _CONTROLS.sub("", text)
+
+
+def use_color(stream: IO[str], mode: str = "auto") -> bool:
+    """Colour on a terminal (``auto``), never with ``NO_COLOR``, always with ``FORCE_COLOR``;
+    ``mode`` (``--color``) ``always`` or ``never`` decides alone."""
+    if mode != "auto":
+        return mode == "always"
     if os.environ.get("NO_COLOR"):
         return False
     if os.environ.get("FORCE_COLOR"):
@@ -49,6 +68,7 @@ class ConsoleReporter:
         self, stream: IO[str] | None = None, *, color: bool | None = None, show_output: bool = True
     ) -> None:
         self.stream = stream or sys.stdout
+        #: Colours on; and the steps' output passed as it is (else :func:`sanitize`-d).
         self.color = use_color(self.stream) if color is None else color
         self.show_output = show_output
         self._started: dict[Any, float] = {}
@@ -75,7 +95,8 @@ class ConsoleReporter:
                 prefix = f"{e.step.name} | " if self._parallel else ""
                 dim = self._c("    │ ", "dim")
                 for ln in e.lines:
-                    self.write(f"{dim}{prefix}{ln.text}")
+                    text = ln.text if self.color else sanitize(ln.text)
+                    self.write(f"{dim}{prefix}{text}")
         elif name == "shipyard_step_started":
             self._started[(e.stage_index, e.index)] = time.monotonic()
         elif name == "shipyard_step_finished":

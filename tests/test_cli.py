@@ -534,3 +534,48 @@ def test_unsafe_versions_are_refused_with_the_allowed_pattern(project, command, 
 def test_ordinary_versions_are_accepted(project, version):
     result = project.run("plan", "web", version, "-e", "staging")
     assert result.exit_code == 0, result
+
+
+# -- output that is not a terminal (issue 12, item 9) ------------------------------------------------
+
+ESCAPING = r"""
+import shipyard as sy
+
+@sy.pipeline
+def noisy(d):
+    return [sy.stage("s", sy.command(
+        "printf", r"\033[31mred\033[0m \033]0;title\007bell\007 nul:\000: cr\rend\ttab\n",
+        name="noisy"))]
+"""
+
+
+def test_step_output_is_sanitised_when_not_a_terminal(shipyarder):
+    shipyarder.makepipelines(ESCAPING)
+    r = shipyarder.spawn("deploy", "noisy", "1", "-e", "x", env={"NO_COLOR": None})
+    assert r.exit_code == 0, r
+    assert "\x1b" not in r.stdout
+    assert "\x00" not in r.stdout
+    assert "\x07" not in r.stdout
+    assert "│ red bell nul:: crend\ttab" in r.stdout, repr(r.stdout)
+    shown = shipyarder.spawn("logs", "1")
+    assert "[noisy] red bell nul:: crend\ttab" in shown.stdout, repr(shown.stdout)
+    # The history keeps what the step printed; only what is shown is cleaned.
+    from shipyard.sdk import open_store
+
+    store = open_store(r.history_path, create=False)
+    try:
+        assert store.logs(1)[0]["line"].startswith("\x1b[31mred\x1b[0m")
+    finally:
+        store.close()
+
+
+def test_color_always_keeps_colours_and_output_as_it_is(shipyarder):
+    shipyarder.makepipelines(ESCAPING)
+    r = shipyarder.spawn("--color", "always", "deploy", "noisy", "1", "-e", "x")
+    assert r.exit_code == 0, r
+    assert "\x1b[31mred\x1b[0m" in r.stdout
+    assert "\x1b[1m[1/1] s\x1b[0m" in r.stdout  # the reporter's own colours
+    never = shipyarder.spawn("--color", "never", "deploy", "noisy", "2", "-e", "x",
+                             env={"FORCE_COLOR": "1"})  # fmt: skip
+    assert never.exit_code == 0, never
+    assert "\x1b" not in never.stdout
