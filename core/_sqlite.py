@@ -60,6 +60,22 @@ BUSY_TIMEOUT_MS = 30_000
 #: WAL pages between automatic checkpoints (see the docstring): about 32 MiB of WAL at most.
 WAL_CHECKPOINT_PAGES = 8192
 
+
+def _unwritable(p: Path) -> str | None:
+    """Why the history ``p`` cannot be written, or None: SQLite writes the file and, beside it,
+    its journal files, so the folder must be writable too."""
+    try:
+        if os.statvfs(p).f_flag & os.ST_RDONLY:
+            return "it is on a read-only file system"
+    except OSError:
+        pass
+    if not os.access(p, os.W_OK):
+        return "you cannot write the file"
+    if not os.access(p.parent, os.W_OK | os.X_OK):
+        return "you cannot write its folder"
+    return None
+
+
 _DEPLOYMENT_COLUMNS = (
     "id, pipeline, version, environment, status, started_at, finished_at, rollback_of, "
     "retry_of, error, user, ci_actor, host, pid, pipelines_file, file_hash, git_commit, args, "
@@ -217,13 +233,19 @@ class SQLiteStore:
             )
         if not exists:
             self._create_file(p)
+        #: Why this history cannot be written (a read-only mount, a folder of someone else's),
+        #: or None. It is then read only, as it was when opened: read commands work.
+        self.read_only: str | None = _unwritable(p) if exists else None
         try:
-            self.conn = sqlite3.connect(
-                self.path,
-                isolation_level=None,
-                check_same_thread=False,
-                timeout=BUSY_TIMEOUT_MS / 1000,
-            )
+            if self.read_only:
+                self.conn = self._connect_read_only(p)
+            else:
+                self.conn = sqlite3.connect(
+                    self.path,
+                    isolation_level=None,
+                    check_same_thread=False,
+                    timeout=BUSY_TIMEOUT_MS / 1000,
+                )
             self._check_and_migrate()
         except sqlite3.DatabaseError as exc:
             raise HistoryError(
@@ -232,6 +254,23 @@ class SQLiteStore:
             ) from exc
 
     # -- opening ----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _connect_read_only(p: Path) -> sqlite3.Connection:
+        """A connection that writes nothing, not even the WAL index a WAL file needs beside it:
+        read-only first, else ``immutable`` (nobody can write a file in such a folder anyway)."""
+        from urllib.parse import quote
+
+        base = "file:" + quote(str(p.resolve()))
+        try:
+            conn = sqlite3.connect(f"{base}?mode=ro", uri=True, isolation_level=None,
+                                   check_same_thread=False)  # fmt: skip
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            return conn
+        except sqlite3.OperationalError:
+            pass
+        return sqlite3.connect(f"{base}?mode=ro&immutable=1", uri=True, isolation_level=None,
+                               check_same_thread=False)  # fmt: skip
 
     @staticmethod
     def _create_file(p: Path) -> None:
@@ -267,6 +306,10 @@ class SQLiteStore:
                 f"{self.path} has history schema {version}, newer than this Shipyard understands "
                 f"({SCHEMA_VERSION}); upgrade shipyard to read it. The file was left untouched."
             )
+        if self.read_only:
+            if version < SCHEMA_VERSION:
+                raise HistoryError(self._read_only_message("upgrade its schema"))
+            return
         if c.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
             c.execute("PRAGMA journal_mode=WAL")
         c.execute("PRAGMA synchronous=NORMAL")
@@ -290,8 +333,18 @@ class SQLiteStore:
     def close(self) -> None:
         self.conn.close()
 
+    def _read_only_message(self, what: str = "record anything") -> str:
+        return (
+            f"the history at {self.path} is read-only ({self.read_only}), so Shipyard cannot "
+            f"{what} there; history, show, logs and status still read it. To deploy, make the "
+            "file and its folder writable by you, or point --history (or SHIPYARD_HISTORY) at "
+            "a writable file"
+        )
+
     @contextmanager
     def _tx(self, durable: bool = False) -> Iterator[sqlite3.Connection]:
+        if self.read_only:
+            raise HistoryError(self._read_only_message())
         c = self.conn
         try:
             if durable:
@@ -311,6 +364,9 @@ class SQLiteStore:
             raise self._write_error(exc) from exc
 
     def _write_error(self, exc: sqlite3.OperationalError) -> HistoryError:
+        if "readonly" in str(exc) and (reason := _unwritable(Path(self.path))):
+            self.read_only = reason  # made read-only since it was opened
+            return HistoryError(self._read_only_message())
         hint = ""
         if "disk" in str(exc) or "full" in str(exc):
             hint = " (is the disk full, or a file size limit reached?)"
@@ -484,7 +540,8 @@ class SQLiteStore:
     def repair(self, is_dead: Liveness) -> list[int]:
         """Mark deployments whose process ``is_dead`` ``interrupted`` and free their locks.
 
-        Cheap when nothing is running (one indexed query); every command calls it.
+        Cheap when nothing is running (one indexed query); every command calls it. A read-only
+        history is read as it is: nothing can be marked there.
         """
         rows = self._query(
             "SELECT id, pid, host, proc_start, heartbeat_at FROM deployments "
@@ -495,7 +552,7 @@ class SQLiteStore:
             "SELECT l.deployment_id FROM locks l LEFT JOIN deployments d "
             "ON d.id = l.deployment_id WHERE d.id IS NULL OR d.status NOT IN ('running','pending')"
         )
-        if dead or orphan_locks:
+        if (dead or orphan_locks) and not self.read_only:
             with self._tx(durable=True) as c:
                 for dep_id in dead:
                     self._interrupt(c, dep_id, "its process died")
