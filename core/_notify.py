@@ -75,6 +75,9 @@ class _Worker:
             self.errors.append(text)
         print(f"shipyard: warning: {text}", file=sys.stderr)
 
+    def _repeated(self, n: int, cause: str | None) -> str:
+        return f"notifier {sink_name(self.sink)} failed on {n} more event(s) the same way ({cause})"
+
     def _loop(self) -> None:
         broken = False
         opener = getattr(self.sink, "open", None)
@@ -87,6 +90,8 @@ class _Worker:
                     f"notifier {sink_name(self.sink)} could not start: {type(exc).__name__}: "
                     f"{exc}; it receives no events"
                 )
+        last: str | None = None  # the last failure's cause, to report a run of the same once
+        repeats = 0
         while True:
             item = self.queue.get()
             if item is _STOP:
@@ -96,10 +101,23 @@ class _Worker:
             try:
                 self.sink.send(item)
             except Exception as exc:
+                cause = f"{type(exc).__name__}: {str(exc).rsplit(': ', 1)[-1]}"
+                if cause == last:
+                    repeats += 1
+                    continue
+                if repeats:
+                    self._report(self._repeated(repeats, last))
+                last, repeats = cause, 0
                 self._report(
                     f"notifier {sink_name(self.sink)} failed on {item.get('event')}: "
                     f"{type(exc).__name__}: {exc}"
                 )
+            else:
+                if repeats:
+                    self._report(self._repeated(repeats, last))
+                last, repeats = None, 0
+        if repeats:
+            self._report(self._repeated(repeats, last))
         close = getattr(self.sink, "close", None)
         if close is not None:
             try:

@@ -53,7 +53,9 @@ The webhook request
 
 Any 2xx answer is a delivery. Connection errors, timeouts, 408, 425, 429 and 5xx are retried
 with exponential backoff and jitter (``retries`` times, never beyond the sink's ``timeout``);
-other answers (a 4xx, a redirect) fail at once. A failed event is logged, recorded in the
+other answers (a 4xx, a redirect) fail at once. A refused connection (nothing listens) is not
+retried, and until an event gets through again each later event gets a single attempt: a dead
+receiver costs a deployment a refused connection per event, not retries. A failed event is logged, recorded in the
 deployment's history, and the next event is still sent. ``deploy --notify URL`` signs with the
 environment variable ``SHIPYARD_WEBHOOK_SECRET`` when it is set.
 """
@@ -183,6 +185,9 @@ class _Delivery:
     headers: dict[str, str]
     key: bytes | None
     seq: int = 0
+    #: The last attempt found nothing listening: later events get one attempt each, no retry,
+    #: until one gets through (a dead receiver costs the deployment nothing but that attempt).
+    refusing: bool = False
 
 
 # Per-thread deliveries keyed by sink id: one sink object may serve several deployments at once,
@@ -217,7 +222,7 @@ class WebhookNotifier:
     :param events: send only these events (names as in the payload's ``event``).
     :param timeout: the most the deployment waits for this sink at its end, and the most one
         event's retries may take (seconds).
-    :param request_timeout: the timeout of one request (seconds).
+    :param request_timeout: the timeout of one request (seconds; default: ``timeout``).
     :param retries: extra attempts per event after a connection error, timeout, 408, 425, 429
         or 5xx, with exponential backoff from ``backoff`` seconds, with jitter.
     :param verify: verify TLS (default), ``False``, or the path of a CA bundle.
@@ -236,8 +241,8 @@ class WebhookNotifier:
         *,
         headers: Mapping[str, str] | None = None,
         events: Iterable[str] | None = None,
-        timeout: float = 10.0,
-        request_timeout: float = 5.0,
+        timeout: float = 2.0,
+        request_timeout: float | None = None,
         retries: int = 3,
         backoff: float = 0.5,
         verify: Any = True,
@@ -267,6 +272,8 @@ class WebhookNotifier:
                 )
         else:
             chosen = self.default_events or EVENTS
+        if request_timeout is None:
+            request_timeout = timeout
         for label, value in (
             ("timeout", timeout),
             ("request_timeout", request_timeout),
@@ -380,8 +387,12 @@ class WebhookNotifier:
             try:
                 response = delivery.client.post(delivery.url, content=body, headers=headers)
             except (httpx.HTTPError, OSError) as exc:
-                _label, error, _hint = classify_error(exc, delivery.url, self.request_timeout)
+                label, error, _hint = classify_error(exc, delivery.url, self.request_timeout)
+                if label == "connection refused":  # nobody listens: retrying cannot help now
+                    delivery.refusing = True
+                    raise _Final(error) from exc
                 raise _Retryable(error) from exc
+            delivery.refusing = False
             status = response.status_code
             if 200 <= status < 300:
                 return
@@ -396,7 +407,7 @@ class WebhookNotifier:
             raise _Final(text)
 
         retrying = tenacity.Retrying(
-            stop=tenacity.stop_after_attempt(self.retries + 1)
+            stop=tenacity.stop_after_attempt(1 if delivery.refusing else self.retries + 1)
             | tenacity.stop_after_delay(self.timeout),
             # (wait_exponential_jitter renamed its arguments in tenacity 9; these exist in 8.2+)
             wait=tenacity.wait_exponential(multiplier=self.backoff, max=self.backoff * 8)

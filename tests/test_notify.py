@@ -160,24 +160,51 @@ def test_webhook_gives_up_on_a_client_error_without_retrying(shipyarder: Any):
         ]
     )
     logs = notify_logs(shipyarder, result.deployment["id"])
-    assert "failed on deployment_finished: WebhookError" in logs
+    # The other events failed the same way: reported once, counted (the history has both).
+    more = len(ALL_EVENTS) - 1
+    assert f"failed on {more} more event(s) the same way (WebhookError: 'bad token')" in logs
 
 
 def test_receiver_that_is_down_never_fails_the_deployment(shipyarder: Any):
     url = f"http://127.0.0.1:{unused_port()}/hook"
-    sink = f"[sy.webhook({url!r}, retries=1, backoff=0.05)]"
+    sink = f"[sy.webhook({url!r}, retries=3, backoff=0.05)]"
     shipyarder.makepipelines(two_stage_pipeline(sink))
     result = shipyarder.run("deploy", "web", "2.0", "-e", "prod")
     assert result.exit_code == 0, result
     result.assert_outcomes(succeeded=2)
+    # A refused connection is not retried (issue 12, item 10), and the events after it get one
+    # attempt each: the warning says so once and counts the rest.
     result.fnmatch_lines(
         [
-            f"*notifier webhook:{url} failed on deployment_started*failed after 2 attempts*"
-            "connection refused*"
+            f"*notifier webhook:{url} failed on deployment_started*failed after 1 attempt in*"
+            "connection refused*",
+            f"*notifier webhook:{url} failed on {len(ALL_EVENTS) - 1} more event(s) the same way "
+            "(WebhookError: connection refused)",
         ]
     )
+    assert result.stderr.count("connection refused") == 2, result.stderr
     logs = notify_logs(shipyarder, result.deployment["id"])
     assert "connection refused" in logs
+
+
+def test_a_receiver_back_up_gets_retries_again():
+    # While the last attempt was refused, an event gets one attempt; once the receiver answers
+    # (even with a 503), events are retried again.
+    from shipyard.plugins import notify
+
+    with LoopbackServer(always(Reply(503, "busy"))) as receiver:
+        hook = sy.webhook(receiver.url("/h"), retries=2, backoff=0.01)
+        hook.open(lambda value: value)
+        try:
+            notify._deliveries()[id(hook)].refusing = True  # as after a refused connection
+            with pytest.raises(notify.WebhookError, match="after 1 attempt "):
+                hook.send({"event": "deployment_started"})
+            assert len(receiver.requests) == 1
+            with pytest.raises(notify.WebhookError, match="after 3 attempts"):
+                hook.send({"event": "deployment_finished"})
+            assert len(receiver.requests) == 4
+        finally:
+            hook.close()
 
 
 def test_hanging_receiver_stalls_the_deployment_at_most_the_sink_timeout(shipyarder: Any):
