@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -50,10 +51,29 @@ def _alive(pid: int) -> bool:
         return True
 
 
+def _taken(port: str) -> str | None:
+    """Why 127.0.0.1:``port`` cannot be listened on, or None."""
+    with socket.socket() as s:
+        # As the app binds: a connection of the old app's still closing (TIME_WAIT) is fine.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", int(port)))
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None
+
+
 def start(port: str) -> None:
     app = RELEASES / "current" / "app.py"
     if not app.exists():
         sys.exit(f"no release at {app}; build one first")
+    problem = _taken(port)
+    if problem:  # our own app was stopped above: another program holds the port
+        sys.exit(
+            f"127.0.0.1:{port} cannot be used ({problem}): another program listens there. "
+            "Pick a free port for the demo, e.g.: shipyard deploy demo 1.0.0 -e local "
+            "--var port=8766"
+        )
     with open(os.devnull, "rb") as devnull, open(RELEASES / "app.log", "ab") as log:
         proc = subprocess.Popen(
             [sys.executable, str(app)],

@@ -74,3 +74,21 @@ def test_the_demo_deploys_two_versions(demo):
     ]
     # The demo's own checkout was not touched: everything happened in the copy.
     assert demo.history_path.parent.parent == demo.path
+
+
+def test_the_demo_says_when_its_port_is_taken(demo):
+    # Issue 12, item 11: not "restart ok" followed by a puzzling failed check.
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = str(squatter.getsockname()[1])
+        result = demo.run("deploy", "demo", "1.0.0", "-e", "local", "--var", f"port={port}")
+    assert result.exit_code == 1, result
+    result.fnmatch_lines(
+        [
+            f"*127.0.0.1:{port} cannot be used (*): another program listens there. Pick a free "
+            "port for the demo, e.g.: shipyard deploy demo 1.0.0 -e local --var port=8766",
+            "*failed*restart app*",
+        ]
+    )
+    assert "[3/3] verify" not in result.stdout  # stopped at the cause, not at a puzzling check
