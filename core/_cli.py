@@ -47,17 +47,36 @@ class _Group(click.Group):
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         cmd = super().get_command(ctx, cmd_name)
         if cmd is None and not ctx.resilient_parsing:
+            plugins, problems = self._plugin_commands(ctx)
+            cmd = plugins.get_command(ctx, cmd_name)
+            if cmd is None and problems:
+                raise click.UsageError(f"No such command {cmd_name!r}; " + "; ".join(problems), ctx)
+            for problem in problems if cmd is not None else ():
+                click.echo(f"shipyard: warning: {problem}", err=True)
+        return cmd
+
+    @staticmethod
+    def _plugin_commands(ctx: click.Context) -> tuple[click.Group, list[str]]:
+        """The plugins' commands, on a group of this invocation's own (never on ``cli``, which
+        outlives it), and what went wrong adding them."""
+        found = ctx.meta.get("shipyard.plugin_commands")
+        if found is None:
+            from ._exceptions import ShipyardError
+            from ._secrets import mask
+
             # click resolves the subcommand before the group's callback sets ctx.obj.
             state = ctx.obj or _State(
                 file=ctx.params.get("file"), history=ctx.params.get("history"),
                 plugins=list(ctx.params.get("plugins") or ()), verbose=0,
+                color=ctx.params.get("color") or "auto",
             )  # fmt: skip
+            group = click.Group("plugin commands")
             try:
-                state.session.pm.add_commands(self)
-            except Exception:
-                return None
-            cmd = super().get_command(ctx, cmd_name)
-        return cmd
+                problems = state.session.pm.add_commands(group)
+            except ShipyardError as exc:  # the pipelines file or a plugin cannot be loaded
+                problems = [f"plugins could not be loaded: {exc}"]
+            found = ctx.meta["shipyard.plugin_commands"] = (group, [mask(p) for p in problems])
+        return found  # type: ignore[no-any-return]
 
     def invoke(self, ctx: click.Context) -> Any:
         from ._exceptions import ShipyardError

@@ -266,8 +266,19 @@ class ShipyardPluginManager(pluggy.PluginManager):
     def unconfigure(self, config: Config) -> None:
         self.hook.shipyard_unconfigure(config=config)
 
-    def add_commands(self, cli: click.Group) -> None:
-        self.hook.shipyard_addcommands(cli=cli)
+    def add_commands(self, cli: click.Group) -> list[str]:
+        """Let each plugin add its commands to ``cli``; what went wrong, by plugin (a plugin
+        that fails does not keep the others' commands away)."""
+        failures = []
+        for impl in self.hook.shipyard_addcommands.get_hookimpls():
+            try:
+                impl.function(**{name: cli for name in impl.argnames})
+            except Exception as exc:
+                failures.append(
+                    f"plugin {impl.plugin_name!r} failed to add its commands: "
+                    f"{type(exc).__name__}: {exc}"
+                )
+        return failures
 
     def modify_collection(self, pipelines: list[Pipeline[Any]], config: Config) -> None:
         self.hook.shipyard_collection_modifyitems(pipelines=pipelines, config=config)

@@ -456,6 +456,54 @@ def test_a_plugin_can_add_a_command(shipyarder):
     result = shipyarder.run("-p", "cmdplug", "hello", "world")
     assert result.exit_code == 0, result
     assert result.stdout == "hello world\n"
+    # Registered on this invocation's own group, not on the global one (issue 12, item 12).
+    from shipyard._cli import cli
+
+    assert "hello" not in cli.commands
+    again = shipyarder.run("hello", "world")  # without -p cmdplug: no such command now
+    assert again.exit_code == 2, again
+    assert "No such command 'hello'" in again.stderr
+
+
+def test_a_plugin_whose_commands_fail_is_named_with_its_error(shipyarder):
+    shipyarder.makeplugin(
+        "brokencmds",
+        """
+        import shipyard as sy
+
+        @sy.hookimpl
+        def shipyard_addcommands(cli):
+            raise RuntimeError("the command table is not ready")
+        """,
+    )
+    shipyarder.makeplugin(
+        "okcmds",
+        """
+        import click
+        import shipyard as sy
+
+        @click.command()
+        def ping():
+            click.echo("pong")
+
+        @sy.hookimpl
+        def shipyard_addcommands(cli):
+            cli.add_command(ping)
+        """,
+    )
+    shipyarder.makepipelines(SIMPLE)
+    missing = shipyarder.run("-p", "brokencmds", "-p", "okcmds", "deploy-canary")
+    assert missing.exit_code == 2, missing
+    assert (
+        "No such command 'deploy-canary'; plugin 'brokencmds' failed to add its commands: "
+        "RuntimeError: the command table is not ready"
+    ) in missing.stderr, missing.stderr
+    assert "Traceback" not in missing.output
+    # The other plugin's commands still work; the failure is a warning beside them.
+    ok = shipyarder.run("-p", "brokencmds", "-p", "okcmds", "ping")
+    assert ok.exit_code == 0, ok
+    assert ok.stdout == "pong\n"
+    assert "plugin 'brokencmds' failed to add its commands" in ok.stderr
 
 
 # -- a real third-party distribution, built and installed --------------------------------------------
@@ -533,6 +581,15 @@ def test_a_third_party_distribution_adds_a_step_type_and_a_notifier(shipyarder, 
             "version": "2.0"} in events  # fmt: skip
     assert events[-1]["event"] == "deployment_finished"
     assert events[-1]["status"] == "succeeded"
+
+    # Named with -p too while installed: registered once, works (issue 12, item 13).
+    both = shipyarder.spawn("-p", "shipyard_thirdparty_demo", "plan", "web", "2.0", "-e", "staging",
+                            env=env)  # fmt: skip
+    assert both.exit_code == 0, both
+    assert "greet" in both.stdout
+    twice = shipyarder.spawn("-p", "shipyard_thirdparty_demo", "plugins", "--json", env=env)
+    names = [r["name"] for r in json.loads(twice.stdout)]
+    assert names.count("thirdparty") + names.count("shipyard_thirdparty_demo") == 1, names
 
     # With autoload off the distribution is not loaded; its step type is then unknown.
     off = shipyarder.spawn("plugins", env={**env, "SHIPYARD_DISABLE_PLUGIN_AUTOLOAD": "1"})
