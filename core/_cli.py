@@ -76,7 +76,7 @@ class _Group(click.Group):
             except ShipyardError as exc:  # the pipelines file or a plugin cannot be loaded
                 problems = [f"plugins could not be loaded: {exc}"]
             found = ctx.meta["shipyard.plugin_commands"] = (group, [mask(p) for p in problems])
-        return found  # type: ignore[no-any-return]
+        return found
 
     def invoke(self, ctx: click.Context) -> Any:
         from ._exceptions import ShipyardError

@@ -59,6 +59,8 @@ class DeployRequest:
     environment: str
     vars: dict[str, str] = field(default_factory=dict)
     rollback_of: int | None = None
+    #: In a rollback, the deployment whose version comes back.
+    restores: int | None = None
     retry_of: int | None = None
     start_stage: int = 0
     auto_rollback: bool = True
@@ -202,6 +204,7 @@ class _Deployment:
             draft = _Unnumbered(
                 id=0, pipeline=pipe.name, version=req.version, environment=req.environment,
                 vars=dict(req.vars), previous_version=previous, rollback_of=req.rollback_of,
+                restores=req.restores,
             )  # fmt: skip
             try:
                 stages: list[Stage] | None = session.build(pipe, draft)
@@ -220,7 +223,7 @@ class _Deployment:
                 deployment: Deployment = Deployment(
                     id=dep_id, pipeline=pipe.name, version=req.version,
                     environment=req.environment, vars=dict(req.vars), previous_version=previous,
-                    rollback_of=req.rollback_of,
+                    rollback_of=req.rollback_of, restores=req.restores,
                 )  # fmt: skip
                 stages = None
             else:
@@ -355,7 +358,7 @@ class _Deployment:
         runner = Runner(
             pluginmanager=self.session.pm, bus=bus, secrets=secrets,
             rootdir=self.session.config.rootdir, control=control,
-            process_tag=process_tag(store, deployment.id),
+            process_tag=process_tag(store, deployment.id), store=store,
         )  # fmt: skip
         note = (
             f"stages before {req.start_stage + 1} were done by deployment {req.retry_of}"

@@ -61,6 +61,9 @@ class Deployment:
     previous_version: str | None = None
     #: The id of the deployment this one rolls back, or None.
     rollback_of: int | None = None
+    #: In a rollback, the id of the deployment whose version comes back (what it applied can
+    #: be applied again exactly: :meth:`shipyard.StepContext.restored_artifact`); else None.
+    restores: int | None = None
 
 
 Deployment.__module__ = "shipyard"

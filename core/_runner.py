@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from ._pipeline import Stage
     from ._pipeline import Step
     from ._plugins import ShipyardPluginManager
+    from ._store import HistoryStore
 
 #: Seconds between SIGTERM and SIGKILL when a step's processes are stopped.
 DEFAULT_GRACE = 3.0
@@ -129,6 +130,35 @@ class StepContext:
 
         return capturing(self)
 
+    def record_artifact(self, name: str, content: str) -> bool:
+        """Keep ``content`` (text) in the history as this step's artifact ``name``, for a later
+        rollback to find with :meth:`restored_artifact`; a Kubernetes step keeps the manifests
+        it rendered. False (nothing kept) when it holds a secret: a masked copy could not be
+        applied again, and the history never holds a secret. Outside a recorded deployment
+        (a test's runner with no history) there is nowhere to keep it: True, nothing done."""
+        store = self._runner.store
+        if mask(content) != content:
+            return False
+        if store is None or self.deployment.id <= 0:
+            return True
+        store.record_artifact(self.deployment.id, self.stage_index, self.index, name, content)
+        return True
+
+    def restored_artifact(self, name: str) -> str | None:
+        """In a rollback, the artifact ``name`` that the step of the same stage and name kept in
+        the deployment being restored (:attr:`Deployment.restores`); else None."""
+        store, restores = self._runner.store, self.deployment.restores
+        if store is None or restores is None:
+            return None
+        for row in reversed(store.artifacts(restores)):
+            if (
+                row["name"] == name
+                and row["stage"] == self.stage.name
+                and row["step"] == self.step.name
+            ):
+                return row["content"]
+        return None
+
     def log(self, text: str, stream: str = "stdout") -> None:
         """Record and show one line of output (masked)."""
         self.log_lines([text], stream)
@@ -174,7 +204,10 @@ class Runner:
         retry_backoff: float | None = None,
         control: Control | None = None,
         process_tag: str | None = None,
+        store: HistoryStore | None = None,
     ) -> None:
+        #: Where steps' artifacts are kept and found again (None: nowhere, e.g. in tests).
+        self.store = store
         #: ``SHIPYARD_DEPLOYMENT_TAG`` of every step process: how the command that finds this
         #: process dead finds what it left running (see ``shipyard._liveness.stop_orphans``).
         self.process_tag = process_tag

@@ -113,7 +113,8 @@ def rollback_request(
     environment = of.environment if isinstance(of, DeployRequest) else of["environment"]
     return DeployRequest(
         pipeline=pipeline, version=target["version"], environment=environment,
-        vars=dict(target.get("vars") or {}), rollback_of=of_id, auto_rollback=False,
+        vars=dict(target.get("vars") or {}), rollback_of=of_id, restores=target["id"],
+        auto_rollback=False,
         wait_lock=wait_lock, notify=list(notify or []), args=args, reason=reason,
     )  # fmt: skip
 

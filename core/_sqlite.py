@@ -36,6 +36,7 @@ from ._exceptions import HistoryError
 from ._exceptions import NoPreviousDeployment
 from ._reports import Status
 from ._reports import utcnow
+from ._store import ArtifactRow
 from ._store import AuditRow
 from ._store import Begun
 from ._store import DeploymentInfo
@@ -55,7 +56,7 @@ if TYPE_CHECKING:
 #: "SHYD" - marks a SQLite file as a Shipyard history.
 APPLICATION_ID = 0x53485944
 #: The schema version this code writes; migrations bring older files up to it.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_MS = 30_000
 #: WAL pages between automatic checkpoints (see the docstring): about 32 MiB of WAL at most.
 WAL_CHECKPOINT_PAGES = 8192
@@ -214,8 +215,27 @@ def _create_v1(db: Any) -> None:
     )
 
 
+def _add_artifacts_v2(db: Any) -> None:
+    """Version 2: what steps recorded of their work (a Kubernetes step's rendered manifests),
+    so that a rollback can apply exactly what the deployment it restores applied."""
+    db["artifacts"].create(
+        {
+            "id": int,
+            "deployment_id": int,
+            "stage_idx": int,
+            "step_idx": int,
+            "name": str,
+            "content": str,
+            "created_at": str,
+        },
+        pk="id",
+        not_null={"deployment_id", "stage_idx", "step_idx", "name", "content"},
+    )
+    db["artifacts"].create_index(["deployment_id", "stage_idx", "step_idx"], index_name="ix_art")
+
+
 #: Migrations by the version they produce. Each runs inside one transaction.
-MIGRATIONS = {1: _create_v1}
+MIGRATIONS = {1: _create_v1, 2: _add_artifacts_v2}
 
 
 class SQLiteStore:
@@ -667,6 +687,36 @@ class SQLiteStore:
                 user, socket.gethostname(), reason,
             ),
         )  # fmt: skip
+
+    def record_artifact(
+        self, dep_id: int, stage_idx: int, step_idx: int, name: str, content: str
+    ) -> None:
+        """Keep ``content`` as the artifact ``name`` of a step (replacing one of that name)."""
+        with self._tx() as c:
+            c.execute(
+                "DELETE FROM artifacts WHERE deployment_id=? AND stage_idx=? AND step_idx=? "
+                "AND name=?",
+                (dep_id, stage_idx, step_idx, name),
+            )
+            c.execute(
+                "INSERT INTO artifacts (deployment_id, stage_idx, step_idx, name, content, "
+                "created_at) VALUES (?,?,?,?,?,?)",
+                (dep_id, stage_idx, step_idx, name, content, utcnow()),
+            )
+
+    def artifacts(self, dep_id: int) -> list[ArtifactRow]:
+        return cast(
+            "list[ArtifactRow]",
+            self._query(
+                "SELECT a.stage_idx, a.step_idx, st.name AS stage, s.name AS step, a.name, "
+                "a.content, a.created_at FROM artifacts a "
+                "LEFT JOIN stages st ON st.deployment_id = a.deployment_id AND st.idx = a.stage_idx "
+                "LEFT JOIN steps s ON s.deployment_id = a.deployment_id "
+                "AND s.stage_idx = a.stage_idx AND s.idx = a.step_idx "
+                "WHERE a.deployment_id=? ORDER BY a.id",
+                (dep_id,),
+            ),
+        )
 
     def add_audit(self, action: str, dep_id: int, *, user: str, reason: str) -> None:
         """Record who did ``action`` to deployment ``dep_id`` and why."""

@@ -171,6 +171,19 @@ class LogRow(TypedDict):
     step: str | None
 
 
+class ArtifactRow(TypedDict):
+    """What a step kept of its work (``StepContext.record_artifact``)."""
+
+    stage_idx: int
+    step_idx: int
+    #: The names of the step and its stage in that deployment.
+    stage: str | None
+    step: str | None
+    name: str
+    content: str
+    created_at: str
+
+
 class AuditRow(TypedDict):
     id: int
     ts: str
@@ -293,6 +306,17 @@ class HistoryStore(Protocol):
     def unlock(self, pipeline: str, environment: str, *, user: str, reason: str) -> LockRow | None:
         """Break the lock by hand: its deployment becomes ``interrupted``; audited even when
         nothing was locked. Returns the lock that was broken."""
+        ...
+
+    def record_artifact(
+        self, dep_id: int, stage_idx: int, step_idx: int, name: str, content: str
+    ) -> None:
+        """Keep ``content`` (text) as the artifact ``name`` of a step of ``dep_id``, replacing
+        one of the same name; durable at return."""
+        ...
+
+    def artifacts(self, dep_id: int) -> list[ArtifactRow]:
+        """The artifacts steps of ``dep_id`` recorded, in the order recorded."""
         ...
 
     def add_audit(self, action: str, dep_id: int, *, user: str, reason: str) -> None:

@@ -80,6 +80,7 @@ if TYPE_CHECKING:
     from ._secrets import cut_point as cut_point
     from ._secrets import mask as mask
     from ._secrets import register as _register
+    from ._store import ArtifactRow as ArtifactRow
     from ._store import AuditRow as AuditRow
     from ._store import Begun as Begun
     from ._store import DeploymentInfo as DeploymentInfo
@@ -140,6 +141,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "ssl_verify": ("shipyard._probe", "ssl_verify"),
     "tail_text": ("shipyard._threads", "tail_text"),
     "utcnow": ("shipyard._reports", "utcnow"),
+    "ArtifactRow": ("shipyard._store", "ArtifactRow"),
     "AuditRow": ("shipyard._store", "AuditRow"),
     "Begun": ("shipyard._store", "Begun"),
     "DeploymentInfo": ("shipyard._store", "DeploymentInfo"),

@@ -47,6 +47,7 @@ from shipyard import HistoryStore
 from shipyard import NoPreviousDeployment
 from shipyard import Status
 from shipyard import StepResult
+from shipyard.sdk import ArtifactRow
 from shipyard.sdk import AuditRow
 from shipyard.sdk import Deployment
 from shipyard.sdk import DeploymentInfo
@@ -687,6 +688,49 @@ def test_logs_after_and_limit_page_through_the_lines_oldest_first(store_factory)
     assert store.logs(dep_id, after=everything[-1]["id"]) == []
     assert [r["line"] for r in store.logs(other)] == ["not mine"]
     assert store.logs(dep_id, after=everything[-1]["id"], limit=1) == []
+
+
+# -- artifacts ------------------------------------------------------------------------------------
+
+
+def _two_step_plan() -> list[StagePlan]:
+    return [
+        StagePlan("build", False, False, [StepPlan("compile", "command", "make")]),
+        StagePlan("release", False, False, [StepPlan("apply", "kubernetes", "apply k8s/"),
+                                            StepPlan("smoke", "command", "curl")]),
+    ]  # fmt: skip
+
+
+def test_artifacts_are_kept_per_step_with_the_names_of_step_and_stage(store_factory):
+    store = store_factory()
+    dep_id = begin(store)
+    store.record_plan(dep_id, _two_step_plan())
+    store.record_artifact(dep_id, 1, 0, "kubernetes.manifests", '[{"kind": "ConfigMap"}]')
+    store.record_artifact(dep_id, 0, 0, "build.log", "é\n" + "x" * 100_000)
+    rows = store_factory.reopen(store).artifacts(dep_id)
+    assert [set(r) for r in rows] == [keys_of(ArtifactRow)] * 2
+    assert [(r["stage_idx"], r["step_idx"], r["stage"], r["step"], r["name"]) for r in rows] == [
+        (1, 0, "release", "apply", "kubernetes.manifests"),
+        (0, 0, "build", "compile", "build.log"),
+    ]
+    assert rows[0]["content"] == '[{"kind": "ConfigMap"}]'
+    assert rows[1]["content"] == "é\n" + "x" * 100_000  # long text, whole
+    assert rows[0]["created_at"] <= utcnow()
+
+
+def test_an_artifact_of_the_same_name_replaces_the_step_s_earlier_one(store_factory):
+    store = store_factory()
+    dep_id = begin(store)
+    other = begin(store, "v2", environment="staging")
+    store.record_plan(dep_id, _two_step_plan())
+    store.record_artifact(dep_id, 1, 0, "m", "first attempt")
+    store.record_artifact(dep_id, 1, 0, "m", "second attempt")  # a retried step
+    store.record_artifact(dep_id, 1, 1, "m", "another step")
+    assert [(r["step"], r["content"]) for r in store.artifacts(dep_id)] == [
+        ("apply", "second attempt"), ("smoke", "another step"),
+    ]  # fmt: skip
+    assert store.artifacts(other) == []
+    assert store.artifacts(dep_id + 1000) == []
 
 
 # -- finish ---------------------------------------------------------------------------------------

@@ -105,6 +105,33 @@ def test_an_older_file_is_migrated_keeping_its_records(tmp_path, monkeypatch):
     assert query(path, "SELECT name FROM sqlite_master WHERE name='notes'") == [("notes",)]
 
 
+def test_a_version_1_history_gains_the_artifacts_table_and_keeps_everything(tmp_path):
+    # Written as Shipyard 0.1 wrote it: schema 1, a finished deployment with a log line.
+    import sqlite_utils
+    from shipyard._sqlite import MIGRATIONS as migrations
+
+    path = tmp_path / "history.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    migrations[1](sqlite_utils.Database(conn))
+    conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
+    conn.execute("PRAGMA user_version=1")
+    conn.execute(
+        "INSERT INTO deployments (id, pipeline, version, environment, status, created_at) "
+        "VALUES (1, 'web', '1.0', 'prod', 'succeeded', '2026-01-01T00:00:00Z')"
+    )
+    conn.execute("INSERT INTO logs (deployment_id, ts, stream, line) VALUES (1, 0, 'stdout', 'hi')")
+    conn.close()
+    store = open_store(str(path))
+    try:
+        assert store.get(1)["version"] == "1.0"
+        assert [r["line"] for r in store.logs(1)] == ["hi"]
+        assert store.artifacts(1) == []
+    finally:
+        store.close()
+    assert query(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
+
+
 def foreign_sqlite(path: Path) -> None:
     conn = sqlite3.connect(path)
     conn.execute("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT)")

@@ -725,7 +725,7 @@ def web(d):
 """
 
 
-def test_rollback_re_renders_and_re_applies_the_previous_version(
+def test_rollback_re_applies_exactly_what_the_previous_version_applied(
     shipyarder: Any, fake: FakeKube, kubeconfig: Path
 ) -> None:
     shipyarder.copy(RESOURCES, "k8s")
@@ -746,12 +746,63 @@ def test_rollback_re_renders_and_re_applies_the_previous_version(
     config = fake.get("ConfigMap", NS, "web-config")
     assert config is not None
     assert config["data"]["version"] == "1.0"
-    assert config["data"]["deployment"] == str(back["id"])
+    # What deployment 1 applied, byte for byte: its own DEPLOYMENT_ID, not the rollback's.
+    assert config["data"]["deployment"] == str(first.id)
     logs = shipyarder.run("logs", str(back["id"]))
     logs.fnmatch_lines([
+        f"*applying the 3 object(s) deployment #{first.id} applied, exactly (today's files are not rendered)",
         "*deployment.apps/web configured (namespace default)",
         "*deployment.apps/web (namespace default): successfully rolled out",
     ])  # fmt: skip
+
+
+def test_rollback_is_exact_even_when_the_manifests_changed_since(
+    shipyarder: Any, fake: FakeKube, kubeconfig: Path
+) -> None:
+    # Issue 12, item 3 (and 21): 2.0 adds a nodeSelector that needs a new variable, fails its
+    # check, and the automatic rollback must bring back 1.0's spec, not re-render today's files
+    # (which would fail on ${POOL}, or keep the nodeSelector).
+    shipyarder.copy(RESOURCES, "k8s")
+    shipyarder.makepipelines(
+        """
+        import shipyard as sy
+
+        @sy.pipeline(environments=["staging"], rollback="auto")
+        def web(d):
+            return [
+                sy.stage("release", sy.kubernetes("k8s/app.yaml", timeout=20)),
+                sy.stage("verify", sy.command("sh", "-c", 'test "$DEPLOYMENT_VERSION" != 2.0',
+                                              name="smoke test")),
+            ]
+        """
+    )
+    first = shipyarder.deploy("web", "1.0", "staging")
+    assert first.status == "succeeded", first.document
+    app = shipyarder.path / "k8s" / "app.yaml"
+    app.write_text(
+        app.read_text().replace(
+            "    spec:\n      containers:",
+            "    spec:\n      nodeSelector:\n        pool: ${POOL}\n      containers:",
+        )
+    )
+    second = shipyarder.run("deploy", "web", "2.0", "-e", "staging", "--var", "POOL=gpu")
+    assert second.exit_code == 1, second
+    rows = {d["id"]: d for d in second.history}
+    back = max(rows.values(), key=lambda d: d["id"])
+    assert (back["rollback_of"], back["version"], back["status"]) == (
+        first.id + 1,
+        "1.0",
+        "succeeded",
+    ), second.output
+    spec = fake.get("Deployment", NS, "web")["spec"]["template"]["spec"]
+    assert "nodeSelector" not in spec, spec
+    assert spec["containers"][0]["image"] == "registry.example/web:1.0"
+    # A later deployment renders today's files again, as usual.
+    third = shipyarder.run("deploy", "web", "2.1", "-e", "staging", "--var", "POOL=gpu")
+    assert third.exit_code == 0, third
+    assert fake.get("Deployment", NS, "web")["spec"]["template"]["spec"]["nodeSelector"] == {
+        "pool": "gpu"
+    }
 
 
 def test_plan_shows_the_rendered_objects_and_talks_to_no_server(
@@ -885,3 +936,37 @@ def test_the_cli_deploys_to_a_fake_in_another_process(
     assert cache.stat().st_mode & 0o777 == 0o700
     assert [p.name.startswith("discovery-") for p in cache.iterdir()] == [True]
     assert os.environ.get("KUBECONFIG") != str(kubeconfig)  # only the child saw it
+
+
+def test_rendered_manifests_holding_a_secret_are_not_kept(
+    shipyarder: Any, fake: FakeKube, kubeconfig: Path
+) -> None:
+    # The history never holds a secret: a masked copy could not be applied again anyway, so a
+    # rollback to this deployment renders the files again (and says so).
+    shipyarder.makefile(
+        "k8s/token.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: token\ndata:\n  token: ${TOKEN}\n",
+    )
+    shipyarder.makepipelines(
+        """
+        import shipyard as sy
+
+        @sy.pipeline(environments=["staging"])
+        def web(d):
+            return [sy.stage("release",
+                             sy.command("true", env={"T": sy.secret("API_TOKEN")}, name="uses it"),
+                             sy.kubernetes("k8s/token.yaml", timeout=20))]
+        """
+    )
+    r = shipyarder.run("deploy", "web", "1.0", "-e", "staging", "--var", "TOKEN=s3cr3t-v4lue",
+                       env={"API_TOKEN": "s3cr3t-v4lue"})  # fmt: skip
+    assert r.exit_code == 0, r
+    assert "the rendered manifests hold a secret: not kept in the history" in r.stdout
+    from shipyard.sdk import open_store
+
+    store = open_store(r.history_path, create=False)
+    try:
+        assert store.artifacts(1) == []
+    finally:
+        store.close()
+    assert fake.get("ConfigMap", NS, "token")["data"]["token"] == "s3cr3t-v4lue"

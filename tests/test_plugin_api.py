@@ -34,7 +34,7 @@ SDK_NAMES = {
     "display_url", "ssl_verify",
     # the store port
     "HistoryStore", "Begun", "DeploymentInfo", "DeploymentRow", "StageRow", "StepRow", "LogRow",
-    "AuditRow", "LockRow", "LogRecord", "ProcessRef", "Liveness", "StagePlan", "StepPlan",
+    "ArtifactRow", "AuditRow", "LockRow", "LogRecord", "ProcessRef", "Liveness", "StagePlan", "StepPlan",
     "StoreNotFound", "open_store", "plan_of", "HistoryError", "EnvironmentLocked",
     "DeploymentNotFound", "NoPreviousDeployment",
     # the events a store records

@@ -74,6 +74,24 @@ def _check_manifests(value: Any) -> list[str]:
     return [os.fspath(i) for i in items]
 
 
+#: The artifact a Kubernetes step keeps: the documents it rendered, for an exact rollback.
+MANIFESTS_ARTIFACT: Final = "kubernetes.manifests"
+
+
+def _dump(docs: Sequence[Document]) -> str:
+    import json
+
+    return json.dumps(
+        [{"source": d.source, "line": d.line, "body": d.body} for d in docs], sort_keys=True
+    )
+
+
+def _load(text: str) -> list[Document]:
+    import json
+
+    return [Document(d["source"], d["line"], d["body"]) for d in json.loads(text)]
+
+
 @dataclass
 class _Workload:
     """An applied Deployment, StatefulSet or DaemonSet whose rollout is waited for."""
@@ -168,12 +186,21 @@ class KubernetesApplyStep(Step):
         deadline = None
         if self.timeout is not None:
             deadline = loop.time() + self.timeout - deadline_margin(self.timeout)
-        try:
-            docs = await asyncio.to_thread(
-                load_documents, self.manifests, context.rootdir, variables_for(context.deployment)
-            )
-        except ManifestError as exc:
-            raise StepFailed(exc.message) from None
+        docs = self._restored(context)
+        if docs is None:
+            try:
+                docs = await asyncio.to_thread(
+                    load_documents, self.manifests, context.rootdir,
+                    variables_for(context.deployment),
+                )  # fmt: skip
+            except ManifestError as exc:
+                raise StepFailed(exc.message) from None
+            if not context.record_artifact(MANIFESTS_ARTIFACT, _dump(docs)):
+                context.log(
+                    "the rendered manifests hold a secret: not kept in the history, so a "
+                    "rollback to this deployment renders the files again",
+                    "shipyard",
+                )
         cluster = await Cluster.connect(context.resolve(self.context), self.request_timeout)
         try:
             workloads = []
@@ -186,6 +213,27 @@ class KubernetesApplyStep(Step):
         finally:
             cluster.close()
         return StepResult()
+
+    def _restored(self, context: StepContext) -> list[Document] | None:
+        """In a rollback, the documents the restored deployment applied (None: render)."""
+        restores = context.deployment.restores
+        if restores is None:
+            return None
+        kept = context.restored_artifact(MANIFESTS_ARTIFACT)
+        if kept is None:
+            context.log(
+                f"deployment #{restores} kept no rendered manifests for this step: rendering "
+                f"today's files with version {context.deployment.version}",
+                "shipyard",
+            )
+            return None
+        docs = _load(kept)
+        context.log(
+            f"applying the {len(docs)} object(s) deployment #{restores} applied, exactly "
+            "(today's files are not rendered)",
+            "shipyard",
+        )
+        return docs
 
     # -- applying ---------------------------------------------------------------------------------
 
