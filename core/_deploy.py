@@ -300,6 +300,8 @@ class _Deployment:
                     )  # fmt: skip
                     ticket = None  # begin() removed it from the queue
                     stop_orphans(store, begun.interrupted)
+                    if begun.interrupted:
+                        self.session.clean_up(store, begun.interrupted)
                     return begun.id
                 except EnvironmentLocked as exc:
                     if self.control.reason:

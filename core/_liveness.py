@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from ._reports import utcnow
 
 if TYPE_CHECKING:
+    from ._plugins import ShipyardPluginManager
     from ._store import HistoryStore
     from ._store import Liveness
     from ._store import ProcessRef
@@ -127,6 +128,37 @@ def stop_orphans(store: HistoryStore, dep_ids: Sequence[int], grace: float = 1.0
             except (ProcessLookupError, PermissionError):
                 pass
     return pids
+
+
+def clean_up(store: HistoryStore, dep_ids: Sequence[int], pm: ShipyardPluginManager) -> None:
+    """Let the plugins remove what interrupted deployments left outside this host's processes
+    (containers, Jobs), from what their steps recorded; each action goes in the deployment's
+    log (``shipyard_cleanup_interrupted``)."""
+    import sys
+
+    from ._secrets import mask
+    from ._store import LogRecord
+
+    hook = pm.hook.shipyard_cleanup_interrupted
+    for dep_id in dep_ids:
+        artifacts = store.artifacts(dep_id)
+        if not artifacts or not hook.get_hookimpls():
+            continue
+        deployment = store.get(dep_id)
+
+        def log(text: str, dep_id: int = dep_id) -> None:
+            text = mask(f"repair of #{dep_id}: {text}")
+            print(f"shipyard: {text}", file=sys.stderr)
+            store.record([], [LogRecord(dep_id, None, None, time.time(), "shipyard", text)])
+
+        for impl in hook.get_hookimpls():
+            try:
+                impl.function(
+                    **{k: v for k, v in {"deployment": deployment, "artifacts": artifacts,
+                                         "log": log}.items() if k in impl.argnames}
+                )  # fmt: skip
+            except Exception as exc:  # the command goes on; the history says what was left
+                log(f"plugin {impl.plugin_name!r} could not clean up: {type(exc).__name__}: {exc}")
 
 
 def repair(store: HistoryStore, lease: float) -> list[int]:

@@ -85,8 +85,21 @@ class Session:
         if repair:
             from ._liveness import repair as repair_store
 
-            repair_store(store, self.config.lock_lease)
+            dead = repair_store(store, self.config.lock_lease)
+            if dead:  # rare: only now are the plugins loaded, to clean up what it left
+                self.clean_up(store, dead)
         return store
+
+    def clean_up(self, store: HistoryStore, dead: list[int]) -> None:
+        """Have the plugins remove what the deployments ``dead`` left (containers, Jobs)."""
+        from ._exceptions import ShipyardError
+        from ._liveness import clean_up
+
+        try:
+            pm = self.pm
+        except ShipyardError:  # the pipelines file is broken: nothing can be cleaned now
+            return
+        clean_up(store, dead, pm)
 
     def build(self, pipeline: Pipeline[Any], deployment: Deployment) -> list[Stage]:
         """The stages of ``pipeline`` for ``deployment``; every step kind must be available."""

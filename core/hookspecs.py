@@ -21,6 +21,7 @@ An exception raised by an event hook is logged and recorded; it never fails a de
 from __future__ import annotations
 
 from collections.abc import Awaitable
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 from typing import Any
 
@@ -45,6 +46,8 @@ if TYPE_CHECKING:
     from ._plugins import StepTypeRegistry
     from ._reports import StepResult
     from ._runner import StepContext
+    from ._store import ArtifactRow
+    from ._store import DeploymentRow
     from ._store import HistoryStore
 
 hookspec = pluggy.HookspecMarker("shipyard")
@@ -107,6 +110,26 @@ def shipyard_addcommands(cli: click.Group) -> None:
     """Add click commands to the ``shipyard`` command line (``cli.add_command(cmd)``).
 
     :param cli: the ``shipyard`` click group.
+    """
+
+
+@hookspec
+def shipyard_cleanup_interrupted(
+    deployment: DeploymentRow, artifacts: list[ArtifactRow], log: Callable[[str], None]
+) -> None:
+    """Clean up what a deployment whose process died left outside this host's processes.
+
+    Called once, by the command that found the deployment's process dead and recorded it
+    ``interrupted`` (the step processes it left on this host are stopped by then), with the
+    artifacts its steps recorded (:meth:`StepContext.record_artifact`): a step that creates
+    something outside the ``shipyard`` process — a container, a Job — records what it is about
+    to create, so that this hook can find and remove it. Act only on artifacts of your own
+    step types; an exception is reported as a warning and does not stop the command.
+
+    :param deployment: the interrupted deployment.
+    :param artifacts: what its steps recorded, in order.
+    :param log: records a line in the deployment's log (``shipyard logs``) and shows it; say
+        what was removed or left, and why.
     """
 
 

@@ -679,3 +679,114 @@ def test_rollback_reuses_the_earlier_image_through_the_same_path(
         assert f"{WEB}:v1" in image.tags
     finally:
         stop_nginx(nginx)
+
+
+# -- what a kill -9 leaves (issue 12, item 2) ---------------------------------------------------------
+
+SHIPYARD_EXE = Path(sys.executable).parent / "shipyard"
+
+
+class KilledProject:
+    """A project whose docker.service deploys run as real `shipyard` processes."""
+
+    def __init__(self, tmp_path: Path, target: Target, nginx: NginxServer) -> None:
+        self.root = tmp_path / "project"
+        self.root.mkdir()
+        self.target, self.nginx = target, nginx
+        slots: list[int] = nginx.slots  # type: ignore[attr-defined]
+        router = (
+            f"sy.nginx({str(nginx.include_dir)!r}, nginx={NGINX!r}, args={nginx.args!r}, "
+            f"pid_file={str(nginx.pid_file)!r})"
+        )
+        (self.root / "pipelines.py").write_text(textwrap.dedent(f"""
+            import shipyard as sy
+
+            @sy.pipeline(name={target.pipeline!r}, rollback="auto")
+            def web(d):
+                return [sy.stage("release", sy.docker.service(
+                    {target.service!r}, image=f"{WEB}:{{d.version.split('-')[0]}}",
+                    slots={slots!r}, labels={target.labels!r}, router={router},
+                    health_check=sy.health_check(d.vars.get("health", "/healthz"), timeout=60,
+                                                 interval=0.2),
+                    drain=float(d.vars.get("drain", "0.2")), stop_timeout=2))]
+            """))  # fmt: skip
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("SHIPYARD_")}
+
+    def argv(self, *args: str) -> list[str]:
+        return [str(SHIPYARD_EXE), "--history", str(self.root / "h.db"), *args]
+
+    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(self.argv(*args), cwd=self.root, env=self.env,
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+
+    def start(self, *args: str) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(self.argv(*args), cwd=self.root, env=self.env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+
+
+def _wait(predicate: Any, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+@pytest.mark.docker
+def test_kill_9_before_the_switch_removes_the_new_container(
+    docker_engine: Any, target: Target, nginx: NginxServer, tmp_path: Path
+) -> None:
+    S = target.service
+    p = KilledProject(tmp_path, target, nginx)
+    first = p.run("deploy", target.pipeline, "v1", "-e", "staging")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert nginx.get() == (200, "version v1")
+    # v2 never gets healthy here (a path it does not serve): kill -9 while it is checked.
+    cli = p.start("deploy", target.pipeline, "v2", "-e", "staging", "--var", "health=/never")
+    _wait(lambda: f"{S}-v2" in running_services(docker_engine, target), "the new container")
+    cli.kill()
+    cli.wait(10)
+    assert set(running_services(docker_engine, target)) == {f"{S}-v1", f"{S}-v2"}
+
+    # The next command records the deployment interrupted and settles what it left.
+    status = p.run("status")
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert (
+        f"repair of #2: removed {S}-v2: it never served {S}; the router still sends it to {S}-v1"
+        in status.stderr
+    )
+    assert list(running_services(docker_engine, target)) == [f"{S}-v1"]
+    assert nginx.get() == (200, "version v1")
+    logs = p.run("logs", "2")
+    assert f"repair of #2: removed {S}-v2" in logs.stdout
+    # ... so the next deployment runs normally (it failed with "2 running containers" before).
+    again = p.run("deploy", target.pipeline, "v2", "-e", "staging")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert nginx.get() == (200, "version v2")
+    assert list(running_services(docker_engine, target)) == [f"{S}-v2"]
+
+
+@pytest.mark.docker
+def test_kill_9_after_the_switch_retires_the_old_container(
+    docker_engine: Any, target: Target, nginx: NginxServer, tmp_path: Path
+) -> None:
+    S = target.service
+    p = KilledProject(tmp_path, target, nginx)
+    assert p.run("deploy", target.pipeline, "v1", "-e", "staging").returncode == 0
+    # Killed while draining v1: the router already sends traffic to v2.
+    cli = p.start("deploy", target.pipeline, "v2", "-e", "staging", "--var", "drain=60")
+    _wait(lambda: nginx.get() == (200, "version v2"), "the switch to v2")
+    # The step records the switch just after the router made it; it logs "draining" after.
+    _wait(lambda: f"draining {S}-v1" in p.run("logs", "2").stdout, "the drain")
+    cli.kill()
+    cli.wait(10)
+    status = p.run("history")
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert (
+        f"repair of #2: {S}-v2 already served {S}: removed the old container {S}-v1"
+        in status.stderr
+    )
+    assert list(running_services(docker_engine, target)) == [f"{S}-v2"]
+    assert nginx.get() == (200, "version v2")
+    nxt = p.run("deploy", target.pipeline, "v1-again", "-e", "staging")
+    assert nxt.returncode == 0, nxt.stdout + nxt.stderr
+    assert nginx.get() == (200, "version v1")

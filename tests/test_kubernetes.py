@@ -970,3 +970,44 @@ def test_rendered_manifests_holding_a_secret_are_not_kept(
     finally:
         store.close()
     assert fake.get("ConfigMap", NS, "token")["data"]["token"] == "s3cr3t-v4lue"
+
+
+def test_kill_9_during_a_job_deletes_it_at_the_next_command(
+    shipyarder: Any, fake: FakeKube, kubeconfig: Path
+) -> None:
+    # Issue 12, item 2: the Job of a killed deployment is deleted by the command that records
+    # the deployment interrupted, and the history says so.
+    import subprocess
+    import time
+
+    fake.script_job(NS, "migrate", logs=["migrating"], delay=300)
+    shipyarder.makepipelines(
+        """
+        import shipyard as sy
+
+        @sy.pipeline
+        def web(d):
+            return [sy.stage("migrate", sy.kubernetes.job("migrate", image="img:1", timeout=600))]
+        """
+    )
+    cli = shipyarder.popen("deploy", "web", "1.0", "-e", "staging",
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 60
+    while fake.get("Job", NS, "migrate") is None:
+        assert time.monotonic() < deadline, "the Job was never created"
+        assert cli.poll() is None, "the deployment ended before its Job was created"
+        time.sleep(0.05)
+    cli.kill()
+    cli.wait(10)
+    assert fake.get("Job", NS, "migrate") is not None  # kill -9 left it
+    r = shipyarder.spawn("status")
+    assert r.exit_code == 0, r
+    assert "repair of #1: deleted job.batch/migrate (namespace default) and its pods" in r.stderr
+    assert fake.get("Job", NS, "migrate") is None
+    shown = shipyarder.spawn("show", "1")
+    assert "interrupted" in shown.stdout
+    logs = shipyarder.spawn("logs", "1")
+    assert "repair of #1: deleted job.batch/migrate" in logs.stdout
+    # Said once: the next command has nothing left to do.
+    again = shipyarder.spawn("status")
+    assert "repair of" not in again.stderr

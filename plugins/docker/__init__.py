@@ -51,6 +51,9 @@ from ._run import DockerRunStep
 from ._service import DockerServiceStep
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from shipyard.sdk import ArtifactRow
     from shipyard.sdk import StepTypeRegistry
 
 __all__ = [
@@ -68,6 +71,7 @@ __all__ = [
     "docker",
     "engine_address",
     "engine_hostname",
+    "shipyard_cleanup_interrupted",
     "shipyard_register_step_types",
 ]
 
@@ -97,3 +101,11 @@ docker: Final = DockerSteps()
 def shipyard_register_step_types(registry: StepTypeRegistry) -> None:
     registry.add(DockerRunStep)
     registry.add(DockerServiceStep)
+
+
+@hookimpl
+def shipyard_cleanup_interrupted(artifacts: list[ArtifactRow], log: Callable[[str], None]) -> None:
+    """Remove what the Docker steps of a killed deployment left (see ``_cleanup``)."""
+    from ._cleanup import clean_up
+
+    clean_up(artifacts, log)

@@ -13,6 +13,7 @@ from shipyard.sdk import StepFailed
 from shipyard.sdk import StepResult
 from shipyard.sdk import reject_unknown_options
 
+from ._cleanup import RUN_ARTIFACT
 from ._engine import Engine
 from ._engine import cause
 from ._labels import base_labels
@@ -122,6 +123,7 @@ class DockerRunStep(Step):
 
     async def _run(self, engine: Engine, context: StepContext) -> StepResult:
         import asyncio
+        import json
         import secrets
 
         from shipyard.sdk import tail_text
@@ -140,6 +142,8 @@ class DockerRunStep(Step):
         cid: str | None = None
         pump: LogPump | None = None
         cancelled = False
+        # Before it exists: if shipyard is killed now, the next command finds and removes it.
+        context.record_artifact(RUN_ARTIFACT, json.dumps({"container": cname, "labels": labels}))
         try:
             cid = await engine.create(
                 self.image, self.pull, context, command=command, environment=env,

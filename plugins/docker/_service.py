@@ -24,6 +24,9 @@ from shipyard.sdk import StepFailed
 from shipyard.sdk import StepResult
 from shipyard.sdk import reject_unknown_options
 
+from ._cleanup import SERVICE_ARTIFACT
+from ._cleanup import SWITCHED_ARTIFACT
+from ._cleanup import SWITCHING_ARTIFACT
 from ._engine import Engine
 from ._engine import cause
 from ._health import HealthWait
@@ -268,6 +271,8 @@ class DockerServiceStep(Step):
     # -- the protocol -----------------------------------------------------------------------------
 
     async def _run(self, engine: Engine, context: StepContext) -> StepResult:
+        import json
+
         d = context.deployment
         scope = {
             "shipyard.service": self.service,
@@ -289,6 +294,12 @@ class DockerServiceStep(Step):
             env={**context.deployment_env, **context.resolve(self.env), "PORT": str(port)},
             pull=self.pull,
         )
+        # Before anything changes: if shipyard is killed from here on, the next command knows
+        # which container was new, which was serving, and (below) whether traffic moved.
+        context.record_artifact(SERVICE_ARTIFACT, json.dumps({
+            "service": self.service, "container": cname, "labels": release.labels,
+            "old": name_of(old) if old is not None else None, "router": self.router is not None,
+        }))  # fmt: skip
         if old is not None and self.router is None:
             await self._stop_old_first(engine, context, old, release)
         await self._replace(engine, context, release)
@@ -351,8 +362,10 @@ class DockerServiceStep(Step):
             finally:
                 pump.close()
             if self.router is not None:
+                context.record_artifact(SWITCHING_ARTIFACT, release.cname)
                 await self._switch(context, release.port)
                 release.switched = True
+            context.record_artifact(SWITCHED_ARTIFACT, release.cname)  # the new one serves
         except BaseException as exc:
             if release.switched:
                 raise

@@ -75,8 +75,10 @@ from ._rollout import rollout_status
 
 if TYPE_CHECKING:
     import os
+    from collections.abc import Callable
     from collections.abc import Sequence
 
+    from shipyard.sdk import ArtifactRow
     from shipyard.sdk import StepTypeRegistry
 
 __all__ = [
@@ -110,6 +112,7 @@ __all__ = [
     "pod_state",
     "render",
     "rollout_status",
+    "shipyard_cleanup_interrupted",
     "shipyard_register_step_types",
     "variables_for",
 ]
@@ -159,3 +162,11 @@ kubernetes: Final = KubernetesSteps()
 def shipyard_register_step_types(registry: StepTypeRegistry) -> None:
     registry.add(KubernetesApplyStep)
     registry.add(KubernetesJobStep)
+
+
+@hookimpl
+def shipyard_cleanup_interrupted(artifacts: list[ArtifactRow], log: Callable[[str], None]) -> None:
+    """Delete the Jobs a killed deployment's ``kubernetes.job`` steps created."""
+    from ._job import clean_up
+
+    clean_up(artifacts, log)

@@ -34,6 +34,9 @@ from ._rollout import condition
 from ._rollout import pod_state
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from shipyard.sdk import ArtifactRow
     from shipyard.sdk import Deployment
     from shipyard.sdk import StepContext
 
@@ -240,6 +243,7 @@ class KubernetesJobStep(Step):
 
     async def run(self, context: StepContext) -> StepResult:
         import asyncio
+        import json
         import secrets
 
         loop = asyncio.get_running_loop()
@@ -258,6 +262,12 @@ class KubernetesJobStep(Step):
                 jobs = await cluster.call(cluster.resource, "batch/v1", "Job")
                 pods = await cluster.call(cluster.resource, "v1", "Pod")
                 await self._replace_previous(cluster, context, jobs, namespace, shown, deadline)
+                # Before it exists: if shipyard is killed from now on, the next command finds
+                # and deletes this run's Job (``shipyard_cleanup_interrupted``).
+                context.record_artifact(JOB_ARTIFACT, json.dumps({
+                    "context": context.resolve(self.context), "namespace": namespace,
+                    "job": self.job, "run": token, "request_timeout": list(self.request_timeout),
+                }))  # fmt: skip
                 uid = await self._create(cluster, context, jobs, namespace, shown, token)
                 follower = PodLogFollower(cluster, context, namespace, deadline)
                 job, pod = await self._follow(
@@ -538,6 +548,50 @@ class KubernetesJobStep(Step):
                 f"it by hand (kubectl delete job {self.job} -n {namespace})",
                 "shipyard",
             )
+
+
+#: Recorded before a Job is created: where it is and which run made it.
+JOB_ARTIFACT: Final = "kubernetes.job"
+
+
+def clean_up(artifacts: Sequence[ArtifactRow], log: Callable[[str], None]) -> None:
+    """Delete the Jobs (and their pods) that a killed deployment's steps created."""
+    import json
+    import threading
+
+    mine = [json.loads(a["content"]) for a in artifacts if a["name"] == JOB_ARTIFACT]
+    if not mine:
+        return
+    failures: list[BaseException] = []
+
+    def work() -> None:  # a thread of its own: the caller may be inside an event loop
+        import asyncio
+
+        try:
+            asyncio.run(_delete_jobs(mine, log))
+        except BaseException as exc:
+            failures.append(exc)
+
+    thread = threading.Thread(target=work, name="shipyard-k8s-cleanup", daemon=True)
+    thread.start()
+    thread.join()
+    if failures:
+        raise failures[0]
+
+
+async def _delete_jobs(jobs: list[dict[str, Any]], log: Callable[[str], None]) -> None:
+    for j in jobs:
+        cluster = await Cluster.connect(j["context"], tuple(j["request_timeout"]))
+        try:
+            resource = await cluster.call(cluster.resource, "batch/v1", "Job")
+            found = await cluster.call(cluster.read_or_none, resource, j["job"], j["namespace"])
+            notes = ((found or {}).get("metadata") or {}).get("annotations") or {}
+            if found is None or notes.get(f"{ANNOTATION_PREFIX}run") != j["run"]:
+                continue  # never created, or already replaced by another run: not ours to delete
+            await cluster.call(cluster.delete, resource, j["job"], j["namespace"])
+            log(f"deleted job.batch/{j['job']} (namespace {j['namespace']}) and its pods")
+        finally:
+            cluster.close()
 
 
 def _annotations(deployment: Deployment, token: str) -> dict[str, str]:
