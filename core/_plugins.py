@@ -72,13 +72,21 @@ class StepTypeRegistry:
     """Step types by ``kind``; a second plugin registering a kind is refused, naming both."""
 
     def __init__(self) -> None:
-        self.types: dict[str, type[Step]] = {}
+        #: The class of each kind, or where it is (``"module:Class"``) until it is imported.
+        self.types: dict[str, type[Step] | str] = {}
         self.owners: dict[str, str] = {}
         self._plugin = "?"
 
-    def add(self, step_type: type[Step]) -> None:
-        kind = step_type.kind
-        if kind in self.types and self.types[kind] is not step_type:
+    def add(self, step_type: type[Step] | str, *, kind: str | None = None) -> None:
+        """Register ``step_type``: a :class:`Step` subclass, or ``"module:Class"`` with its
+        ``kind``, so that loading the plugin does not import the step's module (the step is
+        imported when a pipeline builds one, through the plugin's own public names)."""
+        if isinstance(step_type, str):
+            if kind is None:
+                raise TypeError(f"registry.add({step_type!r}): a step given by name needs kind=")
+        else:
+            kind = step_type.kind
+        if kind in self.types and self.types[kind] != step_type:
             raise UsageError(
                 f"step type {kind!r} is registered by plugin {self.owners[kind]!r} and again by "
                 f"{self._plugin!r}; disable one with -p no:NAME"

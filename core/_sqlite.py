@@ -6,8 +6,9 @@ SQLite specifics, and why:
   file, and a deferred BEGIN that upgrades to a write lock fails with "database is locked".
 - ``synchronous=NORMAL`` for step and log writes (survives any kill of the process) and a FULL sync
   for deployment-level transitions, at most two commits per step, log lines batched.
-- A checkpoint every 8,192 WAL pages (SQLite's default is 1,000) and one after each deployment:
-  a checkpoint syncs the file, which would otherwise cost every quick step ~10 µs on average.
+- A checkpoint every 8,192 WAL pages (SQLite's default is 1,000; the last connection to close
+  checkpoints too): a checkpoint syncs the file, which would otherwise cost every quick step
+  ~10 µs on average.
 - ``PRAGMA application_id`` marks the file as ours and ``PRAGMA user_version`` is the schema
   version: any other file, or a newer schema, is refused and left untouched.
 
@@ -761,12 +762,6 @@ class SQLiteStore:
                 (status.value, now, error, dep_id),
             )
             c.execute("DELETE FROM locks WHERE deployment_id=?", (dep_id,))
-        # The deployment's pages go into the file now, not at some later step's commit; PASSIVE
-        # never waits for a reader (what it cannot copy yet, the next checkpoint does).
-        try:
-            self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-        except sqlite3.OperationalError:  # busy: the next checkpoint does it
-            pass
 
     # -- queries ----------------------------------------------------------------------------------
 

@@ -31,24 +31,11 @@ The package uses only :mod:`shipyard.sdk`; its modules:
 
 from __future__ import annotations
 
+from importlib import import_module
 from typing import TYPE_CHECKING
-from typing import Final
-from typing import final
+from typing import Any
 
 from shipyard.sdk import hookimpl
-
-from ._engine import API_TIMEOUT
-from ._engine import DEFAULT_ENGINE
-from ._engine import Engine
-from ._engine import engine_address
-from ._engine import engine_hostname
-from ._health import MIN_UPTIME
-from ._health import POLL_INTERVAL
-from ._labels import LABEL_PREFIX
-from ._logs import LogPump
-from ._options import PULL_POLICIES
-from ._run import DockerRunStep
-from ._service import DockerServiceStep
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -75,32 +62,44 @@ __all__ = [
     "shipyard_register_step_types",
 ]
 
+#: Where each public name lives. Nothing is imported until it is used: loading the built-in
+#: plugins (every ``deploy``, ``list`` and ``plan``) costs this module alone, not its modules.
+_LAZY = {
+    "API_TIMEOUT": "_engine",
+    "DEFAULT_ENGINE": "_engine",
+    "DockerRunStep": "_run",
+    "DockerServiceStep": "_service",
+    "DockerSteps": "_facade",
+    "Engine": "_engine",
+    "LABEL_PREFIX": "_labels",
+    "LogPump": "_logs",
+    "MIN_UPTIME": "_health",
+    "POLL_INTERVAL": "_health",
+    "PULL_POLICIES": "_options",
+    "docker": "_facade",
+    "engine_address": "_engine",
+    "engine_hostname": "_engine",
+}
 
-# Reprs, tracebacks and pickles keep naming the import path they had before the split into
-# private modules: shipyard.plugins.docker.DockerRunStep, not ..._run.DockerRunStep.
-for _cls in (DockerRunStep, DockerServiceStep, Engine, LogPump):
-    _cls.__module__ = __name__
-del _cls
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
 
 
-@final
-class DockerSteps:
-    """``shipyard.docker``: the Docker step types, ``docker.run`` and ``docker.service``."""
-
-    run: Final = DockerRunStep
-    service: Final = DockerServiceStep
-
-    def __repr__(self) -> str:
-        return "<shipyard.docker: run, service>"
-
-
-docker: Final = DockerSteps()
+def __dir__() -> list[str]:
+    return sorted(__all__)
 
 
 @hookimpl
 def shipyard_register_step_types(registry: StepTypeRegistry) -> None:
-    registry.add(DockerRunStep)
-    registry.add(DockerServiceStep)
+    # By name: the step classes are imported when a pipeline builds such a step.
+    registry.add("shipyard.plugins.docker._run:DockerRunStep", kind="docker.run")
+    registry.add("shipyard.plugins.docker._service:DockerServiceStep", kind="docker.service")
 
 
 @hookimpl

@@ -284,3 +284,7 @@ class Engine:
         except self.errors.APIError as exc:
             if exc.status_code != 409:  # "removal already in progress"
                 raise
+
+
+# Reprs, tracebacks and pickles name the package, as before it was split into modules.
+Engine.__module__ = "shipyard.plugins.docker"

@@ -44,3 +44,7 @@ def exit_text(rc: int, oom: bool = False) -> str:
         except ValueError:
             pass
     return f"exited with {rc}"
+
+
+# Reprs, tracebacks and pickles name the package, as before it was split into modules.
+LogPump.__module__ = "shipyard.plugins.docker"

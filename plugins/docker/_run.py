@@ -200,3 +200,7 @@ class DockerRunStep(Step):
             return
         if cancelled:
             context.log(f"stopped and removed container {cname}", "shipyard")
+
+
+# Reprs, tracebacks and pickles name the package, as before it was split into modules.
+DockerRunStep.__module__ = "shipyard.plugins.docker"

@@ -542,3 +542,7 @@ class DockerServiceStep(Step):
                 router_failed=True,
             ) from None
         context.log(f"router {desc}: {self.service} -> 127.0.0.1:{port}", "shipyard")
+
+
+# Reprs, tracebacks and pickles name the package, as before it was split into modules.
+DockerServiceStep.__module__ = "shipyard.plugins.docker"

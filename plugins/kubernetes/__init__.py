@@ -36,47 +36,14 @@ The package uses only :mod:`shipyard.sdk`; its modules:
 
 from __future__ import annotations
 
+from importlib import import_module
 from typing import TYPE_CHECKING
 from typing import Any
-from typing import Final
-from typing import final
 
 from shipyard.sdk import hookimpl
 
-from ._apply import MAX_PODS_SHOWN
-from ._apply import KubernetesApplyStep
-from ._client import FIELD_MANAGER
-from ._client import Cluster
-from ._job import ANNOTATION_PREFIX
-from ._job import MANAGED_BY
-from ._job import TTL_BACKSTOP
-from ._job import KubernetesJobStep
-from ._logs import LOG_GRACE
-from ._options import DEFAULT_REQUEST_TIMEOUT
-from ._options import MAX_POLL_INTERVAL
-from ._render import Document
-from ._render import ManifestError
-from ._render import images_of
-from ._render import load_documents
-from ._render import manifest_files
-from ._render import object_ref
-from ._render import parse
-from ._render import render
-from ._render import variables_for
-from ._rollout import DONE
-from ._rollout import FAILED
-from ._rollout import WAITING
-from ._rollout import WORKLOAD_KINDS
-from ._rollout import condition
-from ._rollout import label_selector
-from ._rollout import pod_ready
-from ._rollout import pod_state
-from ._rollout import rollout_status
-
 if TYPE_CHECKING:
-    import os
     from collections.abc import Callable
-    from collections.abc import Sequence
 
     from shipyard.sdk import ArtifactRow
     from shipyard.sdk import StepTypeRegistry
@@ -117,51 +84,61 @@ __all__ = [
     "variables_for",
 ]
 
+#: Where each public name lives. Nothing is imported until it is used: loading the built-in
+#: plugins (every ``deploy``, ``list`` and ``plan``) costs this module alone, not its modules.
+_LAZY = {
+    "ANNOTATION_PREFIX": "_job",
+    "Cluster": "_client",
+    "DEFAULT_REQUEST_TIMEOUT": "_options",
+    "DONE": "_rollout",
+    "Document": "_render",
+    "FAILED": "_rollout",
+    "FIELD_MANAGER": "_client",
+    "KubernetesApplyStep": "_apply",
+    "KubernetesJobStep": "_job",
+    "KubernetesSteps": "_facade",
+    "LOG_GRACE": "_logs",
+    "MANAGED_BY": "_job",
+    "MAX_PODS_SHOWN": "_apply",
+    "MAX_POLL_INTERVAL": "_options",
+    "ManifestError": "_render",
+    "TTL_BACKSTOP": "_job",
+    "WAITING": "_rollout",
+    "WORKLOAD_KINDS": "_rollout",
+    "condition": "_rollout",
+    "images_of": "_render",
+    "kubernetes": "_facade",
+    "label_selector": "_rollout",
+    "load_documents": "_render",
+    "manifest_files": "_render",
+    "object_ref": "_render",
+    "parse": "_render",
+    "pod_ready": "_rollout",
+    "pod_state": "_rollout",
+    "render": "_render",
+    "rollout_status": "_rollout",
+    "variables_for": "_render",
+}
 
-# Reprs, tracebacks and pickles keep naming the import path they had before the split into
-# private modules: shipyard.plugins.kubernetes.KubernetesJobStep, not ..._job.KubernetesJobStep.
-for _cls in (Cluster, Document, KubernetesApplyStep, KubernetesJobStep, ManifestError):
-    _cls.__module__ = __name__
-del _cls
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
 
 
-@final
-class KubernetesSteps:
-    """``shipyard.kubernetes``: call it to apply manifests; ``.job(...)`` runs a Job."""
-
-    job: Final = KubernetesJobStep
-
-    def __call__(
-        self,
-        manifest: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
-        namespace: str | None = None,
-        context: str | None = None,
-        wait: bool = True,
-        timeout: float | None = 300,
-        force_conflicts: bool = False,
-        *,
-        request_timeout: float | tuple[float, float] = DEFAULT_REQUEST_TIMEOUT,
-        name: str | None = None,
-        retries: int = 0,
-        **unknown: Any,
-    ) -> KubernetesApplyStep:
-        """Build a :class:`KubernetesApplyStep` (see there for the options)."""
-        return KubernetesApplyStep(
-            manifest, namespace, context, wait, timeout, force_conflicts,
-            request_timeout=request_timeout, name=name, retries=retries, **unknown,
-        )  # fmt: skip
-
-    def __repr__(self) -> str:
-        return "<shipyard.kubernetes: kubernetes(manifest, ...), kubernetes.job(name, image, ...)>"
-
-
-kubernetes: Final = KubernetesSteps()
+def __dir__() -> list[str]:
+    return sorted(__all__)
 
 
 @hookimpl
 def shipyard_register_step_types(registry: StepTypeRegistry) -> None:
-    registry.add(KubernetesApplyStep)
-    registry.add(KubernetesJobStep)
+    # By name: the step classes are imported when a pipeline builds such a step.
+    registry.add("shipyard.plugins.kubernetes._apply:KubernetesApplyStep", kind="kubernetes")
+    registry.add("shipyard.plugins.kubernetes._job:KubernetesJobStep", kind="kubernetes.job")
 
 
 @hookimpl

@@ -388,3 +388,7 @@ def _applied_verb(before: Obj | None, status: int, applied: Obj) -> str:
     version_before = (before.get("metadata") or {}).get("resourceVersion")
     version_after = (applied.get("metadata") or {}).get("resourceVersion")
     return "unchanged" if version_before == version_after else "configured"
+
+
+# Reprs, tracebacks and pickles name the package, as before it was split into modules.
+KubernetesApplyStep.__module__ = "shipyard.plugins.kubernetes"

@@ -302,3 +302,7 @@ def _enforce_timeouts(api: Any, timeout: tuple[float, float]) -> None:
         return original(method, url, *args, **kwargs)
 
     rest.request = request
+
+
+# Reprs, tracebacks and pickles name the package, as before it was split into modules.
+Cluster.__module__ = "shipyard.plugins.kubernetes"

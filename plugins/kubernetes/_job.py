@@ -649,3 +649,7 @@ def _exit_code(pod: Mapping[str, Any] | None) -> int | None:
         if terminated and isinstance(terminated.get("exitCode"), int):
             return int(terminated["exitCode"])
     return None
+
+
+# Reprs, tracebacks and pickles name the package, as before it was split into modules.
+KubernetesJobStep.__module__ = "shipyard.plugins.kubernetes"

@@ -296,3 +296,10 @@ def images_of(body: Any) -> list[str]:
 
     walk(body.get("spec") if isinstance(body, dict) else None)
     return list(dict.fromkeys(found))
+
+
+# Reprs, tracebacks and pickles name the package, as before it was split into modules.
+Document.__module__ = "shipyard.plugins.kubernetes"
+
+# Reprs, tracebacks and pickles name the package, as before it was split into modules.
+ManifestError.__module__ = "shipyard.plugins.kubernetes"
