@@ -15,9 +15,13 @@ EXTRAS = ".[test,docker,kubernetes]"
 
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
-    """The whole test suite (Docker tests need an engine: see .ci/docker-up.sh)."""
+    """The whole test suite (Docker tests need an engine: see .ci/docker-up.sh).
+
+    The real Kubernetes tests form one xdist group, so one worker starts the control plane;
+    SHIPYARD_SKIP_K8S_REAL=1 skips them (docs/dev/kubernetes-real.md).
+    """
     session.install("-e", EXTRAS)
-    args = session.posargs or ["-n", "2"]
+    args = session.posargs or ["-n", "2", "--dist", "loadgroup"]
     session.run("python", "-m", "pytest", *args)
 
 
