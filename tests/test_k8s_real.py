@@ -230,3 +230,73 @@ def test_a_failed_rollout_is_rolled_back_to_exactly_what_ran_before(
     assert dep.spec.template.spec.node_selector is None
     assert dep.spec.template.spec.containers[0].image == "registry.example/web:1.0"
     assert dep.status.available_replicas == 2
+
+
+def test_a_crd_and_its_custom_resource_in_one_step(project: Project, api: Any) -> None:
+    # The CRD goes first and is waited for (Established) and the API discovered again, so
+    # that the custom resource after it can be applied in the same step.
+    group = f"{project.ns}.example.com"
+    project.manifest(textwrap.dedent(f"""\
+        apiVersion: example.com/v1
+        kind: Widget
+        metadata:
+          name: w1
+        spec:
+          size: 3
+        ---
+        apiVersion: apiextensions.k8s.io/v1
+        kind: CustomResourceDefinition
+        metadata:
+          name: widgets.{group}
+        spec:
+          group: {group}
+          names: {{kind: Widget, plural: widgets, singular: widget}}
+          scope: Namespaced
+          versions:
+            - name: v1
+              served: true
+              storage: true
+              schema:
+                openAPIV3Schema:
+                  type: object
+                  properties:
+                    spec: {{type: object, properties: {{size: {{type: integer}}}}}}
+        """).replace("apiVersion: example.com/v1", f"apiVersion: {group}/v1"), "crd.yaml")  # fmt: skip
+    project.pipelines(f'sy.kubernetes("k8s/crd.yaml", namespace={project.ns!r}, timeout=60)')
+    r = project.run("deploy", "web", "1.0", "-e", "prod")
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout
+    assert out.index(f"widgets.{group} created") < out.index(f"widgets.{group} established")
+    assert out.index("established") < out.index(
+        f"widget.{group}/w1 created (namespace {project.ns})"
+    )
+    from kubernetes import client
+
+    got = client.CustomObjectsApi(api).get_namespaced_custom_object(
+        group, "v1", project.ns, "widgets", "w1"
+    )
+    assert got["spec"]["size"] == 3
+
+
+def test_a_namespace_being_deleted_is_refused_clearly(project: Project, api: Any) -> None:
+    from kubernetes import client
+
+    core = client.CoreV1Api(api)
+    # A ConfigMap with a finalizer nobody removes keeps the namespace Terminating.
+    core.create_namespaced_config_map(
+        project.ns, {"metadata": {"name": "hold", "finalizers": ["example.com/hold"]}}
+    )
+    core.delete_namespace(project.ns)
+    project.manifest(APP)
+    project.pipelines(f'sy.kubernetes("k8s/app.yaml", namespace={project.ns!r}, timeout=30)')
+    r = project.run("deploy", "web", "1.0", "-e", "prod")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert (
+        f"cannot apply configmap/web-config (namespace {project.ns}) from k8s/app.yaml:1: its "
+        "namespace is being deleted (Terminating"
+    ) in r.stdout, r.stdout
+    assert "wait until it is gone and deploy again, or deploy to another namespace" in r.stdout
+    assert "RBAC" not in r.stdout
+    assert "Traceback" not in r.stdout + r.stderr
+    # Let it go.
+    core.patch_namespaced_config_map("hold", project.ns, {"metadata": {"finalizers": None}})

@@ -208,6 +208,8 @@ class KubernetesApplyStep(Step):
                 w = await self._apply(cluster, context, doc)
                 if w is not None:
                     workloads.append(w)
+                if doc.kind == "CustomResourceDefinition":  # sorted first: its kinds come next
+                    await self._established(cluster, context, doc, deadline)
             if self.wait and workloads:
                 await self._wait(cluster, context, workloads, deadline)
         finally:
@@ -293,6 +295,40 @@ class KubernetesApplyStep(Step):
             ) from None
         except Exception as exc:
             raise cluster.explain(exc, f"look up kind {doc.kind} ({doc.where})") from None
+
+    async def _established(
+        self, cluster: Cluster, context: StepContext, doc: Document, deadline: float | None
+    ) -> None:
+        """Wait until the CRD serves its kind (Established), then discover the API again, so
+        that the custom resources after it in the manifests can be applied."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        until = deadline if deadline is not None else loop.time() + 60
+        resource = await self._resource(cluster, doc)
+        reason = "no condition yet"
+        while True:
+            obj = await cluster.call(cluster.read_or_none, resource, doc.name, None)
+            conditions = {
+                c.get("type"): c for c in ((obj or {}).get("status") or {}).get("conditions") or []
+            }
+            established = conditions.get("Established") or {}
+            if established.get("status") == "True":
+                break
+            names = conditions.get("NamesAccepted") or {}
+            if names.get("status") == "False":
+                raise StepFailed(
+                    f"{doc.ref} from {doc.where} was not accepted: {names.get('reason')}: "
+                    f"{names.get('message')}"
+                )
+            reason = established.get("message") or established.get("reason") or reason
+            if loop.time() >= until:
+                raise StepFailed(
+                    f"{doc.ref} from {doc.where} was not Established in time: {reason}"
+                )
+            await asyncio.sleep(0.2)
+        await cluster.call(cluster.rediscover)
+        context.log(f"{doc.ref} established: its kinds are served", "shipyard")
 
     # -- waiting for the rollouts -----------------------------------------------------------------
 

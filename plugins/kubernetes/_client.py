@@ -170,6 +170,10 @@ class Cluster:
             )
         return found
 
+    def rediscover(self) -> None:
+        """Discover the API again (blocking): a CustomResourceDefinition just added a kind."""
+        self.dyn.resources.invalidate_cache()
+
     def known_resource(self, api_version: str, kind: str) -> Any:
         """A resource :meth:`resource` found already, else None (no request)."""
         return self._resources.get((api_version, kind))

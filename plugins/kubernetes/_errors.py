@@ -109,6 +109,11 @@ def _refused(
             f"(401 Unauthorized) when asked to {doing}; log in again or renew the "
             "token in the kubeconfig"
         )
+    if status == 403 and "because it is being terminated" in message:
+        return StepFailed(
+            f"cannot {doing}: its namespace is being deleted (Terminating: {message}); wait "
+            "until it is gone and deploy again, or deploy to another namespace"
+        )
     if status == 403:
         return StepFailed(
             f"not allowed to {doing} (403 Forbidden: {message}); ask a cluster admin "
