@@ -6,10 +6,9 @@ This façade is the only documented import path. Names load lazily on first use,
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
-from typing import Any
 
+from ._lazy import lazy_exports
 from ._version import __version__ as __version__
 
 if TYPE_CHECKING:
@@ -113,14 +112,4 @@ _LAZY: dict[str, str] = {
 __all__ = sorted([*_LAZY, "__version__"])
 
 
-def __getattr__(name: str) -> Any:
-    modname = _LAZY.get(name)
-    if modname is None:
-        raise AttributeError(f"module 'shipyard' has no attribute {name!r}")
-    value = getattr(importlib.import_module(modname), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, __all__)

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import contextvars
 import threading
+from itertools import groupby
+from operator import itemgetter
 from typing import TYPE_CHECKING
 from typing import Any
 
@@ -103,15 +105,9 @@ class Capture:
         if not lines:
             return
         _passing.on = True
-        try:
-            i = 0
-            while i < len(lines):  # one event per run of lines of the same stream
-                stream = lines[i][0]
-                j = i
-                while j < len(lines) and lines[j][0] == stream:
-                    j += 1
-                self.ctx.log_lines([p for _, t in lines[i:j] for p in pieces(t)], stream)
-                i = j
+        try:  # one event per run of lines of the same stream
+            for stream, run in groupby(lines, key=itemgetter(0)):
+                self.ctx.log_lines([p for _, t in run for p in pieces(t)], stream)
         finally:
             _passing.on = False
 

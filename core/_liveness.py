@@ -139,26 +139,24 @@ def clean_up(store: HistoryStore, dep_ids: Sequence[int], pm: ShipyardPluginMana
     from ._secrets import mask
     from ._store import LogRecord
 
-    hook = pm.hook.shipyard_cleanup_interrupted
+    if not pm.has_impls("shipyard_cleanup_interrupted"):
+        return
     for dep_id in dep_ids:
         artifacts = store.artifacts(dep_id)
-        if not artifacts or not hook.get_hookimpls():
+        if not artifacts:
             continue
-        deployment = store.get(dep_id)
 
         def log(text: str, dep_id: int = dep_id) -> None:
             text = mask(f"repair of #{dep_id}: {text}")
             print(f"shipyard: {text}", file=sys.stderr)
             store.record([], [LogRecord(dep_id, None, None, time.time(), "shipyard", text)])
 
-        for impl in hook.get_hookimpls():
-            try:
-                impl.function(
-                    **{k: v for k, v in {"deployment": deployment, "artifacts": artifacts,
-                                         "log": log}.items() if k in impl.argnames}
-                )  # fmt: skip
-            except Exception as exc:  # the command goes on; the history says what was left
-                log(f"plugin {impl.plugin_name!r} could not clean up: {type(exc).__name__}: {exc}")
+        failures = pm.call_each(
+            "shipyard_cleanup_interrupted", deployment=store.get(dep_id), artifacts=artifacts,
+            log=log,
+        )  # fmt: skip
+        for plugin, exc in failures:  # the command goes on; the history says what was left
+            log(f"plugin {plugin!r} could not clean up: {type(exc).__name__}: {exc}")
 
 
 def repair(store: HistoryStore, lease: float) -> list[int]:

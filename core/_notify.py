@@ -75,9 +75,6 @@ class _Worker:
             self.errors.append(text)
         print(f"shipyard: warning: {text}", file=sys.stderr)
 
-    def _repeated(self, n: int, cause: str | None) -> str:
-        return f"notifier {sink_name(self.sink)} failed on {n} more event(s) the same way ({cause})"
-
     def _loop(self) -> None:
         broken = False
         opener = getattr(self.sink, "open", None)
@@ -90,8 +87,17 @@ class _Worker:
                     f"notifier {sink_name(self.sink)} could not start: {type(exc).__name__}: "
                     f"{exc}; it receives no events"
                 )
-        last: str | None = None  # the last failure's cause, to report a run of the same once
-        repeats = 0
+        # A run of failures of the same cause is reported once, then counted.
+        run: list[Any] = [None, 0]  # the cause, and how many more failed the same way
+
+        def end_run(cause: str | None = None) -> None:
+            if run[1]:
+                self._report(
+                    f"notifier {sink_name(self.sink)} failed on {run[1]} more event(s) the same "
+                    f"way ({run[0]})"
+                )
+            run[:] = [cause, 0]
+
         while True:
             item = self.queue.get()
             if item is _STOP:
@@ -102,22 +108,17 @@ class _Worker:
                 self.sink.send(item)
             except Exception as exc:
                 cause = f"{type(exc).__name__}: {str(exc).rsplit(': ', 1)[-1]}"
-                if cause == last:
-                    repeats += 1
+                if cause == run[0]:
+                    run[1] += 1
                     continue
-                if repeats:
-                    self._report(self._repeated(repeats, last))
-                last, repeats = cause, 0
+                end_run(cause)
                 self._report(
                     f"notifier {sink_name(self.sink)} failed on {item.get('event')}: "
                     f"{type(exc).__name__}: {exc}"
                 )
             else:
-                if repeats:
-                    self._report(self._repeated(repeats, last))
-                last, repeats = None, 0
-        if repeats:
-            self._report(self._repeated(repeats, last))
+                end_run()
+        end_run()
         close = getattr(self.sink, "close", None)
         if close is not None:
             try:

@@ -274,19 +274,27 @@ class ShipyardPluginManager(pluggy.PluginManager):
     def unconfigure(self, config: Config) -> None:
         self.hook.shipyard_unconfigure(config=config)
 
+    def call_each(self, hook_name: str, **kwargs: Any) -> list[tuple[str, Exception]]:
+        """Call every implementation of ``hook_name``, each on its own: one that raises does
+        not keep the others from running. The failures, by plugin name."""
+        failures = []
+        for impl in getattr(self.hook, hook_name).get_hookimpls():
+            try:
+                impl.function(**{name: kwargs[name] for name in impl.argnames})
+            except Exception as exc:
+                failures.append((impl.plugin_name, exc))
+        return failures
+
+    def has_impls(self, hook_name: str) -> bool:
+        return bool(getattr(self.hook, hook_name).get_hookimpls())
+
     def add_commands(self, cli: click.Group) -> list[str]:
         """Let each plugin add its commands to ``cli``; what went wrong, by plugin (a plugin
         that fails does not keep the others' commands away)."""
-        failures = []
-        for impl in self.hook.shipyard_addcommands.get_hookimpls():
-            try:
-                impl.function(**{name: cli for name in impl.argnames})
-            except Exception as exc:
-                failures.append(
-                    f"plugin {impl.plugin_name!r} failed to add its commands: "
-                    f"{type(exc).__name__}: {exc}"
-                )
-        return failures
+        return [
+            f"plugin {name!r} failed to add its commands: {type(exc).__name__}: {exc}"
+            for name, exc in self.call_each("shipyard_addcommands", cli=cli)
+        ]
 
     def modify_collection(self, pipelines: list[Pipeline[Any]], config: Config) -> None:
         self.hook.shipyard_collection_modifyitems(pipelines=pipelines, config=config)

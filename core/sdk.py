@@ -29,9 +29,10 @@ only when it probes. See docs/guides/plugin-authors.md.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
 from typing import Any
+
+from ._lazy import lazy_exports as lazy_exports
 
 if TYPE_CHECKING:
     from ._events import DeploymentFinished as DeploymentFinished
@@ -143,6 +144,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "utcnow": ("shipyard._reports", "utcnow"),
     "ArtifactRow": ("shipyard._store", "ArtifactRow"),
     "AuditRow": ("shipyard._store", "AuditRow"),
+    "lazy_exports": ("shipyard._lazy", "lazy_exports"),
     "Begun": ("shipyard._store", "Begun"),
     "DeploymentInfo": ("shipyard._store", "DeploymentInfo"),
     "DeploymentRow": ("shipyard._store", "DeploymentRow"),
@@ -176,14 +178,4 @@ _LAZY: dict[str, tuple[str, str]] = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    where = _LAZY.get(name)
-    if where is None:
-        raise AttributeError(f"module 'shipyard.sdk' has no attribute {name!r}")
-    value = getattr(importlib.import_module(where[0]), where[1])
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, {k: f"{m}:{a}" for k, (m, a) in _LAZY.items()})

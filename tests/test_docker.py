@@ -687,17 +687,21 @@ SHIPYARD_EXE = Path(sys.executable).parent / "shipyard"
 
 
 class KilledProject:
-    """A project whose docker.service deploys run as real `shipyard` processes."""
+    """A project whose deploys run as real `shipyard` processes, to be killed with kill -9.
 
-    def __init__(self, tmp_path: Path, target: Target, nginx: NginxServer) -> None:
+    Pipeline ``target.pipeline``: a docker.service, behind ``nginx`` (or with no router);
+    ``<pipeline>-task``: a docker.run of a container that sleeps.
+    """
+
+    def __init__(self, tmp_path: Path, target: Target, nginx: NginxServer | None) -> None:
         self.root = tmp_path / "project"
         self.root.mkdir()
         self.target, self.nginx = target, nginx
-        slots: list[int] = nginx.slots  # type: ignore[attr-defined]
-        router = (
+        slots = nginx.slots if nginx is not None else free_ports(2)  # type: ignore[attr-defined]
+        router = "None" if nginx is None else (
             f"sy.nginx({str(nginx.include_dir)!r}, nginx={NGINX!r}, args={nginx.args!r}, "
             f"pid_file={str(nginx.pid_file)!r})"
-        )
+        )  # fmt: skip
         (self.root / "pipelines.py").write_text(textwrap.dedent(f"""
             import shipyard as sy
 
@@ -709,6 +713,11 @@ class KilledProject:
                     health_check=sy.health_check(d.vars.get("health", "/healthz"), timeout=60,
                                                  interval=0.2),
                     drain=float(d.vars.get("drain", "0.2")), stop_timeout=2))]
+
+            @sy.pipeline(name={target.pipeline + "-task"!r})
+            def task(d):
+                return [sy.stage("run", sy.docker.run({BUSYBOX!r}, ["sleep", "120"],
+                                                      labels={target.labels!r}, name="sleeper"))]
             """))  # fmt: skip
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("SHIPYARD_")}
 
@@ -719,16 +728,19 @@ class KilledProject:
         return subprocess.run(self.argv(*args), cwd=self.root, env=self.env,
                               capture_output=True, text=True, timeout=120)  # fmt: skip
 
-    def start(self, *args: str) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(self.argv(*args), cwd=self.root, env=self.env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-
-
-def _wait(predicate: Any, what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
+    def kill_9_during(self, *args: str, once: Any, what: str) -> None:
+        """Run ``shipyard *args`` and kill -9 it as soon as ``once()`` is true."""
+        cli = subprocess.Popen(self.argv(*args), cwd=self.root, env=self.env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        try:
+            deadline = time.monotonic() + 60
+            while not once():
+                assert cli.poll() is None, f"shipyard {' '.join(args)} ended before {what}"
+                assert time.monotonic() < deadline, f"timed out waiting for {what}"
+                time.sleep(0.1)
+        finally:
+            cli.kill()
+            cli.wait(10)
 
 
 @pytest.mark.docker
@@ -741,10 +753,10 @@ def test_kill_9_before_the_switch_removes_the_new_container(
     assert first.returncode == 0, first.stdout + first.stderr
     assert nginx.get() == (200, "version v1")
     # v2 never gets healthy here (a path it does not serve): kill -9 while it is checked.
-    cli = p.start("deploy", target.pipeline, "v2", "-e", "staging", "--var", "health=/never")
-    _wait(lambda: f"{S}-v2" in running_services(docker_engine, target), "the new container")
-    cli.kill()
-    cli.wait(10)
+    p.kill_9_during(
+        "deploy", target.pipeline, "v2", "-e", "staging", "--var", "health=/never",
+        once=lambda: f"{S}-v2" in running_services(docker_engine, target), what="the new container",
+    )  # fmt: skip
     assert set(running_services(docker_engine, target)) == {f"{S}-v1", f"{S}-v2"}
 
     # The next command records the deployment interrupted and settles what it left.
@@ -772,13 +784,13 @@ def test_kill_9_after_the_switch_retires_the_old_container(
     S = target.service
     p = KilledProject(tmp_path, target, nginx)
     assert p.run("deploy", target.pipeline, "v1", "-e", "staging").returncode == 0
-    # Killed while draining v1: the router already sends traffic to v2.
-    cli = p.start("deploy", target.pipeline, "v2", "-e", "staging", "--var", "drain=60")
-    _wait(lambda: nginx.get() == (200, "version v2"), "the switch to v2")
-    # The step records the switch just after the router made it; it logs "draining" after.
-    _wait(lambda: f"draining {S}-v1" in p.run("logs", "2").stdout, "the drain")
-    cli.kill()
-    cli.wait(10)
+    # Killed while draining v1: the router already sends traffic to v2. The step records the
+    # switch just after the router made it, and logs "draining" after that.
+    p.kill_9_during(
+        "deploy", target.pipeline, "v2", "-e", "staging", "--var", "drain=60",
+        once=lambda: f"draining {S}-v1" in p.run("logs", "2").stdout, what="the drain",
+    )  # fmt: skip
+    assert nginx.get() == (200, "version v2")
     status = p.run("history")
     assert status.returncode == 0, status.stdout + status.stderr
     assert (
@@ -790,3 +802,44 @@ def test_kill_9_after_the_switch_retires_the_old_container(
     nxt = p.run("deploy", target.pipeline, "v1-again", "-e", "staging")
     assert nxt.returncode == 0, nxt.stdout + nxt.stderr
     assert nginx.get() == (200, "version v1")
+
+
+@pytest.mark.docker
+def test_kill_9_without_a_router_restarts_the_container_stopped_for_the_port(
+    docker_engine: Any, target: Target, tmp_path: Path
+) -> None:
+    # No router: the old container stops first to free the port, then the new one starts on
+    # it; killed before the new one is healthy, the repair removes it and starts the old one.
+    S = target.service
+    p = KilledProject(tmp_path, target, None)
+    assert p.run("deploy", target.pipeline, "v1", "-e", "staging").returncode == 0
+    p.kill_9_during(
+        "deploy", target.pipeline, "v2", "-e", "staging", "--var", "health=/never",
+        once=lambda: f"{S}-v2" in running_services(docker_engine, target), what="the new container",
+    )  # fmt: skip
+    assert list(running_services(docker_engine, target)) == [f"{S}-v2"]  # v1 was stopped
+    status = p.run("status")
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert f"repair of #2: removed {S}-v2: it never served {S}" in status.stderr
+    assert f"repair of #2: started {S}-v1 again: it was stopped to free the port" in status.stderr
+    assert list(running_services(docker_engine, target)) == [f"{S}-v1"]
+
+
+@pytest.mark.docker
+def test_kill_9_during_docker_run_removes_its_container(
+    docker_engine: Any, target: Target, tmp_path: Path
+) -> None:
+    p = KilledProject(tmp_path, target, None)
+    task = target.pipeline + "-task"
+
+    def sleeper() -> list[Any]:
+        return [c for c in test_containers(docker_engine, **{"shipyard.pipeline": task})
+                if c.status == "running"]  # fmt: skip
+
+    p.kill_9_during("deploy", task, "1", "-e", "staging", once=lambda: bool(sleeper()),
+                    what="the container")  # fmt: skip
+    (left,) = sleeper()
+    status = p.run("status")
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert f"repair of #1: removed {left.name}, the container of step 'sleeper'" in status.stderr
+    assert test_containers(docker_engine, **{"shipyard.pipeline": task}) == []

@@ -32,6 +32,8 @@ SDK_NAMES = {
     # the HTTP probe
     "HttpProbe", "ProbeReport", "probe_until_healthy", "body_excerpt", "classify_error",
     "display_url", "ssl_verify",
+    # packages that import their modules on first use
+    "lazy_exports",
     # the store port
     "HistoryStore", "Begun", "DeploymentInfo", "DeploymentRow", "StageRow", "StepRow", "LogRow",
     "ArtifactRow", "AuditRow", "LockRow", "LogRecord", "ProcessRef", "Liveness", "StagePlan", "StepPlan",

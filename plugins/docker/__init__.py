@@ -31,11 +31,10 @@ The package uses only :mod:`shipyard.sdk`; its modules:
 
 from __future__ import annotations
 
-from importlib import import_module
 from typing import TYPE_CHECKING
-from typing import Any
 
 from shipyard.sdk import hookimpl
+from shipyard.sdk import lazy_exports
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -65,34 +64,24 @@ __all__ = [
 #: Where each public name lives. Nothing is imported until it is used: loading the built-in
 #: plugins (every ``deploy``, ``list`` and ``plan``) costs this module alone, not its modules.
 _LAZY = {
-    "API_TIMEOUT": "_engine",
-    "DEFAULT_ENGINE": "_engine",
-    "DockerRunStep": "_run",
-    "DockerServiceStep": "_service",
-    "DockerSteps": "_facade",
-    "Engine": "_engine",
-    "LABEL_PREFIX": "_labels",
-    "LogPump": "_logs",
-    "MIN_UPTIME": "_health",
-    "POLL_INTERVAL": "_health",
-    "PULL_POLICIES": "_options",
-    "docker": "_facade",
-    "engine_address": "_engine",
-    "engine_hostname": "_engine",
+    "API_TIMEOUT": "._engine",
+    "DEFAULT_ENGINE": "._engine",
+    "DockerRunStep": "._run",
+    "DockerServiceStep": "._service",
+    "DockerSteps": "._facade",
+    "Engine": "._engine",
+    "LABEL_PREFIX": "._labels",
+    "LogPump": "._logs",
+    "MIN_UPTIME": "._health",
+    "POLL_INTERVAL": "._health",
+    "PULL_POLICIES": "._options",
+    "docker": "._facade",
+    "engine_address": "._engine",
+    "engine_hostname": "._engine",
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, __all__)
 
 
 @hookimpl

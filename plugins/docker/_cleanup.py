@@ -90,17 +90,19 @@ def clean_up(artifacts: Sequence[ArtifactRow], log: Callable[[str], None]) -> No
         client.close()
 
 
-def _inspect(api: Any, name: str) -> dict[str, Any] | None:
+def _ours(api: Any, name: str, labels: Mapping[str, str]) -> dict[str, Any] | None:
+    """Container ``name`` as the engine describes it, if it exists and carries ``labels``."""
     try:
-        return api.inspect_container(name)  # type: ignore[no-any-return]
+        info: dict[str, Any] = api.inspect_container(name)
     except docker_sdk().errors.NotFound:
         return None
+    return info if carries(info.get("Config", {}).get("Labels"), labels) else None
 
 
 def _remove(api: Any, name: str, labels: Mapping[str, str]) -> bool:
-    """Force-remove container ``name`` if it exists and carries ``labels``."""
-    info = _inspect(api, name)
-    if info is None or not carries(info.get("Config", {}).get("Labels"), labels):
+    """Force-remove container ``name`` if it is ours."""
+    info = _ours(api, name, labels)
+    if info is None:
         return False
     try:
         api.remove_container(info["Id"], v=True, force=True)
@@ -110,10 +112,8 @@ def _remove(api: Any, name: str, labels: Mapping[str, str]) -> bool:
 
 
 def _start_if_stopped(api: Any, name: str, labels: Mapping[str, str]) -> bool:
-    info = _inspect(api, name)
-    if info is None or not carries(info.get("Config", {}).get("Labels"), labels):
-        return False
-    if info.get("State", {}).get("Running"):
+    info = _ours(api, name, labels)
+    if info is None or info.get("State", {}).get("Running"):
         return False
     api.start(info["Id"])
     return True

@@ -36,11 +36,10 @@ The package uses only :mod:`shipyard.sdk`; its modules:
 
 from __future__ import annotations
 
-from importlib import import_module
 from typing import TYPE_CHECKING
-from typing import Any
 
 from shipyard.sdk import hookimpl
+from shipyard.sdk import lazy_exports
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -87,51 +86,41 @@ __all__ = [
 #: Where each public name lives. Nothing is imported until it is used: loading the built-in
 #: plugins (every ``deploy``, ``list`` and ``plan``) costs this module alone, not its modules.
 _LAZY = {
-    "ANNOTATION_PREFIX": "_job",
-    "Cluster": "_client",
-    "DEFAULT_REQUEST_TIMEOUT": "_options",
-    "DONE": "_rollout",
-    "Document": "_render",
-    "FAILED": "_rollout",
-    "FIELD_MANAGER": "_client",
-    "KubernetesApplyStep": "_apply",
-    "KubernetesJobStep": "_job",
-    "KubernetesSteps": "_facade",
-    "LOG_GRACE": "_logs",
-    "MANAGED_BY": "_job",
-    "MAX_PODS_SHOWN": "_apply",
-    "MAX_POLL_INTERVAL": "_options",
-    "ManifestError": "_render",
-    "TTL_BACKSTOP": "_job",
-    "WAITING": "_rollout",
-    "WORKLOAD_KINDS": "_rollout",
-    "condition": "_rollout",
-    "images_of": "_render",
-    "kubernetes": "_facade",
-    "label_selector": "_rollout",
-    "load_documents": "_render",
-    "manifest_files": "_render",
-    "object_ref": "_render",
-    "parse": "_render",
-    "pod_ready": "_rollout",
-    "pod_state": "_rollout",
-    "render": "_render",
-    "rollout_status": "_rollout",
-    "variables_for": "_render",
+    "ANNOTATION_PREFIX": "._job",
+    "Cluster": "._client",
+    "DEFAULT_REQUEST_TIMEOUT": "._options",
+    "DONE": "._rollout",
+    "Document": "._render",
+    "FAILED": "._rollout",
+    "FIELD_MANAGER": "._client",
+    "KubernetesApplyStep": "._apply",
+    "KubernetesJobStep": "._job",
+    "KubernetesSteps": "._facade",
+    "LOG_GRACE": "._logs",
+    "MANAGED_BY": "._job",
+    "MAX_PODS_SHOWN": "._apply",
+    "MAX_POLL_INTERVAL": "._options",
+    "ManifestError": "._render",
+    "TTL_BACKSTOP": "._job",
+    "WAITING": "._rollout",
+    "WORKLOAD_KINDS": "._rollout",
+    "condition": "._rollout",
+    "images_of": "._render",
+    "kubernetes": "._facade",
+    "label_selector": "._rollout",
+    "load_documents": "._render",
+    "manifest_files": "._render",
+    "object_ref": "._render",
+    "parse": "._render",
+    "pod_ready": "._rollout",
+    "pod_state": "._rollout",
+    "render": "._render",
+    "rollout_status": "._rollout",
+    "variables_for": "._render",
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, __all__)
 
 
 @hookimpl
