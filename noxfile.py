@@ -10,7 +10,7 @@ nox.options.sessions = ["lint", "tests"]
 nox.options.reuse_existing_virtualenvs = True
 
 PYTHON = "3.11"
-EXTRAS = ".[test,docker,kubernetes]"
+EXTRAS = ".[test,docker,kubernetes,postgres]"
 
 
 @nox.session(python=PYTHON)
@@ -18,7 +18,9 @@ def tests(session: nox.Session) -> None:
     """The whole test suite (Docker tests need an engine: see .ci/docker-up.sh).
 
     The real Kubernetes tests form one xdist group, so one worker starts the control plane;
-    SHIPYARD_SKIP_K8S_REAL=1 skips them (docs/dev/kubernetes-real.md).
+    SHIPYARD_SKIP_K8S_REAL=1 skips them (docs/dev/kubernetes-real.md). One PostgreSQL cluster
+    is started for the run (tests/pg_cluster.py; Debian's postgresql, which .ci/run installs);
+    SHIPYARD_SKIP_POSTGRES=1 skips the tests that need it.
     """
     session.install("-e", EXTRAS)
     args = session.posargs or ["-n", "2", "--dist", "loadgroup"]

@@ -234,8 +234,10 @@ env_option = click.option("-e", "--env", "environment", required=True, help="Tar
     help="Pipelines file [default: ./pipelines.py; env SHIPYARD_FILE].",
 )  # fmt: skip
 @click.option(
-    "--history", metavar="PATH|URL", envvar="SHIPYARD_HISTORY",
-    help="History store [default: .shipyard/history.db beside the pipelines file].",
+    "--history", "--store", "history", metavar="PATH|URL",
+    envvar=["SHIPYARD_STORE", "SHIPYARD_HISTORY"],
+    help="History store: a path, sqlite:///PATH or postgresql://... [default: "
+    ".shipyard/history.db beside the pipelines file; env SHIPYARD_STORE].",
 )  # fmt: skip
 @click.option(
     "-p", "--plugin", "plugins", multiple=True, metavar="MODULE",
@@ -847,6 +849,66 @@ def plugins(state: _State, as_json: bool) -> None:
         ]
         if hooks:
             click.echo(f"    hooks:      {', '.join(hooks)}")
+
+
+@cli.group("store")
+def store_group() -> None:
+    """Migrate a history store, or copy a whole history from one store to another."""
+
+
+def _store_url(url: str) -> str:
+    """A store URL given as an argument: its password masked from now on; a plain path made
+    absolute."""
+    from ._config import register_store_url
+
+    register_store_url(url)
+    return url if "://" in url else os.path.abspath(os.path.expanduser(url))
+
+
+@store_group.command("migrate")
+@click.argument("url", metavar="URL")
+def store_migrate(url: str) -> None:
+    """Create or upgrade the schema of the store at URL (for a DBA: deploys then need no DDL)."""
+    from ._secrets import mask_url
+    from ._storeops import migrate
+
+    store, applied = migrate(_store_url(url))
+    try:
+        done = (
+            f"applied schema version(s) {', '.join(map(str, applied))}"
+            if applied
+            else ("already at the current schema; nothing to do")
+        )
+        click.echo(f"{mask_url(store.url)}: {done}")
+    finally:
+        store.close()
+
+
+@store_group.command("copy")
+@click.argument("src", metavar="SRC")
+@click.argument("dst", metavar="DST")
+def store_copy(src: str, dst: str) -> None:
+    """Copy every deployment, stage, step, log line, artifact and audit record of SRC to DST,
+    ids kept where free; running it again copies nothing twice."""
+    from ._secrets import mask_url
+    from ._store import open_store
+    from ._storeops import copy_history
+
+    source = open_store(_store_url(src), create=False)
+    try:
+        target = open_store(_store_url(dst), create=True)
+        try:
+            r = copy_history(source, target, progress=lambda t: click.echo(t, err=True))
+        finally:
+            target.close()
+    finally:
+        source.close()
+    renumbered = f", {r.renumbered} under new ids" if r.renumbered else ""
+    click.echo(
+        f"copied {r.deployments} deployment(s){renumbered}, {r.lines} log line(s) and {r.audit} "
+        f"audit record(s) from {mask_url(src)} to {mask_url(dst)}; {r.already_there} were "
+        "there already"
+    )
 
 
 def main(argv: list[str] | None = None, prog_name: str = "shipyard") -> None:

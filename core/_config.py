@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 DEFAULT_FILE = "pipelines.py"
 DEFAULT_HISTORY = ".shipyard/history.db"
-_KNOWN_SETTINGS = {"history", "plugins", "notify", "file", "secret_files", "lock_lease"}
+_KNOWN_SETTINGS = {"history", "store", "plugins", "notify", "file", "secret_files", "lock_lease"}
 
 
 @dataclass
@@ -31,6 +31,8 @@ class Config:
     rootdir: Path
     #: The history store: a file path, or a URL such as ``sqlite:///path``.
     history: str
+    #: Whether the store was chosen (option, variable or setting) rather than the default.
+    store_chosen: bool = False
     #: ``(value, source)`` for each ``-p`` / ``SHIPYARD_PLUGINS`` / pyproject plugin.
     plugin_specs: list[tuple[str, str]] = field(default_factory=list)
     #: Notifier specs from ``--notify`` and pyproject.
@@ -69,11 +71,16 @@ class Config:
             pipelines_file = (rootdir / str(settings["file"])).absolute()
             rootdir = pipelines_file.parent
 
-        hist = history or env.get("SHIPYARD_HISTORY") or settings.get("history") or DEFAULT_HISTORY
-        hist = str(hist)
+        # --history/--store, then SHIPYARD_STORE or SHIPYARD_HISTORY, then [tool.shipyard].
+        from_env = env.get("SHIPYARD_STORE") or env.get("SHIPYARD_HISTORY")
+        hist = str(
+            history or from_env or settings.get("store") or settings.get("history")
+            or DEFAULT_HISTORY
+        )  # fmt: skip
         if "://" not in hist:
-            base = cwd if (history or env.get("SHIPYARD_HISTORY")) else rootdir
+            base = cwd if (history or from_env) else rootdir
             hist = str((base / os.path.expanduser(hist)).absolute())
+        register_store_url(hist, env)
 
         specs: list[tuple[str, str]] = [
             (str(p), "pyproject.toml") for p in _as_list(settings.get("plugins"), "plugins")
@@ -93,6 +100,9 @@ class Config:
             pipelines_file=pipelines_file,
             rootdir=rootdir,
             history=hist,
+            store_chosen=bool(
+                history or from_env or settings.get("store") or settings.get("history")
+            ),
             plugin_specs=specs,
             notify=notify_all,
             secret_files=files,
@@ -101,6 +111,34 @@ class Config:
             verbose=verbose,
             lock_lease=lease,
         )
+
+
+def register_store_url(url: str, env: Mapping[str, str] | None = None) -> None:
+    """Mask a store's password everywhere Shipyard writes (console, history, audit, errors):
+    the one in the URL, and ``PGPASSWORD`` for a PostgreSQL store."""
+    if "://" not in url:
+        return
+    from urllib.parse import unquote
+    from urllib.parse import urlsplit
+
+    values: list[str] = []
+    try:
+        parts = urlsplit(url)
+        if parts.password:
+            values += [parts.password, unquote(parts.password)]
+        for item in parts.query.split("&"):
+            key, _, value = item.partition("=")
+            if key == "password" and value:
+                values += [value, unquote(value)]
+    except ValueError:
+        pass
+    env = os.environ if env is None else env
+    if url.startswith(("postgresql:", "postgres:")) and env.get("PGPASSWORD"):
+        values.append(env["PGPASSWORD"])
+    if values:
+        from ._secrets import register
+
+        register(v for v in values if len(v) >= 3)
 
 
 def _as_list(value: Any, key: str) -> list[Any]:

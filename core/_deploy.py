@@ -28,6 +28,8 @@ from ._events import Listener
 from ._events import RollbackStarted
 from ._exceptions import EnvironmentLocked
 from ._exceptions import ExitCode
+from ._exceptions import HistoryError
+from ._exceptions import LockLost
 from ._exceptions import NoPreviousDeployment
 from ._exceptions import SecretMissing
 from ._exceptions import ShipyardError
@@ -97,15 +99,21 @@ class RunControl:
         self.task: asyncio.Task[Any] | None = None
         self.reason: str | None = None
         self.by_signal = False
+        #: How a stopped deployment ends.
+        self.status = Status.CANCELLED
         self._cancelled: asyncio.Task[Any] | None = None
 
     def on_signal(self, name: str) -> None:
         self.cancel(f"interrupted by {name}", by_signal=True)
 
-    def cancel(self, reason: str, *, by_signal: bool = False) -> None:
+    def cancel(
+        self, reason: str, *, by_signal: bool = False, status: Status = Status.CANCELLED
+    ) -> None:
+        """Stop the deployment; it ends ``status`` (``interrupted`` when it lost its lock)."""
         if self.reason is None:
             self.reason = reason
             self.by_signal = by_signal
+            self.status = status
         # Once per task: a second Ctrl-C (or a cancel request seen by the heartbeat) while the
         # steps are being stopped would cut their SIGTERM-grace-SIGKILL short and leave a
         # process that ignores SIGTERM running after we exit.
@@ -196,6 +204,7 @@ class _Deployment:
         pipe = check_request(session, req)
         # Asked of git at once, so that it runs while the history is opened and repaired.
         commit = asyncio.ensure_future(asyncio.to_thread(git_commit, session.config.rootdir))
+        _warn_if_ephemeral(session)
         store = session.open_store()
         try:
             previous = store.previous_version(pipe.name, req.environment)
@@ -228,12 +237,7 @@ class _Deployment:
                 stages = None
             else:
                 deployment = draft.numbered(dep_id)
-            recorder = HistoryRecorder(
-                store,
-                on_error=lambda exc: self.control.cancel(
-                    f"stopped: the history cannot be written: {exc}"
-                ),
-            )
+            recorder = HistoryRecorder(store, on_error=self._history_failed)
             stages, sinks, secrets = self._prepare(pipe, deployment, recorder, stages)
             dispatcher = NotifierDispatcher(sinks, resolve=secrets.resolve)
             listeners: list[Listener] = [recorder, *([self.reporter] if self.reporter else [])]
@@ -250,7 +254,7 @@ class _Deployment:
                 recorder.note(dep_id, text, stream="notify")
             if recorder.error is None:
                 recorder.flush()
-            if recorder.error is not None:
+            if recorder.error is not None and not isinstance(recorder.error, LockLost):
                 raise recorder.error
         finally:
             store.close()
@@ -266,6 +270,13 @@ class _Deployment:
                 session, rb, reporter=self.reporter, control=self.control
             )
         return outcome
+
+    def _history_failed(self, exc: HistoryError) -> None:
+        """A write failed: stop rather than run unrecorded (a lost lock: interrupted)."""
+        if isinstance(exc, LockLost):
+            self.control.cancel(str(exc), status=Status.INTERRUPTED)
+        else:
+            self.control.cancel(f"stopped: the history cannot be written: {exc}")
 
     async def _begin(self, store: HistoryStore, commit: Awaitable[str | None]) -> int:
         """Record the deployment and take the lock, waiting in the queue up to ``wait_lock``."""
@@ -407,6 +418,20 @@ class _Deployment:
             return None
 
 
+_warned: list[str] = []
+
+
+def _warn_if_ephemeral(session: Session) -> None:
+    """Once per process: a CI runner's local history dies with the job (issue: choosing a store)."""
+    from ._store import ephemeral_warning
+
+    cfg = session.config
+    text = ephemeral_warning(cfg.history, cfg.store_chosen, os.environ)
+    if text and not _warned:
+        _warned.append(text)
+        print(text, file=sys.stderr)
+
+
 async def execute(
     session: Session,
     req: DeployRequest,
@@ -521,7 +546,11 @@ async def _heartbeat(
             except ShipyardError:
                 continue
             if requested and control.reason is None:
-                control.cancel(f"cancelled by {requested}")
+                lost = requested.removeprefix("shipyard: ")
+                if lost.startswith("the lock was lost"):
+                    control.cancel(lost, status=Status.INTERRUPTED)
+                else:
+                    control.cancel(f"cancelled by {requested}")
     finally:
         with guard:
             closed = True

@@ -117,6 +117,14 @@ class HistoryError(ShipyardError):
     """The history store cannot be opened, read or written."""
 
 
+class LockLost(HistoryError):
+    """A running deployment's lock was taken from it (its session ended, or another process
+    took it over): the deployment stops and is recorded ``interrupted``. Raised by a store's
+    writes for that deployment (a fencing check); the engine stops the run on it."""
+
+    exit_code = ExitCode.FAILED
+
+
 class DeploymentError(ShipyardError):
     """An error about running a deployment."""
 

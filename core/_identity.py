@@ -30,3 +30,16 @@ def actor() -> str:
     """Who does something by hand, for the audit trail: the user, and the CI identity if any."""
     ci = ci_actor()
     return f"{current_user()} ({ci})" if ci else current_user()
+
+
+def runner_identity() -> str | None:
+    """Which CI job runs this process, as a link where the CI system gives one: recorded with
+    a lock on a shared store, so that a refused runner can name the job holding it."""
+    env = os.environ
+    if env.get("GITHUB_RUN_ID") and env.get("GITHUB_REPOSITORY"):
+        server = env.get("GITHUB_SERVER_URL", "https://github.com")
+        return f"{server}/{env['GITHUB_REPOSITORY']}/actions/runs/{env['GITHUB_RUN_ID']}"
+    for var in ("CI_JOB_URL", "BUILDKITE_BUILD_URL", "CIRCLE_BUILD_URL", "BUILD_URL"):
+        if env.get(var):
+            return env[var]
+    return env.get("SHIPYARD_RUNNER") or None

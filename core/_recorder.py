@@ -63,6 +63,10 @@ class HistoryRecorder:
         self.error: HistoryError | None = None
         self.on_error = on_error
         self.flush_interval = flush_interval
+        #: A server store commits step ends and log lines at most this often (and at stage
+        #: ends) rather than at every step: its commits cost a round trip (``batch_interval``
+        #: of the store; None for the embedded store, whose commits are local and cheap).
+        self.batch_interval: float | None = getattr(store, "batch_interval", None)
         self.max_lines = max_lines
         self._transitions: list[Event] = []
         self._logs: list[LogRecord] = []
@@ -72,7 +76,7 @@ class HistoryRecorder:
             "shipyard_step_finished": self._step_finished,  # type: ignore[dict-item]
             "shipyard_step_started": self._transitions.append,
             "shipyard_stage_started": self._commit_after,
-            "shipyard_stage_finished": self._transitions.append,
+            "shipyard_stage_finished": self._stage_finished,
             "shipyard_deployment_started": self._started,  # type: ignore[dict-item]
             "shipyard_rollback_started": self._rollback,  # type: ignore[dict-item]
             "shipyard_deployment_finished": self._finished,  # type: ignore[dict-item]
@@ -140,6 +144,11 @@ class HistoryRecorder:
         self._transitions.append(e)
         self.flush()
 
+    def _stage_finished(self, e: Event) -> None:
+        self._transitions.append(e)
+        if self.batch_interval is not None:  # batched steps are durable at their stage's end
+            self.flush()
+
     def _step_finished(self, e: StepFinished) -> None:
         # The end records the start time too: a start still waiting in the batch is redundant
         # (one statement less for every quick step).
@@ -153,6 +162,11 @@ class HistoryRecorder:
             ):
                 del t[i]
                 break
+        if self.batch_interval is not None:
+            t.append(e)
+            if time.monotonic() - self._last_flush >= self.batch_interval:
+                self.flush()
+            return
         self._commit_after(e)
 
     def _started(self, e: DeploymentStarted) -> None:

@@ -266,7 +266,7 @@ class Runner:
             task = asyncio.current_task()
             if task is not None:
                 task.uncancel()
-            status = Status.CANCELLED
+            status = self.control.status if self.control else Status.CANCELLED
             error = (self.control.reason if self.control else None) or "cancelled"
         if status is Status.SUCCEEDED and warnings:
             error = "succeeded with failed steps in continue_on_failure stages: " + ", ".join(

@@ -341,8 +341,9 @@ def cut_point(text: str, limit: int) -> int:
 
 
 def mask_url(url: str) -> str:
-    """``url`` with the password of its user-info part shown as ``***``
-    (``postgresql://app:s3cret@db/x`` -> ``postgresql://app:***@db/x``), then :func:`mask`."""
+    """``url`` with the password of its user-info part, and a ``password=`` parameter, shown
+    as ``***`` (``postgresql://app:s3cret@db/x`` -> ``postgresql://app:***@db/x``), then
+    :func:`mask`."""
     scheme, sep, rest = url.partition("://")
     if sep:
         authority, slash, path = rest.partition("/")
@@ -350,6 +351,9 @@ def mask_url(url: str) -> str:
         if at and ":" in userinfo:
             user = userinfo.split(":", 1)[0]
             url = f"{scheme}://{user}:***@{hostport}{slash}{path}"
+        import re
+
+        url = re.sub(r"([?&]password=)[^&#]*", r"\1***", url)
     return mask(url)
 
 

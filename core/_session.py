@@ -76,11 +76,11 @@ class Session:
         The built-in schemes open without loading plugins (``history`` stays cheap); any other
         is asked of the plugins.
         """
+        from ._store import is_builtin
         from ._store import open_store
-        from ._store import scheme_of
 
         url = self.config.history
-        pm = None if scheme_of(url) == "sqlite" else self.pm
+        pm = None if is_builtin(url) else self.pm
         store = open_store(url, create=create, pluginmanager=pm)
         if repair:
             from ._liveness import repair as repair_store

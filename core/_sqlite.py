@@ -35,6 +35,7 @@ from ._exceptions import DeploymentNotFound
 from ._exceptions import EnvironmentLocked
 from ._exceptions import HistoryError
 from ._exceptions import NoPreviousDeployment
+from ._identity import runner_identity
 from ._reports import Status
 from ._reports import utcnow
 from ._store import ArtifactRow
@@ -57,7 +58,7 @@ if TYPE_CHECKING:
 #: "SHYD" - marks a SQLite file as a Shipyard history.
 APPLICATION_ID = 0x53485944
 #: The schema version this code writes; migrations bring older files up to it.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 BUSY_TIMEOUT_MS = 30_000
 #: WAL pages between automatic checkpoints (see the docstring): about 32 MiB of WAL at most.
 WAL_CHECKPOINT_PAGES = 8192
@@ -235,8 +236,13 @@ def _add_artifacts_v2(db: Any) -> None:
     db["artifacts"].create_index(["deployment_id", "stage_idx", "step_idx"], index_name="ix_art")
 
 
+def _add_lock_runner_v3(db: Any) -> None:
+    """Version 3: the CI job holding a lock (``runner``), named when another is refused."""
+    db["locks"].add_column("runner", str)
+
+
 #: Migrations by the version they produce. Each runs inside one transaction.
-MIGRATIONS = {1: _create_v1, 2: _add_artifacts_v2}
+MIGRATIONS = {1: _create_v1, 2: _add_artifacts_v2, 3: _add_lock_runner_v3}
 
 
 class SQLiteStore:
@@ -257,6 +263,8 @@ class SQLiteStore:
         #: Why this history cannot be written (a read-only mount, a folder of someone else's),
         #: or None. It is then read only, as it was when opened: read commands work.
         self.read_only: str | None = _unwritable(p) if exists else None
+        #: The schema versions this open applied (``shipyard store migrate`` says them).
+        self.migrated: list[int] = []
         try:
             if self.read_only:
                 self.conn = self._connect_read_only(p)
@@ -348,6 +356,7 @@ class SQLiteStore:
             version = self.conn.execute("PRAGMA user_version").fetchone()[0]
             for target in range(version + 1, SCHEMA_VERSION + 1):
                 MIGRATIONS[target](db)
+                self.migrated.append(target)
             self.conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
             self.conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
@@ -458,10 +467,12 @@ class SQLiteStore:
                 c.execute("DELETE FROM lock_queue WHERE id=?", (ticket,))
             if lock:
                 c.execute(
-                    "INSERT INTO locks VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    "INSERT INTO locks (pipeline, environment, deployment_id, pid, host, "
+                    "proc_start, user, version, acquired_at, heartbeat_at, runner) "
+                    "VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                     (
                         pipeline, environment, dep_id, owner["pid"], owner["host"],
-                        owner["proc_start"], user, version, now, now,
+                        owner["proc_start"], user, version, now, now, runner_identity(),
                     ),
                 )  # fmt: skip
         return Begun(dep_id, interrupted)
@@ -532,12 +543,9 @@ class SQLiteStore:
 
     @staticmethod
     def _locked_message(h: LockRow) -> str:
-        return (
-            f"{h['pipeline']!r} in {h['environment']!r} is locked by deployment {h['deployment_id']} "
-            f"(version {h['version']}, by {h['user']} on {h['host']}, pid {h['pid']}, since "
-            f"{h['acquired_at']}); wait with --wait-lock SECONDS, or if it is stuck run "
-            f"`shipyard unlock {h['pipeline']} -e {h['environment']} --reason TEXT`"
-        )
+        from ._store import locked_message
+
+        return locked_message(h)
 
     def _interrupt(self, c: sqlite3.Connection, dep_id: int, why: str) -> None:
         now = utcnow()
@@ -763,6 +771,10 @@ class SQLiteStore:
             )
             c.execute("DELETE FROM locks WHERE deployment_id=?", (dep_id,))
 
+    def bulk(self) -> _SQLiteBulk:
+        """Whole-table access for ``shipyard store copy``; not part of the store port."""
+        return _SQLiteBulk(self)
+
     # -- queries ----------------------------------------------------------------------------------
 
     def get(self, dep_id: int) -> DeploymentRow:
@@ -979,3 +991,44 @@ _TRANSITIONS: dict[str, Callable[[Any], tuple[str, tuple[Any, ...]]]] = {
     "shipyard_stage_started": _stage_started,
     "shipyard_stage_finished": _stage_finished,
 }
+
+
+class _SQLiteBulk:
+    """Whole-table reads and writes for ``shipyard store copy`` (:mod:`shipyard._storeops`)."""
+
+    def __init__(self, store: SQLiteStore) -> None:
+        self.store = store
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        with self.store._tx(durable=True):
+            yield
+
+    def read(self, table: str, dep_ids: Sequence[int] | None = None) -> list[dict[str, Any]]:
+        order = {"stages": "deployment_id, idx", "steps": "deployment_id, stage_idx, idx"}
+        sql = f"SELECT * FROM {table}"
+        params: list[Any] = []
+        if dep_ids is not None:
+            key = "id" if table == "deployments" else "deployment_id"
+            sql += f" WHERE {key} IN ({','.join('?' * len(dep_ids))})"
+            params = list(dep_ids)
+        sql += f" ORDER BY {order.get(table, 'id')}"
+        return self.store._query(sql, params)
+
+    def write(self, table: str, rows: Sequence[Mapping[str, Any]]) -> None:
+        if not rows:
+            return
+        cols = [c for c in rows[0] if not (c == "id" and table != "deployments")]
+        sql = f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
+        self.store.conn.executemany(sql, [tuple(r[c] for c in cols) for r in rows])
+
+    def insert_deployment(self, row: Mapping[str, Any], keep_id: bool) -> int:
+        cols = [c for c in row if keep_id or c != "id"]
+        cur = self.store.conn.execute(
+            f"INSERT INTO deployments ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+            tuple(row[c] for c in cols),
+        )
+        return int(cur.lastrowid or 0)
+
+    def done(self) -> None:
+        """Nothing to do: SQLite's next id follows the largest."""

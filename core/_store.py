@@ -16,6 +16,7 @@ the JSON documents of ``show --json`` and the dashboard are built from them dire
 from __future__ import annotations
 
 from collections.abc import Callable
+from collections.abc import Mapping
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 from typing import Any
@@ -207,6 +208,8 @@ class LockRow(TypedDict):
     version: str
     acquired_at: str
     heartbeat_at: str
+    #: The CI job holding it, where the CI system says (a link), else None.
+    runner: str | None
 
 
 # -- the port --------------------------------------------------------------------------------------
@@ -374,6 +377,17 @@ class HistoryStore(Protocol):
         ...
 
 
+def locked_message(h: Mapping[str, Any]) -> str:
+    """Why a deployment may not start: who holds the lock, and what to do (every store)."""
+    runner = f", runner {h['runner']}" if h.get("runner") else ""
+    return (
+        f"{h['pipeline']!r} in {h['environment']!r} is locked by deployment {h['deployment_id']} "
+        f"(version {h['version']}, by {h['user']} on {h['host']}, pid {h['pid']}{runner}, since "
+        f"{h['acquired_at']}); wait with --wait-lock SECONDS, or if it is stuck run "
+        f"`shipyard unlock {h['pipeline']} -e {h['environment']} --reason TEXT`"
+    )
+
+
 class StoreNotFound(HistoryError):
     """There is no store at that URL yet, and it was opened only to read."""
 
@@ -381,7 +395,33 @@ class StoreNotFound(HistoryError):
 # -- choosing a store ------------------------------------------------------------------------------
 
 #: The schemes Shipyard itself opens; others are asked of the plugins.
-BUILTIN_SCHEMES = ("sqlite",)
+BUILTIN_SCHEMES = ("sqlite", "postgresql")
+
+
+#: Variables by which CI systems say a job runs on one of their runners.
+CI_VARIABLES = ("CI", "GITHUB_ACTIONS", "GITLAB_CI", "BUILDKITE", "CIRCLECI", "JENKINS_URL",
+                "TF_BUILD", "TEAMCITY_VERSION", "BITBUCKET_BUILD_NUMBER")  # fmt: skip
+
+
+def ephemeral_warning(url: str, chosen: bool, environ: Mapping[str, str]) -> str | None:
+    """The warning for a deploy on a CI runner whose history is a local SQLite file that was
+    not chosen explicitly: history and locks die with the runner. None otherwise."""
+    if chosen or scheme_of(url) != "sqlite":
+        return None
+    ci = next((v for v in CI_VARIABLES if environ.get(v) not in (None, "", "0", "false")), None)
+    if ci is None:
+        return None
+    return (
+        f"warning: {ci} is set, and the history is the local file {url}: on a CI runner that "
+        "does not keep its disk, the history (what `rollback` needs) and the lock die with the "
+        "job. Use a shared store (--store postgresql://...), or set SHIPYARD_STORE to this file "
+        "to say it stays; see docs/guides/choosing-a-store.md"
+    )
+
+
+def is_builtin(url: str) -> bool:
+    """Whether Shipyard opens ``url`` itself (no plugin needs loading)."""
+    return scheme_of(url) in ("sqlite", "postgresql", "postgres")
 
 
 def scheme_of(url: str) -> str:
@@ -394,8 +434,8 @@ def scheme_of(url: str) -> str:
 def open_store(
     url: str, *, create: bool = True, pluginmanager: ShipyardPluginManager | None = None
 ) -> HistoryStore:
-    """Open the store named by ``url``: a file path, ``sqlite:///path``, or a scheme that a
-    plugin opens (:func:`~shipyard.hookspecs.shipyard_store_open`, first result wins).
+    """Open the store named by ``url``: a file path, ``sqlite:///path``, ``postgresql://…``
+    (the extra ``shipyard[postgres]``), or a scheme that a plugin opens (:func:`~shipyard.hookspecs.shipyard_store_open`, first result wins).
 
     :param create: create an empty store when there is none (commands that only read pass
         False, and get a :class:`~shipyard.HistoryError` saying nothing was deployed yet).
@@ -408,6 +448,10 @@ def open_store(
 
         path = url[len("sqlite://") :] if url.startswith("sqlite://") else url
         return SQLiteStore(path, create=create)
+    if scheme in ("postgresql", "postgres"):
+        from ._postgres import PostgresStore  # psycopg is imported only now
+
+        return PostgresStore(url, create=create)
     store: Any = None
     offered: list[str] = []
     if pluginmanager is not None:

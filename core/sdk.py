@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from ._exceptions import EnvironmentLocked as EnvironmentLocked
     from ._exceptions import HealthCheckFailed as HealthCheckFailed
     from ._exceptions import HistoryError as HistoryError
+    from ._exceptions import LockLost as LockLost
     from ._exceptions import NoPreviousDeployment as NoPreviousDeployment
     from ._exceptions import PipelineDefinitionError as PipelineDefinitionError
     from ._exceptions import StepFailed as StepFailed
@@ -170,6 +171,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "StageFinished": ("shipyard._events", "StageFinished"),
     "DeploymentFinished": ("shipyard._events", "DeploymentFinished"),
     "HistoryError": ("shipyard._exceptions", "HistoryError"),
+    "LockLost": ("shipyard._exceptions", "LockLost"),
     "EnvironmentLocked": ("shipyard._exceptions", "EnvironmentLocked"),
     "DeploymentNotFound": ("shipyard._exceptions", "DeploymentNotFound"),
     "NoPreviousDeployment": ("shipyard._exceptions", "NoPreviousDeployment"),

@@ -47,6 +47,7 @@ from shipyard import HistoryStore
 from shipyard import NoPreviousDeployment
 from shipyard import Status
 from shipyard import StepResult
+from shipyard._identity import runner_identity
 from shipyard.sdk import ArtifactRow
 from shipyard.sdk import AuditRow
 from shipyard.sdk import Deployment
@@ -342,6 +343,7 @@ def test_begin_takes_the_lock(store_factory):
         "version": "v1",
         "acquired_at": lock["acquired_at"],
         "heartbeat_at": lock["heartbeat_at"],
+        "runner": runner_identity(),
     }
     assert before <= lock["acquired_at"] <= lock["heartbeat_at"] <= utcnow()
 

@@ -319,7 +319,7 @@ def test_repair_frees_locks_left_without_a_running_deployment(tmp_path):
         try:
             for dep_id, env in ((done, "x"), (999, "z")):
                 conn.execute(
-                    "INSERT INTO locks VALUES ('web', ?, ?, 1, 'h', NULL, 'u', '1', ?, ?)",
+                    "INSERT INTO locks VALUES ('web', ?, ?, 1, 'h', NULL, 'u', '1', ?, ?, NULL)",
                     (env, dep_id, "2026-01-01T00:00:00.000000Z", "2026-01-01T00:00:00.000000Z"),
                 )
         finally:

@@ -37,7 +37,7 @@ SDK_NAMES = {
     # the store port
     "HistoryStore", "Begun", "DeploymentInfo", "DeploymentRow", "StageRow", "StepRow", "LogRow",
     "ArtifactRow", "AuditRow", "LockRow", "LogRecord", "ProcessRef", "Liveness", "StagePlan", "StepPlan",
-    "StoreNotFound", "open_store", "plan_of", "HistoryError", "EnvironmentLocked",
+    "StoreNotFound", "open_store", "plan_of", "HistoryError", "LockLost", "EnvironmentLocked",
     "DeploymentNotFound", "NoPreviousDeployment",
     # the events a store records
     "DeploymentStarted", "RollbackStarted", "StageStarted", "StepStarted", "StepOutput",

@@ -1,0 +1,493 @@
+"""The PostgreSQL store seen from CI runners: separate ``shipyard`` processes sharing one store.
+
+A "runner" here is a ``shipyard`` process with its own working folder and HOME, sharing with the
+others only the store URL, as jobs on ephemeral CI runners do. The cluster is the test run's own
+(tests/pg_cluster.py); each test gets a schema of its own in it. The port itself is checked by the
+contract suite (tests/store_contract.py), which runs over both stores.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from polling import wait_for
+
+SHIPYARD = Path(sys.executable).parent / "shipyard"
+
+PIPELINES = textwrap.dedent(
+    """
+    import os
+    import time
+
+    import shipyard as sy
+
+
+    def work(version, seconds, log):
+        with open(log, "a") as f:
+            f.write(f"start {version} {time.time()}\\n")
+        time.sleep(float(seconds))
+        with open(log, "a") as f:
+            f.write(f"end {version} {time.time()}\\n")
+
+
+    def after(log, version):
+        with open(log, "a") as f:
+            f.write(f"after {version} {time.time()}\\n")
+
+
+    @sy.pipeline(rollback="manual")
+    def web(d):
+        log = os.environ["RACE_LOG"]
+        if d.vars.get("fail") == "1":
+            first = sy.command("false", name="work")
+        else:
+            first = sy.python(work, d.version, d.vars.get("sleep", "0"), log, name="work")
+        return [
+            sy.stage("release", first),
+            sy.stage("after", sy.python(after, log, d.version, name="after")),
+        ]
+    """
+)
+
+#: The variables of CI systems, dropped so that each runner names itself (SHIPYARD_RUNNER).
+_CI = ("CI", "GITHUB_RUN_ID", "GITHUB_REPOSITORY", "CI_JOB_URL", "BUILDKITE_BUILD_URL",
+       "CIRCLE_BUILD_URL", "BUILD_URL")  # fmt: skip
+
+
+class Runner:
+    """One CI runner: a folder of its own with the pipelines file, its own HOME."""
+
+    def __init__(self, root: Path, name: str, url: str, log: Path) -> None:
+        self.name = name
+        self.dir = root / name
+        self.dir.mkdir(parents=True)
+        (self.dir / "pipelines.py").write_text(PIPELINES)
+        self.env = {k: v for k, v in os.environ.items()
+                    if not k.startswith("SHIPYARD_") and k not in _CI}  # fmt: skip
+        self.env |= {"HOME": str(self.dir), "SHIPYARD_STORE": url, "NO_COLOR": "1",
+                     "SHIPYARD_RUNNER": f"https://ci.example/jobs/{name}",
+                     "RACE_LOG": str(log)}  # fmt: skip
+
+    def start(self, *args: str) -> subprocess.Popen[str]:
+        return subprocess.Popen([str(SHIPYARD), *args], cwd=self.dir, env=self.env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+
+    def run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(SHIPYARD), *args], cwd=self.dir, env=self.env, text=True,
+                              capture_output=True, timeout=timeout)  # fmt: skip
+
+    def json(self, *args: str) -> Any:
+        r = self.run(*args, "--json")
+        assert r.returncode == 0, r.stdout + r.stderr
+        return json.loads(r.stdout)
+
+
+class Fleet:
+    """The runners of one test, and the log their steps write (``start V T`` / ``end V T``)."""
+
+    def __init__(self, root: Path, url: str) -> None:
+        self.root, self.url = root, url
+        self.log = root / "steps.log"
+        self.log.touch()
+        self.count = 0
+
+    def runner(self, url: str | None = None) -> Runner:
+        self.count += 1
+        return Runner(self.root, f"r{self.count}", url or self.url, self.log)
+
+    def events(self) -> list[tuple[str, str, float]]:
+        out = []
+        for line in self.log.read_text().splitlines():
+            what, version, ts = line.split()
+            out.append((what, version, float(ts)))
+        return out
+
+    def started(self, version: str) -> bool:
+        return any(w == "start" and v == version for w, v, _ in self.events())
+
+
+@pytest.fixture
+def store_url(pg: Any) -> Iterator[str]:
+    schema = f"r_{uuid.uuid4().hex[:12]}"
+    pg.psql(f"CREATE SCHEMA {schema} AUTHORIZATION shipyard")
+    yield pg.url(schema=schema)
+    pg.psql(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, store_url: str) -> Fleet:
+    return Fleet(tmp_path, store_url)
+
+
+def _out(r: subprocess.CompletedProcess[str]) -> str:
+    return r.stdout + r.stderr
+
+
+def done(p: subprocess.Popen[str], timeout: float = 120) -> tuple[int, str]:
+    """Wait for a runner started in the background: its exit code and its whole output."""
+    out, err = p.communicate(timeout=timeout)
+    return p.returncode, "".join(getattr(p, "_seen", [])) + out + err
+
+
+# -- history and rollback across runners ------------------------------------------------------
+
+
+def test_history_and_rollback_are_seen_from_another_runner(fleet: Fleet, pg: Any) -> None:
+    a, b = fleet.runner(), fleet.runner()
+    assert a.run("deploy", "web", "1.0", "-e", "prod").returncode == 0
+    failed = a.run("deploy", "web", "1.1", "-e", "prod", "--var", "fail=1")
+    assert failed.returncode == 1, _out(failed)
+    seen = b.json("history")
+    assert [(d["version"], d["status"]) for d in seen] == [("1.1", "failed"), ("1.0", "succeeded")]
+    rb = b.run("rollback", "web", "-e", "prod")
+    assert rb.returncode == 0, _out(rb)
+    latest = a.json("history")[0]
+    assert (latest["version"], latest["status"], latest["rollback_of"]) == (
+        "1.0", "succeeded", seen[0]["id"])  # fmt: skip
+    # The password never shows, even where the URL is printed.
+    shown = a.run("--store", fleet.url.replace("shipyard@", "x@"), "history")
+    assert pg.password not in _out(shown)
+    audit = b.json("show", str(latest["id"]))
+    assert pg.password not in json.dumps(audit)
+
+
+# -- locks across runners ---------------------------------------------------------------------
+
+
+def test_ten_runners_racing_one_runs_and_nine_name_the_holder_and_its_runner(fleet: Fleet) -> None:
+    runners = [fleet.runner() for _ in range(10)]
+    procs = [r.start("deploy", "web", f"1.{i}", "-e", "prod", "--var", "sleep=6")
+             for i, r in enumerate(runners)]  # fmt: skip
+    outs = [done(p) for p in procs]
+    winners = [i for i, (rc, _) in enumerate(outs) if rc == 0]
+    assert len(winners) == 1, outs
+    w = winners[0]
+    for i, (rc, out) in enumerate(outs):
+        if i == w:
+            continue
+        assert rc == 3, out
+        assert "is locked by deployment" in out, out
+        assert f"version 1.{w}" in out, out
+        assert f"runner https://ci.example/jobs/r{w + 1}" in out, out
+    assert len(fleet.runner().json("history")) == 1
+
+
+def test_ten_runners_waiting_all_run_in_arrival_order_without_overlap(fleet: Fleet) -> None:
+    first = fleet.runner().start("deploy", "web", "0", "-e", "prod", "--var", "sleep=3")
+    wait_for(lambda: fleet.started("0"), timeout=30, what="the first deployment to start")
+    procs = []
+    for i in range(1, 10):
+        p = fleet.runner().start("deploy", "web", str(i), "-e", "prod", "--wait-lock", "300",
+                                 "--var", "sleep=0.2")  # fmt: skip
+        procs.append(p)
+        # Queued (or running) before the next one starts: the arrival order is known.
+        wait_for(lambda p=p, i=i: _waiting(p) or fleet.started(str(i)), timeout=30,
+                 what=f"runner {i} to queue")  # fmt: skip
+    rc, out = done(first)
+    assert rc == 0, out
+    for p in procs:
+        rc, out = done(p, timeout=300)
+        assert rc == 0, out
+    events = fleet.events()
+    starts = [v for w, v, _ in events if w == "start"]
+    assert starts == [str(i) for i in range(10)], events
+    spans = {}
+    for what, version, ts in events:
+        spans.setdefault(version, {})[what] = ts
+    ordered = [spans[str(i)] for i in range(10)]
+    for before, after in itertools.pairwise(ordered):
+        assert before["end"] <= after["start"], ordered
+
+
+def _waiting(p: subprocess.Popen[str]) -> bool:
+    """Whether the runner said it is waiting for the lock (its stderr's first line)."""
+    assert p.stderr is not None
+    os.set_blocking(p.stderr.fileno(), False)
+    chunk = p.stderr.readline()
+    if chunk:
+        p.__dict__.setdefault("_seen", []).append(chunk)
+    return any("waiting for the lock" in c for c in p.__dict__.get("_seen", []))
+
+
+def test_kill_9_of_the_holder_frees_the_lock_at_once_and_it_is_interrupted(fleet: Fleet) -> None:
+    holder = fleet.runner().start("deploy", "web", "1.0", "-e", "prod", "--var", "sleep=60")
+    wait_for(lambda: fleet.started("1.0"), timeout=30, what="the holder's step to start")
+    holder.kill()
+    done(holder)
+    killed_at = time.time()
+    nxt = fleet.runner().run("deploy", "web", "2.0", "-e", "prod", "--wait-lock", "30")
+    assert nxt.returncode == 0, _out(nxt)
+    started = next(ts for w, v, ts in fleet.events() if w == "start" and v == "2.0")
+    assert started - killed_at < 2.0 + _startup_allowance(), started - killed_at
+    first = fleet.runner().json("history")[-1]
+    assert (first["version"], first["status"]) == ("1.0", "interrupted"), first
+
+
+def _startup_allowance() -> float:
+    """The new runner's own start (Python and Shipyard import) is not lock hand-over time."""
+    return 1.5
+
+
+def test_a_sigstopped_holder_keeps_its_lock(fleet: Fleet) -> None:
+    holder = fleet.runner().start("deploy", "web", "1.0", "-e", "prod", "--var", "sleep=2")
+    wait_for(lambda: fleet.started("1.0"), timeout=30, what="the holder's step to start")
+    os.kill(holder.pid, signal.SIGSTOP)
+    try:
+        time.sleep(3)  # longer than its heartbeat interval: it is silent, not gone
+        refused = fleet.runner().run("deploy", "web", "2.0", "-e", "prod")
+        assert refused.returncode == 3, _out(refused)
+        assert "locked by deployment 1" in _out(refused)
+    finally:
+        os.kill(holder.pid, signal.SIGCONT)
+    rc, out = done(holder)
+    assert rc == 0, out
+    assert fleet.runner().run("deploy", "web", "2.0", "-e", "prod").returncode == 0
+
+
+def test_unlock_from_another_runner_ends_the_holders_session_and_it_stops(fleet: Fleet) -> None:
+    holder = fleet.runner().start("deploy", "web", "1.0", "-e", "prod", "--var", "sleep=30")
+    wait_for(lambda: fleet.started("1.0"), timeout=30, what="the holder's step to start")
+    other = fleet.runner()
+    r = other.run("unlock", "web", "-e", "prod", "--reason", "runner is stuck")
+    assert r.returncode == 0, _out(r)
+    rc, out = done(holder)
+    assert rc == 1, out
+    assert "the lock was lost" in out, out
+    dep = other.json("show", "1")
+    assert dep["status"] == "interrupted", dep
+    assert "unlocked by" in dep["error"], dep
+    assert "runner is stuck" in dep["error"], dep
+    assert not any(w == "after" for w, _, _ in fleet.events())  # it stopped before its next step
+    assert other.run("deploy", "web", "2.0", "-e", "prod").returncode == 0
+
+
+def test_a_holder_whose_session_ends_stops_before_its_next_step(fleet: Fleet, pg: Any) -> None:
+    holder = fleet.runner().start("deploy", "web", "1.0", "-e", "prod", "--var", "sleep=4")
+    wait_for(lambda: fleet.started("1.0"), timeout=30, what="the holder's step to start")
+    # The server ends the session holding the lock (as after a network loss, or a DBA).
+    pg.psql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE application_name = 'shipyard-lock'")  # fmt: skip
+    rc, out = done(holder)
+    assert rc == 1, out
+    assert "the lock was lost" in out, out
+    dep = fleet.runner().json("show", "1")
+    assert dep["status"] == "interrupted", dep
+    assert "the lock was lost" in dep["error"], dep
+    assert not any(w == "after" for w, _, _ in fleet.events()), fleet.events()
+
+
+# -- the database itself --------------------------------------------------------------------------
+
+
+def test_an_unreachable_database_before_a_deploy_is_exit_2_naming_the_host(fleet: Fleet) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"postgresql://shipyard:hunter2hunter2@127.0.0.1:{port}/shipyard"
+    r = fleet.runner(url).run("deploy", "web", "1.0", "-e", "prod")
+    assert r.returncode == 2, _out(r)
+    assert "cannot connect to the history store" in r.stderr
+    assert "127.0.0.1" in r.stderr
+    assert "hunter2hunter2" not in _out(r)
+    assert "Traceback" not in _out(r)
+    assert not fleet.events()
+
+
+class Proxy:
+    """A TCP proxy on loopback in front of the cluster, which the test can cut."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target = target_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.sockets: list[socket.socket] = []
+        self.lock = threading.Lock()
+        self.up = True
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if not self.up:
+                client.close()
+                continue
+            server = socket.create_connection(("127.0.0.1", self.target))
+            with self.lock:
+                self.sockets += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(a: socket.socket, b: socket.socket) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        for s in (a, b):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cut(self) -> None:
+        """Every connection through it ends, and new ones are refused (the database is down)."""
+        self.up = False
+        with self.lock:
+            for s in self.sockets:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def restore(self) -> None:
+        self.up = True
+
+    def close(self) -> None:
+        self.cut()
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread
+        except OSError:
+            pass
+        self.listener.close()
+        self.thread.join(timeout=5)
+        time.sleep(0.1)  # the pumps see their sockets shut and return
+        with self.lock:
+            for s in self.sockets:
+                s.close()
+
+
+def test_the_database_going_down_during_a_deploy_stops_it_and_it_is_recorded_so(
+    fleet: Fleet, pg: Any, store_url: str
+) -> None:
+    proxy = Proxy(pg.port)
+    try:
+        url = store_url.replace(f":{pg.port}/", f":{proxy.port}/")
+        holder = fleet.runner(url).start("deploy", "web", "1.0", "-e", "prod", "--var", "sleep=4")
+        wait_for(lambda: fleet.started("1.0"), timeout=30, what="the holder's step to start")
+        proxy.cut()
+        time.sleep(1.5)  # down for longer than a heartbeat: the lock's session ended with it
+        proxy.restore()
+        rc, out = done(holder)
+        assert rc == 1, out
+        assert "succeeded" not in out.splitlines()[-1], out
+        assert "the lock was lost" in out, out
+    finally:
+        proxy.close()
+    dep = fleet.runner().json("show", "1")
+    assert dep["status"] == "interrupted", dep
+    assert not any(w == "after" for w, _, _ in fleet.events()), fleet.events()
+
+
+def test_a_deploy_that_cannot_record_its_end_never_reports_success(
+    fleet: Fleet, pg: Any, store_url: str
+) -> None:
+    proxy = Proxy(pg.port)
+    try:
+        url = store_url.replace(f":{pg.port}/", f":{proxy.port}/")
+        runner = fleet.runner(url)
+        runner.env["SHIPYARD_STORE_RETRY"] = "2"
+        holder = runner.start("deploy", "web", "1.0", "-e", "prod", "--var", "sleep=2")
+        wait_for(lambda: fleet.started("1.0"), timeout=30, what="the holder's step to start")
+        proxy.cut()  # and it stays down
+        rc, out = done(holder)
+    finally:
+        proxy.close()
+    assert rc not in (0, 3), out
+    assert "history store" in out, out
+    assert "deployment #1 succeeded" not in out, out
+    assert "Traceback" not in out, out
+    # What the store says afterwards is true: the deployment did not finish as far as it knows.
+    dep = fleet.runner().json("show", "1")
+    assert dep["status"] in ("running", "interrupted"), dep
+    assert dep["status"] != "succeeded"
+
+
+def test_five_first_runs_at_once_against_an_empty_database_all_succeed(
+    fleet: Fleet, pg: Any
+) -> None:
+    url = pg.create_database(f"first_{uuid.uuid4().hex[:8]}")
+    procs = [fleet.runner(url).start("deploy", "web", "1.0", "-e", f"env{i}") for i in range(5)]
+    for p in procs:
+        rc, out = done(p)
+        assert rc == 0, out
+    assert len(fleet.runner(url).json("history")) == 5
+
+
+def test_a_transaction_pooler_is_refused(fleet: Fleet, pg: Any, tmp_path: Path) -> None:
+    bouncer = _pgbouncer(pg)
+    try:
+        url = pg.url(port_override=bouncer.port)
+        r = fleet.runner(url).run("deploy", "web", "1.0", "-e", "prod")
+    finally:
+        bouncer.stop()
+    assert r.returncode == 2, _out(r)
+    assert "transaction-mode pooler" in r.stderr, _out(r)
+    assert not fleet.events()
+
+
+class _Bouncer:
+    def __init__(self, proc: subprocess.Popen[bytes], port: int, root: Path) -> None:
+        self.proc, self.port, self.root = proc, port, root
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+def _pgbouncer(pg: Any) -> _Bouncer:
+    import shutil
+    import tempfile
+
+    import pg_cluster
+
+    exe = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
+    root = Path(tempfile.mkdtemp(prefix="shipyard-bouncer-"))
+    os.chmod(root, 0o755)
+    port = pg_cluster.free_port()
+    (root / "users.txt").write_text('"shipyard" "unused"\n')
+    (root / "bouncer.ini").write_text(textwrap.dedent(f"""
+        [databases]
+        shipyard = host={pg.sockets} port={pg.port} dbname=shipyard user=shipyard
+        [pgbouncer]
+        listen_addr = 127.0.0.1
+        listen_port = {port}
+        unix_socket_dir =
+        auth_type = trust
+        auth_file = {root}/users.txt
+        pool_mode = transaction
+        default_pool_size = 4
+        ignore_startup_parameters = options,extra_float_digits
+        logfile = {root}/bouncer.log
+        pidfile = {root}/bouncer.pid
+        """))  # fmt: skip
+    for p in root.iterdir():
+        pg_cluster._chown(p)
+    pg_cluster._chown(root)
+    proc = subprocess.Popen(pg_cluster._as_owner([exe, str(root / "bouncer.ini")]),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+
+    def listening() -> bool:
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", port)) == 0
+
+    wait_for(listening, timeout=30, what="pgbouncer to listen")
+    return _Bouncer(proc, port, root)
