@@ -24,7 +24,12 @@ PIPELINES = textwrap.dedent(
     def work(version, seconds, log):
         with open(log, "a") as f:
             f.write(f"start {version} {time.time()}\\n")
-        time.sleep(float(seconds))
+        if seconds.startswith("until:"):  # hold until the test creates that file
+            end = time.monotonic() + 120
+            while not os.path.exists(seconds[6:]) and time.monotonic() < end:
+                time.sleep(0.02)
+        else:
+            time.sleep(float(seconds))
         with open(log, "a") as f:
             f.write(f"end {version} {time.time()}\\n")
 

@@ -69,8 +69,13 @@ def test_history_and_rollback_are_seen_from_another_runner(fleet: Fleet, pg: Any
 
 def test_ten_runners_racing_one_runs_and_nine_name_the_holder_and_its_runner(fleet: Fleet) -> None:
     runners = [fleet.runner() for _ in range(10)]
-    procs = [r.start("deploy", "web", f"1.{i}", "-e", "prod", "--var", "sleep=6")
+    release = fleet.root / "release"
+    procs = [r.start("deploy", "web", f"1.{i}", "-e", "prod", "--var", f"sleep=until:{release}")
              for i, r in enumerate(runners)]  # fmt: skip
+    # The winner holds the lock until the nine others have been refused.
+    wait_for(lambda: sum(p.poll() is not None for p in procs) == 9, timeout=120,
+             what="nine runners to be refused")  # fmt: skip
+    release.touch()
     outs = [done(p) for p in procs]
     winners = [i for i, (rc, _) in enumerate(outs) if rc == 0]
     assert len(winners) == 1, outs
