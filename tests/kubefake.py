@@ -208,8 +208,9 @@ def status_body(code: int, reason: str, message: str, details: Obj | None = None
         "metadata": {},
         "status": "Failure",
         "message": message,
-        "reason": reason,
     }
+    if reason:  # a 500 from server-side apply's merge has none
+        body["reason"] = reason
     if details is not None:
         body["details"] = details
     body["code"] = code
@@ -302,8 +303,48 @@ def _required(field: str, detail: str = "") -> Cause:
     return Cause("FieldValueRequired", field, "Required value" + (f": {detail}" if detail else ""))
 
 
-def _invalid(field: str, value: Any, detail: str) -> Cause:
-    return Cause("FieldValueInvalid", field, f"Invalid value: {_gofmt(value)}: {detail}")
+def _invalid(field: str, value: Any, detail: str, shown: str | None = None) -> Cause:
+    """``shown``: the value as Go prints it, when it is not a plain scalar (see ``_go_*``)."""
+    shown = _gofmt(value) if shown is None else shown
+    return Cause("FieldValueInvalid", field, f"Invalid value: {shown}: {detail}")
+
+
+def _go_quote(value: Any) -> str:
+    return json.dumps(str(value), ensure_ascii=False)
+
+
+def _go_string_map(value: Any) -> str:
+    """A ``map[string]string`` (labels) as Go's ``%#v`` prints it in field errors."""
+    if not isinstance(value, dict):
+        return "map[string]string(nil)"
+    items = ", ".join(f"{_go_quote(k)}:{_go_quote(v)}" for k, v in sorted(value.items()))
+    return f"map[string]string{{{items}}}"
+
+
+def _go_label_selector(value: Any) -> str:
+    """A ``LabelSelector`` as Go's ``%#v`` prints it; ``"null"`` when there is none."""
+    if not isinstance(value, dict):
+        return '"null"'
+    labels = _go_string_map(value.get("matchLabels"))  # absent and null print alike
+    exprs = value.get("matchExpressions")
+    if isinstance(exprs, list):
+        shown = []
+        for expr in exprs:
+            expr = _as_dict(expr)
+            values = expr.get("values")
+            listed = (
+                "[]string{" + ", ".join(_go_quote(v) for v in values) + "}"
+                if isinstance(values, list)
+                else "[]string(nil)"
+            )
+            shown.append(
+                f"v1.LabelSelectorRequirement{{Key:{_go_quote(expr.get('key', ''))}, "
+                f"Operator:{_go_quote(expr.get('operator', ''))}, Values:{listed}}}"
+            )
+        requirements = "[]v1.LabelSelectorRequirement{" + ", ".join(shown) + "}"
+    else:
+        requirements = "[]v1.LabelSelectorRequirement(nil)"
+    return f"v1.LabelSelector{{MatchLabels:{labels}, MatchExpressions:{requirements}}}"
 
 
 def _unsupported(field: str, value: Any, supported: Iterable[str]) -> Cause:
@@ -450,6 +491,31 @@ def _finish_items(value: Any) -> Any:
     if isinstance(value, dict):
         return {key: _finish_items(item) for key, item in value.items()}
     return value
+
+
+def _duplicate_key(value: Any, prefix: PathT = ()) -> tuple[PathT, str] | None:
+    """The first list of named objects with a name twice, and the name: server-side apply
+    cannot merge such a list (the apiserver answers 500 before validating anything)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = _duplicate_key(item, (*prefix, key))
+            if found:
+                return found
+    elif (
+        isinstance(value, list)
+        and value
+        and all(isinstance(i, dict) and isinstance(i.get("name"), str) for i in value)
+    ):
+        seen: set[str] = set()
+        for item in value:
+            if item["name"] in seen:
+                return prefix, item["name"]
+            seen.add(item["name"])
+        for item in value:
+            found = _duplicate_key(item, (*prefix, ("name", item["name"])))
+            if found:
+                return found
+    return None
 
 
 def path_string(path: PathT) -> str:
@@ -788,20 +854,30 @@ def _validate_workload(kind: str, spec: Obj, restart: tuple[str, ...]) -> list[C
     elif not isinstance(selector, dict) or not (
         selector.get("matchLabels") or selector.get("matchExpressions")
     ):
-        causes.append(_invalid("spec.selector", selector, f"empty selector is invalid for {kind}"))
+        causes.append(
+            _invalid(
+                "spec.selector",
+                selector,
+                f"empty selector is invalid for {kind}",
+                _go_label_selector(selector),
+            )
+        )
     else:
         match_labels = _as_dict(selector.get("matchLabels"))
     template_meta = _as_dict(_as_dict(template).get("metadata"))
     template_labels = _as_dict(template_meta.get("labels"))
-    if selector is not None and any(template_labels.get(k) != v for k, v in match_labels.items()):
+    # No selector matches nothing (the apiserver says both), an empty one everything.
+    if selector is None or any(template_labels.get(k) != v for k, v in match_labels.items()):
         causes.append(
             _invalid(
                 "spec.template.metadata.labels",
-                template_labels or None,
+                template_meta.get("labels"),
                 "`selector` does not match template `labels`",
+                _go_string_map(template_meta.get("labels")),
             )
         )
-    causes += _validate_labels(template_meta, "spec.template.metadata")
+    # The template's ObjectMeta is inline in the apiserver's field paths: spec.template.labels.
+    causes += _validate_labels(template_meta, "spec.template")
     causes += _validate_pod_spec(_as_dict(template).get("spec"), "spec.template.spec", restart)
     return causes
 
@@ -842,7 +918,8 @@ def validate_update(rt: ResourceType, old: Obj, new: Obj) -> list[Cause]:
         immutable = ("selector", "template", "completions")
     for key in immutable:
         if old_spec.get(key) != new_spec.get(key):
-            causes.append(_invalid(f"spec.{key}", new_spec.get(key), "field is immutable"))
+            shown = _go_label_selector(new_spec.get(key)) if key == "selector" else None
+            causes.append(_invalid(f"spec.{key}", new_spec.get(key), "field is immutable", shown))
     if rt.kind == "StatefulSet":
         mutable = (
             "replicas",
@@ -1509,17 +1586,24 @@ class FakeKube:
         new: Obj,
         managers: list[_Manager],
         dry_run: bool,
+        *,
+        write_only: bool = False,
     ) -> Obj:
-        """Validate, record ownership and store ``new``; returns what the client gets back."""
+        """Validate, record ownership and store ``new``; returns what the client gets back.
+
+        ``write_only``: the write applied a Secret's ``stringData``, which is folded into
+        ``data`` and never stored, so it is a change every time (as on the apiserver)."""
         name = key[3]
         causes = validate(rt, new)
-        if old is not None and not causes:
-            causes = validate_update(rt, old, new)
+        if old is not None:  # the apiserver reports both: the object's errors, then the update's
+            causes += validate_update(rt, old, new)
         if causes:
             raise _invalid_error(rt.kind, rt.group, name, causes)
         flat = _flatten(_managed_view(new))
         for manager in managers:
-            manager.paths &= flat.keys()
+            # A Secret's stringData stays in its managers' fields although it is not stored.
+            kept = {p for p in manager.paths if rt.kind == "Secret" and p[:1] == ("stringData",)}
+            manager.paths &= flat.keys() | kept
         managers = [m for m in managers if m.paths]
         meta = new["metadata"]
         if old is not None:
@@ -1528,7 +1612,11 @@ class FakeKube:
                 **old,
                 "metadata": {**old["metadata"], "managedFields": None},
             }
-            if same_object and old_signature == [m.signature() for m in managers]:
+            if (
+                same_object
+                and old_signature == [m.signature() for m in managers]
+                and not write_only
+            ):
                 return copy.deepcopy(old)
             if rt.kind in _HAS_GENERATION and old.get("spec") != new.get("spec"):
                 meta["generation"] = int(old["metadata"].get("generation", 1)) + 1
@@ -1581,6 +1669,14 @@ class FakeKube:
         if meta.get("managedFields"):
             raise _bad_request("metadata.managedFields must be nil")
         applied = _managed_view(body)
+        duplicate = _duplicate_key(applied)
+        if duplicate:
+            raise ApiError(
+                500,
+                "",
+                f"failed to create typed patch object: {path_string(duplicate[0])}: duplicate "
+                f'entries for key [name="{duplicate[1]}"]',
+            )
         applied_flat = _flatten(applied)
         key: ObjKey = (rt.group_version, rt.plural, namespace, name)
         current = self._objects.get(key)
@@ -1594,6 +1690,10 @@ class FakeKube:
         if meta.get("resourceVersion") not in (None, "", current["metadata"]["resourceVersion"]):
             raise _modified_conflict(rt, name)
         managers = [dataclasses.replace(m, paths=set(m.paths)) for m in self._managers.get(key, [])]
+        if not managers:
+            # An object nobody manages (its managers owned nothing, or it was made inside the
+            # server): the apiserver first gives what it has to an Update manager of its own.
+            managers = self._record_update([], "before-first-apply", rt, None, current)
         mine = next(
             (
                 m
@@ -1631,7 +1731,10 @@ class FakeKube:
             managers.append(mine)
         mine.paths = set(applied_flat)
         mine.time = stamp
-        return self._finish_write(rt, key, current, new, managers, dry_run), False
+        write_only = rt.kind == "Secret" and any(p[:1] == ("stringData",) for p in applied_flat)
+        return self._finish_write(
+            rt, key, current, new, managers, dry_run, write_only=write_only
+        ), False
 
     def _prepare(self, rt: ResourceType, obj: Obj) -> None:
         apply_defaults(rt, obj, self._cluster_ip)
@@ -1793,6 +1896,23 @@ class FakeKube:
 
     def _pod_status(self, pod: Obj, state: str, reason: str | None, exit_code: int = 0) -> Obj:
         now = _now()
+        if state == "unschedulable":  # what the scheduler writes: no node, no containers
+            nodes = len(self.node_names)
+            return {
+                "phase": "Pending",
+                "conditions": [
+                    {
+                        "type": "PodScheduled",
+                        "status": "False",
+                        "lastProbeTime": None,
+                        "lastTransitionTime": now,
+                        "reason": "Unschedulable",
+                        "message": f"0/{nodes} nodes are available: {nodes} node(s) didn't "
+                        "match Pod's node affinity.",
+                    }
+                ],
+                "qosClass": "BestEffort",
+            }
         previous = _as_dict(pod.get("status"))
         spec = pod["spec"]
         containers = [c for c in _as_list(spec.get("containers")) if isinstance(c, dict)]
@@ -1876,17 +1996,21 @@ class FakeKube:
         labels: Obj,
         owner: Obj,
         template: Obj,
-        node: str,
+        node: str | None,
         state: str,
         reason: str | None,
     ) -> Obj:
+        """Create or update a pod; ``node`` None: it fits no node (see ``nodes_for``)."""
         key: ObjKey = ("v1", "pods", namespace, name)
         pod = self._objects.get(key)
-        if state == "waiting" and self._pod_states.get((namespace, name)) == "ready":
+        if node is None:
+            state = "unschedulable"
+        elif state == "waiting" and self._pod_states.get((namespace, name)) == "ready":
             state = "ready"  # a pod of the current revision that is ready stays ready
         if pod is None:
             spec = copy.deepcopy(_as_dict(template.get("spec")))
-            spec["nodeName"] = node
+            if node is not None:
+                spec["nodeName"] = node
             pod = {
                 "apiVersion": "v1",
                 "kind": "Pod",
@@ -1934,9 +2058,23 @@ class FakeKube:
             if key in self._objects:
                 self._delete_object(POD_T, key, "Background")
 
+    def node_labels(self, node: str) -> Obj:
+        """The labels of a fake node (nodes are not served, but pods select them)."""
+        return {"kubernetes.io/hostname": node, "kubernetes.io/os": "linux",
+                "kubernetes.io/arch": "amd64"}  # fmt: skip
+
+    def nodes_for(self, template: Obj) -> list[str]:
+        """The fake nodes that pods of ``template`` fit: those its ``nodeSelector`` matches."""
+        selector = _as_dict(_as_dict(_as_dict(template).get("spec")).get("nodeSelector"))
+        return [
+            node
+            for node in self.node_names
+            if all(self.node_labels(node).get(k) == v for k, v in selector.items())
+        ]
+
     def _desired(self, rt: ResourceType, obj: Obj) -> int:
         if rt.kind == "DaemonSet":
-            return len(self.node_names)
+            return len(self.nodes_for(_as_dict(_as_dict(obj.get("spec")).get("template"))))
         replicas = _as_dict(obj.get("spec")).get("replicas", 1)
         return replicas if isinstance(replicas, int) else 1
 
@@ -1967,6 +2105,15 @@ class FakeKube:
             )
 
         at(0.0, "observe")
+        spec = _as_dict(obj.get("spec"))
+        if rt.kind != "DaemonSet" and not self.nodes_for(_as_dict(spec.get("template"))):
+            # Its pods fit no node: they stay Pending whatever the script says, and a
+            # Deployment times out after its own progressDeadlineSeconds, as on a cluster.
+            at(min(0.05, self.rollout_delay), "progress")
+            deadline = spec.get("progressDeadlineSeconds")
+            if rt.kind == "Deployment" and isinstance(deadline, int):
+                at(float(deadline), "deadline")
+            return
         if script.mode == "success":
             at(script.delay, "complete")
         elif script.mode == "slow":
@@ -1975,7 +2122,11 @@ class FakeKube:
                 at(script.delay * step / steps, "progress", replicas * step // steps)
             at(script.delay, "complete")
         elif script.mode == "deadline":
+            # The controller's next sync sees the pods it made: Progressing ReplicaSetUpdated.
+            at(min(0.05, script.delay / 2), "progress")
             at(script.delay, "deadline")
+        elif script.mode == "stuck":
+            at(min(0.05, self.rollout_delay), "progress")
 
     def _sync_workload(
         self,
@@ -2070,6 +2221,7 @@ class FakeKube:
             revision = int(rs["metadata"]["annotations"].get(REVISION_ANNOTATION, 1))
         meta.setdefault("annotations", {})[REVISION_ANNOTATION] = str(revision)
         rs_template = rs["spec"]["template"]
+        nodes = self.nodes_for(rs_template)
         wanted = [f"{rs_name}-{_safe_hash(f'{rs_name}/{i}', 5)}" for i in range(replicas)]
         new_pods = [
             self._ensure_pod(
@@ -2078,7 +2230,7 @@ class FakeKube:
                 labels,
                 rs,
                 rs_template,
-                self.node_names[i % len(self.node_names)],
+                nodes[i % len(nodes)] if nodes else None,
                 "ready" if i < ready else "waiting",
                 reason,
             )
@@ -2090,7 +2242,7 @@ class FakeKube:
             p for p in self._pods_of(namespace, rs_uid) if p["metadata"]["name"] not in wanted
         )
         old_sets = [o for o in owned if o["metadata"]["name"] != rs_name]
-        done = phase == "complete"
+        done = phase == "complete" and bool(nodes)
         old_pods = [p for o in old_sets for p in self._pods_of(namespace, o["metadata"]["uid"])]
         if done:
             self._delete_pods(old_pods)
@@ -2198,6 +2350,7 @@ class FakeKube:
         replicas = self._desired(_BY_KIND["StatefulSet"], sts)
         template = spec["template"]
         revision = f"{name}-{_safe_hash(_canonical(template), 10)}"
+        nodes = self.nodes_for(template)
         wanted = []
         for i in range(replicas):
             pod_name = f"{name}-{i}"
@@ -2221,7 +2374,7 @@ class FakeKube:
                 labels,
                 sts,
                 template,
-                self.node_names[i % len(self.node_names)],
+                nodes[i % len(nodes)] if nodes else None,
                 "ready" if i < ready else "waiting",
                 reason,
             )
@@ -2234,7 +2387,7 @@ class FakeKube:
             if self._pod_states.get((namespace, pod_name)) in ("ready", "running")
         )
         previous = _as_dict(sts.get("status"))
-        done = phase == "complete"
+        done = phase == "complete" and bool(nodes)
         current_revision = revision if done else previous.get("currentRevision") or revision
         sts["status"] = _omit_zero(
             {
@@ -2259,9 +2412,10 @@ class FakeKube:
         namespace, name, uid = meta["namespace"], meta["name"], meta["uid"]
         template = spec["template"]
         revision_hash = _safe_hash(_canonical(template), 10)
-        desired = len(self.node_names)
+        nodes = self.nodes_for(template)
+        desired = len(nodes)
         wanted = []
-        for i, node in enumerate(self.node_names):
+        for i, node in enumerate(nodes):
             pod_name = f"{name}-{_safe_hash(f'{name}/{revision_hash}/{node}', 5)}"
             wanted.append(pod_name)
             labels = {

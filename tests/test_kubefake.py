@@ -376,6 +376,131 @@ def test_invalid_objects_get_422_with_the_offending_fields(
     assert apps.list_namespaced_deployment(NS).items == []
 
 
+def _no_selector(body: dict[str, Any]) -> None:
+    del body["spec"]["selector"]
+
+
+def _other_selector(body: dict[str, Any]) -> None:
+    body["spec"]["selector"] = {"matchLabels": {"app": "other"}}
+
+
+def _empty_selector(body: dict[str, Any]) -> None:
+    body["spec"]["selector"] = {}
+
+
+def _bad_template_label(body: dict[str, Any]) -> None:
+    body["spec"]["template"]["metadata"]["labels"]["tier"] = "a b"
+
+
+def _no_template(body: dict[str, Any]) -> None:
+    del body["spec"]["template"]
+
+
+def _wider_selector(body: dict[str, Any]) -> None:
+    body["spec"]["selector"]["matchLabels"]["tier"] = "x"
+    body["spec"]["template"]["metadata"]["labels"]["tier"] = "x"
+
+
+_MISMATCH = "`selector` does not match template `labels`"
+_LABEL = (
+    "a valid label must be an empty string or consist of alphanumeric characters, '-', '_' or "
+    "'.', and must start and end with an alphanumeric character (e.g. 'MyValue',  or "
+    "'my_value',  or '12345', regex used for validation is "
+    "'(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?')"
+)
+
+
+@pytest.mark.parametrize(
+    ("change", "update", "message"),
+    [
+        (_no_selector, False, f'[spec.selector: Required value, spec.template.metadata.labels: Invalid value: map[string]string{{"app":"web"}}: {_MISMATCH}]'),
+        (_other_selector, False, f'spec.template.metadata.labels: Invalid value: map[string]string{{"app":"web"}}: {_MISMATCH}'),
+        (_empty_selector, False, "spec.selector: Invalid value: v1.LabelSelector{MatchLabels:map[string]string(nil), MatchExpressions:[]v1.LabelSelectorRequirement(nil)}: empty selector is invalid for deployment"),
+        (_bad_template_label, False, f'spec.template.labels: Invalid value: "a b": {_LABEL}'),
+        (_no_template, False, f"[spec.template.metadata.labels: Invalid value: map[string]string(nil): {_MISMATCH}, spec.template.spec.containers: Required value]"),
+        (_wider_selector, True, 'spec.selector: Invalid value: v1.LabelSelector{MatchLabels:map[string]string{"app":"web", "tier":"x"}, MatchExpressions:[]v1.LabelSelectorRequirement(nil)}: field is immutable'),
+        (_no_selector, True, f'[spec.selector: Required value, spec.template.metadata.labels: Invalid value: map[string]string{{"app":"web"}}: {_MISMATCH}, spec.selector: Invalid value: "null": field is immutable]'),
+    ],
+    ids=["no-selector", "other-selector", "empty-selector", "template-label", "no-template",
+         "selector-changed", "selector-removed"],
+)  # fmt: skip
+def test_validation_messages_are_the_apiservers_own(
+    deployments: Resource, change: Any, update: bool, message: str
+) -> None:
+    # Worded, ordered and with values printed as a v1.20.2 apiserver does (tests/k8s_real.py):
+    # Go's %#v of maps and selectors, the template's labels at spec.template.labels, and on an
+    # update the object's errors and then the update's.
+    body = deployment(name="web")
+    if update:
+        deployments.server_side_apply(body=deployment(), field_manager="shipyard", namespace=NS)
+    change(body)
+    with pytest.raises(dyn_errors.UnprocessibleEntityError) as caught:
+        deployments.server_side_apply(body=body, field_manager="shipyard", namespace=NS)
+    assert status_of(caught.value)["message"] == f'Deployment.apps "web" is invalid: {message}'
+
+
+def test_applying_a_list_item_twice_is_a_500_before_any_validation(
+    deployments: Resource, apps: k8s.AppsV1Api
+) -> None:
+    body = deployment()
+    body["spec"]["template"]["spec"]["containers"].append({"name": "app", "image": "x:1"})
+    with pytest.raises(dyn_errors.InternalServerError) as caught:
+        deployments.server_side_apply(body=body, field_manager="shipyard", namespace=NS)
+    # Server-side apply cannot merge the list; the apiserver's Status has no reason.
+    assert status_of(caught.value) == {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": "failed to create typed patch object: .spec.template.spec.containers: "
+        'duplicate entries for key [name="app"]',
+        "code": 500,
+    }
+    assert apps.list_namespaced_deployment(NS).items == []
+    # A create is validated instead: the duplicate is a 422 there.
+    with pytest.raises(ApiException) as created:
+        apps.create_namespaced_deployment(NS, body)
+    assert status_of(created.value)["message"].endswith(
+        'spec.template.spec.containers[1].name: Duplicate value: "app"'
+    )
+
+
+def test_an_object_nobody_manages_is_given_to_before_first_apply_by_an_apply(
+    fake: FakeKube, dyn: DynamicClient
+) -> None:
+    # The apiserver gives what an object nobody manages holds (here: a namespace made inside
+    # the server, or one whose only applier owned no field) to an Update manager of its own,
+    # at the first apply: that apply is a change, the next identical one is not.
+    namespaces = dyn.resources.get(api_version="v1", kind="Namespace")
+    fake.add_namespace("team")
+    before = namespaces.get(name="team")
+    assert "managedFields" not in before.metadata
+    body = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "team"}}
+    first = namespaces.server_side_apply(body=body, field_manager="shipyard")
+    assert first.metadata.resourceVersion != before.metadata.resourceVersion
+    (entry,) = first.to_dict()["metadata"]["managedFields"]
+    assert (entry["manager"], entry["operation"]) == ("before-first-apply", "Update")
+    assert entry["fieldsV1"]["f:spec"] == {"f:finalizers": {}}
+    again = namespaces.server_side_apply(body=body, field_manager="shipyard")
+    assert again.metadata.resourceVersion == first.metadata.resourceVersion
+
+
+def test_a_secrets_string_data_is_owned_and_written_at_every_apply(dyn: DynamicClient) -> None:
+    # stringData is folded into data and never stored, yet its applier owns it, and each apply
+    # of it is a write (a new resourceVersion), as on the apiserver.
+    secrets = dyn.resources.get(api_version="v1", kind="Secret")
+    body = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "key"},
+            "stringData": {"token": "s3cr3t"}}  # fmt: skip
+    first = secrets.server_side_apply(body=body, field_manager="shipyard", namespace=NS).to_dict()
+    assert first["data"] == {"token": "czNjcjN0"}
+    assert "stringData" not in first
+    (entry,) = first["metadata"]["managedFields"]
+    assert (entry["manager"], entry["fieldsV1"]) == ("shipyard", {"f:stringData": {"f:token": {}}})
+    again = secrets.server_side_apply(body=body, field_manager="shipyard", namespace=NS).to_dict()
+    assert int(again["metadata"]["resourceVersion"]) > int(first["metadata"]["resourceVersion"])
+    assert again["data"] == first["data"]
+
+
 def test_missing_objects_and_unknown_resources_are_404(
     deployments: Resource, dyn: DynamicClient, core: k8s.CoreV1Api
 ) -> None:
@@ -573,9 +698,17 @@ def test_stuck_rollout_is_observed_but_never_progresses(
     deployments.server_side_apply(
         body=deployment(replicas=2), field_manager="shipyard", namespace=NS
     )
-    wait_for(lambda: apps.read_namespaced_deployment_status("web", NS).status.observed_generation)
-    time.sleep(0.4)
-    found = apps.read_namespaced_deployment_status("web", NS)
+
+    def progressing() -> Any:
+        found = apps.read_namespaced_deployment_status("web", NS)
+        cond = condition(found, "Progressing")
+        return found if cond is not None and cond.reason == "ReplicaSetUpdated" else None
+
+    # Created the ReplicaSet, then (next sync, its pods made) "progressing", as the controller
+    # says; then nothing, however long one waits.
+    found = wait_for(progressing, what="Progressing ReplicaSetUpdated")
+    rs_name = apps.list_namespaced_replica_set(NS).items[0].metadata.name
+    assert condition(found, "Progressing").message == f'ReplicaSet "{rs_name}" is progressing.'
     assert found.status.updated_replicas == 2
     assert not found.status.ready_replicas
     assert condition(found, "Progressing").status == "True"
@@ -660,6 +793,62 @@ def test_daemonset_rollout(
         p.spec.node_name for p in core.list_namespaced_pod(NS, label_selector="app=agent").items
     }
     assert nodes == {"fake-node-1", "fake-node-2"}
+
+
+@pytest.mark.parametrize("fake", [{"nodes": 2}], indirect=True)
+def test_pods_that_fit_no_node_stay_pending_until_the_progress_deadline(
+    fake: FakeKube, deployments: Resource, apps: k8s.AppsV1Api, core: k8s.CoreV1Api
+) -> None:
+    # Whatever the script says: a nodeSelector no fake node has leaves the pods Pending, as the
+    # scheduler leaves them, and the Deployment's own progressDeadlineSeconds runs out.
+    body = deployment(replicas=2, progressDeadlineSeconds=1)
+    body["spec"]["template"]["spec"]["nodeSelector"] = {"pool": "gpu"}
+    started = time.monotonic()
+    deployments.server_side_apply(body=body, field_manager="shipyard", namespace=NS)
+    found = wait_for(lambda: deadline_exceeded(apps), timeout=10, what="progress deadline")
+    assert time.monotonic() - started >= 1.0
+    assert condition(found, "Progressing").reason == "ProgressDeadlineExceeded"
+    pods = core.list_namespaced_pod(NS, label_selector="app=web").items
+    assert len(pods) == 2
+    for pod in pods:
+        assert pod.spec.node_name is None
+        assert pod.status.phase == "Pending"
+        assert pod.status.container_statuses is None
+        (scheduled,) = pod.status.conditions
+        assert (scheduled.type, scheduled.status, scheduled.reason) == (
+            "PodScheduled", "False", "Unschedulable",
+        )  # fmt: skip
+        assert scheduled.message == (
+            "0/2 nodes are available: 2 node(s) didn't match Pod's node affinity."
+        )
+
+    # A selector a node matches schedules the pods there (hostname, os and arch labels).
+    body["spec"]["template"]["spec"]["nodeSelector"] = {"kubernetes.io/hostname": "fake-node-2"}
+    deployments.server_side_apply(body=body, field_manager="shipyard", namespace=NS)
+    wait_for(lambda: rolled_out(apps), what="rollout on fake-node-2")
+    ready = [p for p in core.list_namespaced_pod(NS, label_selector="app=web").items
+             if p.status.phase == "Running"]  # fmt: skip
+    assert {p.spec.node_name for p in ready} == {"fake-node-2"}
+
+
+@pytest.mark.parametrize("fake", [{"nodes": 2}], indirect=True)
+def test_a_daemonset_runs_on_the_nodes_its_selector_matches(
+    fake: FakeKube, dyn: DynamicClient, apps: k8s.AppsV1Api, core: k8s.CoreV1Api
+) -> None:
+    body = deployment(name="agent", replicas=None)
+    body["kind"] = "DaemonSet"
+    body["spec"]["template"]["spec"]["nodeSelector"] = {"kubernetes.io/hostname": "fake-node-1"}
+    daemonsets = dyn.resources.get(api_version="apps/v1", kind="DaemonSet")
+    daemonsets.server_side_apply(body=body, field_manager="shipyard", namespace=NS)
+
+    def done() -> Any:
+        status = apps.read_namespaced_daemon_set_status("agent", NS).status
+        return status if status.observed_generation and status.number_available == 1 else None
+
+    status = wait_for(done, what="daemonset")
+    assert status.desired_number_scheduled == 1
+    pods = core.list_namespaced_pod(NS, label_selector="app=agent").items
+    assert [p.spec.node_name for p in pods] == ["fake-node-1"]
 
 
 def test_deleting_a_deployment_cascades_to_replicasets_and_pods(
