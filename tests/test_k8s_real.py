@@ -1,9 +1,10 @@
 """Kubernetes steps against a real control plane: v1.20.2 on loopback (tests/k8s_real.py).
 
 What the fake (tests/kubefake.py) cannot tell: server-side apply field ownership, the server's
-own validation, controllers moving status along, RBAC refusals. The plane is started once per
-test session, on the worker that runs these tests (one xdist group). Set SHIPYARD_SKIP_K8S_REAL=1
-to skip them on a machine that cannot build it; CI never does.
+own validation, controllers moving status along, RBAC refusals. The plane (tests/k8s_backends.py)
+is started once per test session, on the worker that runs the xdist group ``k8s-real``, and
+shared with the real-backed half of tests/test_kubernetes.py. Set SHIPYARD_SKIP_K8S_REAL=1 to
+skip them on a machine that cannot build it; CI never does.
 """
 
 from __future__ import annotations
@@ -14,14 +15,15 @@ import subprocess
 import sys
 import textwrap
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import k8s_real
 import pytest
 
-pytestmark = [pytest.mark.xdist_group("k8s-real"), pytest.mark.slow]
+pytestmark = [pytest.mark.xdist_group("k8s-real"), pytest.mark.slow]  # as k8s_backends.REAL
+
+#: tests/k8s_backends.py: the ``plane`` fixture (one per process), shared with test_kubernetes.py.
+pytest_plugins = ["k8s_backends"]
 
 SHIPYARD = Path(sys.executable).parent / "shipyard"
 
@@ -50,18 +52,6 @@ spec:
         - name: web
           image: registry.example/web:${DEPLOYMENT_VERSION}
 """
-
-
-@pytest.fixture(scope="session")
-def plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    if os.environ.get("SHIPYARD_SKIP_K8S_REAL") == "1":
-        pytest.skip("SHIPYARD_SKIP_K8S_REAL=1: the real Kubernetes control plane is not started")
-    d = tmp_path_factory.mktemp("k8s-plane")
-    state = k8s_real.up(d)
-    try:
-        yield state
-    finally:
-        k8s_real.down(d)
 
 
 @pytest.fixture
@@ -184,6 +174,30 @@ def test_the_servers_own_validation_error_names_object_file_and_field(project: P
     assert "spec.template.metadata.labels" in r.stdout, r.stdout
     assert "Traceback" not in r.stdout + r.stderr
     assert project.history()[0]["status"] == "failed"
+
+
+def test_a_port_without_its_protocol_is_a_manifest_error_before_1_21(project: Project) -> None:
+    # Kubernetes before 1.21 cannot server-side apply a list item that omits a key field, even
+    # one with a default: a Service port without its protocol. The apiserver answers 500; the
+    # step says it is the manifest (no "try again later, or check the cluster's health").
+    # The fake serves what 1.21 and later do (protocol defaulted first), so this is real-only.
+    project.manifest(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\nspec:\n  selector: {app: web}\n"
+        "  ports:\n    - port: 80\n",
+        "svc.yaml",
+    )
+    project.pipelines(f'sy.kubernetes("k8s/svc.yaml", namespace={project.ns!r})')
+    r = project.run("deploy", "web", "1.0", "-e", "prod")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert (
+        f"cannot apply service/web (namespace {project.ns}) from k8s/svc.yaml:1: the API server "
+        "cannot merge it for server-side apply (failed to create typed patch object: "
+        ".spec.ports: element 0: associative list with keys has an element that omits key field "
+        '"protocol"'
+    ) in r.stdout, r.stdout
+    assert "need every port's protocol written out (protocol: TCP)" in r.stdout
+    assert "cluster's health" not in r.stdout
+    assert "Traceback" not in r.stdout + r.stderr
 
 
 def test_a_token_without_rights_is_refused_with_verb_resource_and_namespace(

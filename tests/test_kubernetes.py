@@ -1,10 +1,16 @@
-"""The ``kubernetes`` and ``kubernetes.job`` steps against the loopback Kubernetes API.
+"""The ``kubernetes`` and ``kubernetes.job`` steps against Kubernetes API servers on loopback.
 
-Every cluster here is tests/kubefake.py serving real HTTP on 127.0.0.1, driven by the official
-client inside the steps; nothing is mocked. Most tests run steps through the real runner
-(``Target`` from docker_fixtures, which needs no Docker engine); the history, rollback and
-``plan`` tests go through the CLI and ``DeploymentManager``, one of them with the fake in a
-process of its own.
+Nothing is mocked: the steps drive the official client against tests/kubefake.py (the fake,
+real HTTP on 127.0.0.1) and, for every test that needs no pod logs, no Job and nothing only the
+fake can script or count, also against a real v1.20.2 control plane (tests/k8s_real.py). Those
+tests take the ``backend`` fixture (tests/k8s_backends.py; ids ``fake`` and ``real``) and work
+in a namespace of their own; where part of a test inspects what only the fake records (its
+request log), that part is conditional on ``backend.fake`` and the same fact is asserted on the
+cluster's objects for both. The rest take ``fake`` and ``kubeconfig``.
+
+Most tests run steps through the real runner (``Target`` from docker_fixtures, which needs no
+Docker engine); the history, rollback and ``plan`` tests go through the CLI and
+``DeploymentManager``, one of them with the fake in a process of its own.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import urllib.request
 from collections.abc import Callable
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 from typing import Any
 from typing import TypeVar
 
@@ -39,7 +46,13 @@ from shipyard.plugins.kubernetes import load_documents
 from shipyard.plugins.kubernetes import render
 from shipyard.plugins.kubernetes import rollout_status
 
+if TYPE_CHECKING:  # imported by pytest as the plugin it is (pytest_plugins, below)
+    from k8s_backends import Backend
+
 RESOURCES = Path(__file__).parent / "resources" / "k8s"
+
+#: tests/k8s_backends.py: the ``backend`` fixture (the fake or the real plane, one per process).
+pytest_plugins = ["k8s_backends"]
 
 KUBEFAKE = Path(__file__).with_name("kubefake.py")
 NS = "default"
@@ -49,10 +62,35 @@ T = TypeVar("T")
 # -- helpers --------------------------------------------------------------------------------------
 
 
-def image_of(fake: FakeKube, kind: str, name: str, namespace: str = NS) -> str:
-    obj = fake.get(kind, namespace, name)
+def image_of(cluster: FakeKube | Backend, kind: str, name: str, namespace: str = NS) -> str:
+    obj = cluster.get(kind, namespace, name)
     assert obj is not None, f"{kind} {namespace}/{name} does not exist"
     return str(obj["spec"]["template"]["spec"]["containers"][0]["image"])
+
+
+def managers(obj: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """``(manager, operation)`` of an object's managedFields."""
+    assert obj is not None
+    return [(m["manager"], m["operation"]) for m in obj["metadata"].get("managedFields") or []]
+
+
+def never_ready(manifest: Path, deadline: int | None = None) -> None:
+    """Give the Deployment in ``manifest`` a nodeSelector no node has, and a
+    ``progressDeadlineSeconds`` if ``deadline``: on either server its new pods stay Pending
+    (Unschedulable), and the rollout times out after the deadline."""
+    text = manifest.read_text()
+    assert "    spec:\n      containers:" in text
+    assert "spec:\n  replicas: 2\n" in text
+    text = text.replace(
+        "    spec:\n      containers:",
+        "    spec:\n      nodeSelector:\n        pool: nowhere\n      containers:",
+    )
+    if deadline is not None:
+        text = text.replace(
+            "spec:\n  replicas: 2\n",
+            f"spec:\n  replicas: 2\n  progressDeadlineSeconds: {deadline}\n",
+        )
+    manifest.write_text(text)
 
 
 def shipyard_lines(out: Outcome) -> list[str]:
@@ -203,12 +241,13 @@ def test_rollout_status_follows_kubectl(obj: dict[str, Any], expected: tuple[str
 
 
 def test_apply_server_side_applies_every_document_with_the_rendered_version(
-    fake: FakeKube, kubeconfig: Path, project: Path, target: Target
+    backend: Backend, project: Path, target: Target
 ) -> None:
+    ns = backend.namespace
     out = run(target, project, sy.kubernetes("k8s/app.yaml"), version="1.4.2")
     assert out.status is Status.SUCCEEDED, out.error
-    assert image_of(fake, "Deployment", "web") == "registry.example/web:1.4.2"
-    config = fake.get("ConfigMap", NS, "web-config")
+    assert image_of(backend, "Deployment", "web", ns) == "registry.example/web:1.4.2"
+    config = backend.get("ConfigMap", ns, "web-config")
     assert config is not None
     assert config["data"] == {
         "version": "1.4.2",
@@ -217,64 +256,76 @@ def test_apply_server_side_applies_every_document_with_the_rendered_version(
         "released": "2024-05-01T10:00:00Z",
         "literal": "${NOT_A_VARIABLE} and $HOME",
     }
-    assert fake.get("Service", NS, "web") is not None
-    # Server-side apply, field manager shipyard, for every document; never a create.
-    patches = applies(fake)
-    assert len(patches) == 3
-    assert {r.content_type for r in patches} == {"application/apply-patch+yaml"}
-    assert {r.query["fieldManager"] for r in patches} == {"shipyard"}
-    assert "force" not in patches[0].query
-    assert not [r for r in fake.requests if r.method in ("POST", "PUT")]
+    # Server-side apply, field manager shipyard, for every document; never a create (which
+    # would be an Update entry). A controller has an entry of its own on the real plane.
+    for kind, name in [("ConfigMap", "web-config"), ("Deployment", "web"), ("Service", "web")]:
+        mine = [m for m in managers(backend.get(kind, ns, name)) if m[0] == "shipyard"]
+        assert mine == [("shipyard", "Apply")], kind
+    if backend.fake is not None:  # and what went over the wire
+        patches = applies(backend.fake)
+        assert len(patches) == 3
+        assert {r.content_type for r in patches} == {"application/apply-patch+yaml"}
+        assert {r.query["fieldManager"] for r in patches} == {"shipyard"}
+        assert "force" not in patches[0].query
+        assert not [r for r in backend.fake.requests if r.method in ("POST", "PUT")]
     lines = shipyard_lines(out)
     assert lines[:3] == [
-        "configmap/web-config created (namespace default)",
-        "deployment.apps/web created (namespace default)",
-        "service/web created (namespace default)",
+        f"configmap/web-config created (namespace {ns})",
+        f"deployment.apps/web created (namespace {ns})",
+        f"service/web created (namespace {ns})",
     ]
-    assert lines[-1] == "deployment.apps/web (namespace default): successfully rolled out"
+    assert lines[-1] == f"deployment.apps/web (namespace {ns}): successfully rolled out"
 
     again = run(target, project, sy.kubernetes("k8s/app.yaml"), version="1.4.2")
     assert again.status is Status.SUCCEEDED, again.error
-    assert "deployment.apps/web unchanged (namespace default)" in shipyard_lines(again)
+    assert f"deployment.apps/web unchanged (namespace {ns})" in shipyard_lines(again)
     newer = run(target, project, sy.kubernetes("k8s/app.yaml"), version="1.5.0")
-    assert "deployment.apps/web configured (namespace default)" in shipyard_lines(newer)
-    assert image_of(fake, "Deployment", "web") == "registry.example/web:1.5.0"
+    assert newer.status is Status.SUCCEEDED, newer.error
+    assert f"deployment.apps/web configured (namespace {ns})" in shipyard_lines(newer)
+    assert image_of(backend, "Deployment", "web", ns) == "registry.example/web:1.5.0"
 
 
 def test_namespaces_come_from_the_document_then_the_step_then_the_kubeconfig(
-    fake: FakeKube, tmp_path: Path, project: Path, target: Target, monkeypatch: pytest.MonkeyPatch
+    backend: Backend, project: Path, target: Target
 ) -> None:
-    fake.add_namespace("team")
-    fake.add_namespace("staging")
-    kubeconfig = fake.write_kubeconfig(tmp_path / "team-kubeconfig", namespace="team")
-    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    (project / "k8s" / "multi" / "a-config.yaml").write_text(
-        (project / "k8s" / "multi" / "a-config.yaml").read_text().replace("${CHANNEL}", "beta")
-    )
-    fake.script_rollout("prod", "agent", "slow", delay=0.2)
+    # The kubeconfig context's namespace is the test's own ("team"); the manifests' Namespace
+    # document and the step's namespace= get names of the test's own too.
+    team, staging, prod = backend.namespace, backend.unique("staging"), backend.unique("prod")
+    backend.add_namespace(staging)
+    backend.created_namespace(prod)
+    for path in (project / "k8s" / "multi").iterdir():
+        path.write_text(
+            path.read_text()
+            .replace("${CHANNEL}", "beta")
+            .replace("namespace: prod\n", f"namespace: {prod}\n")
+            .replace("name: prod\n", f"name: {prod}\n")
+        )
+    if backend.fake is not None:
+        backend.fake.script_rollout(prod, "agent", "slow", delay=0.2)
 
-    out = run(target, project, sy.kubernetes("k8s/multi"), version="2.0")
+    out = run(target, project, sy.kubernetes("k8s/multi", timeout=60), version="2.0")
     assert out.status is Status.SUCCEEDED, out.error
     for kind, name in [("ConfigMap", "settings"), ("Secret", "api-key"),
                        ("ServiceAccount", "worker"), ("StatefulSet", "db")]:  # fmt: skip
-        assert fake.get(kind, "team", name) is not None, (kind, name)
-    assert fake.get("ConfigMap", "prod", "prod-settings") is not None
-    assert image_of(fake, "DaemonSet", "agent", "prod") == "registry.example/agent:2.0"
-    assert fake.get("Namespace", "", "prod") is not None
+        assert backend.get(kind, team, name) is not None, (kind, name)
+    assert backend.get("ConfigMap", prod, "prod-settings") is not None
+    assert image_of(backend, "DaemonSet", "agent", prod) == "registry.example/agent:2.0"
+    assert backend.get("Namespace", "", prod) is not None
     lines = shipyard_lines(out)
-    assert lines[0] == "namespace/prod created"
+    assert lines[0] == f"namespace/{prod} created"
     assert (
-        "statefulset.apps/db (namespace team): successfully rolled out (2 pods at revision "
+        f"statefulset.apps/db (namespace {team}): successfully rolled out (2 pods at revision "
         in "\n".join(lines)
     )
-    assert "daemonset.apps/agent (namespace prod): successfully rolled out" in lines
+    assert f"daemonset.apps/agent (namespace {prod}): successfully rolled out" in lines
 
-    out = run(target, project, sy.kubernetes("k8s/multi", namespace="staging"), version="2.0")
+    out = run(
+        target, project, sy.kubernetes("k8s/multi", namespace=staging, timeout=60), version="2.0"
+    )
     assert out.status is Status.SUCCEEDED, out.error
-    assert image_of(fake, "StatefulSet", "db", "staging") == "registry.example/db:2.0"
-    assert fake.get("ConfigMap", "staging", "settings") is not None
-    assert fake.get("ConfigMap", "staging", "prod-settings") is None  # the document's own wins
+    assert image_of(backend, "StatefulSet", "db", staging) == "registry.example/db:2.0"
+    assert backend.get("ConfigMap", staging, "settings") is not None
+    assert backend.get("ConfigMap", staging, "prod-settings") is None  # the document's own wins
 
 
 def test_a_slow_rollout_is_followed_until_done(
@@ -310,40 +361,45 @@ def test_progress_deadline_exceeded_fails_with_the_reason_and_the_pods_not_ready
 
 
 def test_the_step_timeout_fails_with_the_controllers_reason_and_the_pods_not_ready(
-    fake: FakeKube, kubeconfig: Path, project: Path, target: Target
+    backend: Backend, project: Path, target: Target
 ) -> None:
-    fake.script_rollout(NS, "web", "stuck")
+    ns = backend.namespace
+    never_ready(project / "k8s" / "app.yaml")
     out = run(target, project, sy.kubernetes("k8s/app.yaml", timeout=3), version="1")
     assert out.status is Status.FAILED
     error = out.result.error
     assert error is not None
+    # The deployment controller's own words, as both servers put them.
     assert error.startswith(
-        "the rollout did not finish within 3s: deployment.apps/web (namespace default): "
-        "0 of 2 updated replicas are available (Available=False MinimumReplicasUnavailable"
-    )
-    assert "Progressing=True NewReplicaSetCreated" in error
-    assert "; pods not ready: web-" in error
-    assert "(ContainerCreating)" in error
+        f"the rollout did not finish within 3s: deployment.apps/web (namespace {ns}): "
+        "0 of 2 updated replicas are available (Available=False MinimumReplicasUnavailable: "
+        "Deployment does not have minimum availability.; Progressing=True ReplicaSetUpdated: "
+        'ReplicaSet "web-'
+    ), error
+    assert '" is progressing.); pods not ready: web-' in error
+    pods = sorted(p["metadata"]["name"] for p in backend.list_objects("Pod", ns, "app=web"))
+    assert len(pods) == 2
+    for pod in pods:
+        assert f"{pod} (Pending)" in error
     assert 2.0 < out.seconds < 6.0  # gives up a moment early, to say why
 
 
-def test_wait_false_does_not_wait(
-    fake: FakeKube, kubeconfig: Path, project: Path, target: Target
-) -> None:
-    fake.script_rollout(NS, "web", "stuck")
+def test_wait_false_does_not_wait(backend: Backend, project: Path, target: Target) -> None:
+    never_ready(project / "k8s" / "app.yaml")
     out = run(target, project, sy.kubernetes("k8s/app.yaml", wait=False), version="1")
     assert out.status is Status.SUCCEEDED, out.error
-    assert not any("rolled out" in t for t in shipyard_lines(out))
+    assert f"deployment.apps/web created (namespace {backend.namespace})" in shipyard_lines(out)
+    assert not any("rolled out" in t or "replicas" in t for t in shipyard_lines(out))
 
 
 def test_a_cancelled_apply_stops_waiting_at_once(
-    fake: FakeKube, kubeconfig: Path, project: Path, target: Target
+    backend: Backend, project: Path, target: Target
 ) -> None:
-    fake.script_rollout(NS, "web", "stuck")
+    never_ready(project / "k8s" / "app.yaml")
 
     async def scenario() -> tuple[Outcome, float]:
         task = asyncio.ensure_future(target.arun(sy.kubernetes("k8s/app.yaml"), rootdir=project))
-        while fake.get("Deployment", NS, "web") is None:
+        while await asyncio.to_thread(backend.get, "Deployment", backend.namespace, "web") is None:
             assert not task.done(), task.result()
             await asyncio.sleep(0.02)
         await asyncio.sleep(0.3)
@@ -358,56 +414,67 @@ def test_a_cancelled_apply_stops_waiting_at_once(
 
 
 def test_the_default_kubeconfig_and_a_merged_kubeconfig_with_a_context(
-    fake: FakeKube, tmp_path: Path, project: Path, target: Target, monkeypatch: pytest.MonkeyPatch
+    backend: Backend,
+    tmp_path: Path,
+    project: Path,
+    target: Target,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    ns = backend.namespace
     monkeypatch.delenv("KUBECONFIG", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    fake.write_kubeconfig(tmp_path / "home" / ".kube" / "config")
+    backend.write_kubeconfig(tmp_path / "home" / ".kube" / "config")
     out = run(target, project, sy.kubernetes("k8s/app.yaml", wait=False), version="1")
     assert out.status is Status.SUCCEEDED, out.error
-    assert image_of(fake, "Deployment", "web") == "registry.example/web:1"
+    assert image_of(backend, "Deployment", "web", ns) == "registry.example/web:1"
 
     # KUBECONFIG=a:b merges the files, as kubectl does; context= picks one of their contexts.
-    fake.add_namespace("team")
-    first = fake.write_kubeconfig(tmp_path / "a", context="fake")
-    second = fake.write_kubeconfig(tmp_path / "b", namespace="team", context="team")
+    team = backend.unique("team")
+    backend.add_namespace(team)
+    first = backend.write_kubeconfig(tmp_path / "a")
+    second = backend.write_kubeconfig(tmp_path / "b", namespace=team, context="team")
     monkeypatch.setenv("KUBECONFIG", f"{first}{os.pathsep}{second}")
     out = run(
         target, project, sy.kubernetes("k8s/app.yaml", context="team", wait=False), version="2"
     )
     assert out.status is Status.SUCCEEDED, out.error
-    assert image_of(fake, "Deployment", "web", "team") == "registry.example/web:2"
-    assert image_of(fake, "Deployment", "web") == "registry.example/web:1"
+    assert image_of(backend, "Deployment", "web", team) == "registry.example/web:2"
+    assert image_of(backend, "Deployment", "web", ns) == "registry.example/web:1"
 
 
 def test_a_conflict_fails_unless_force_conflicts(
-    fake: FakeKube, kubeconfig: Path, project: Path, target: Target
+    backend: Backend, project: Path, target: Target
 ) -> None:
-    run(target, project, sy.kubernetes("k8s/app.yaml"), version="1")
+    ns = backend.namespace
+    first = run(target, project, sy.kubernetes("k8s/app.yaml"), version="1")
+    assert first.status is Status.SUCCEEDED, first.error
     # Someone scaled the Deployment with kubectl: .spec.replicas is theirs now.
-    fake.apply(
+    backend.apply(
         {"apiVersion": "apps/v1", "kind": "Deployment",
-         "metadata": {"name": "web", "namespace": NS}, "spec": {"replicas": 5}},
+         "metadata": {"name": "web", "namespace": ns}, "spec": {"replicas": 5}},
         field_manager="kubectl", force=True,
     )  # fmt: skip
     out = run(target, project, sy.kubernetes("k8s/app.yaml"), version="2")
     assert out.status is Status.FAILED
     assert out.result.error == (
-        "cannot apply deployment.apps/web (namespace default) from k8s/app.yaml:14: Apply failed "
+        f"cannot apply deployment.apps/web (namespace {ns}) from k8s/app.yaml:14: Apply failed "
         'with 1 conflict: conflict with "kubectl": .spec.replicas; fields in the manifest are '
         "owned by another field manager: change them back there, remove them from the manifest, "
         "or pass force_conflicts=True to take them over"
     )
-    assert image_of(fake, "Deployment", "web") == "registry.example/web:1"
+    assert image_of(backend, "Deployment", "web", ns) == "registry.example/web:1"
+    assert ("kubectl", "Apply") in managers(backend.get("Deployment", ns, "web"))
 
     out = run(target, project, sy.kubernetes("k8s/app.yaml", force_conflicts=True), version="2")
     assert out.status is Status.SUCCEEDED, out.error
-    forced = fake.get("Deployment", NS, "web")
+    forced = backend.get("Deployment", ns, "web")
     assert forced is not None
     assert forced["spec"]["replicas"] == 2
-    assert image_of(fake, "Deployment", "web") == "registry.example/web:2"
-    assert applies(fake)[-1].query["force"].lower() == "true"
+    assert image_of(backend, "Deployment", "web", ns) == "registry.example/web:2"
+    # Forcing took .spec.replicas over: kubectl owned nothing else, so its entry is gone.
+    assert ("kubectl", "Apply") not in managers(forced)
+    if backend.fake is not None:
+        assert applies(backend.fake)[-1].query["force"].lower() == "true"
 
 
 # -- errors ---------------------------------------------------------------------------------------
@@ -427,9 +494,6 @@ def _stopped_server_kubeconfig(tmp_path: Path) -> Path:
         pytest.param("missing-kubeconfig", "k8s/app.yaml", {},
                      "KUBECONFIG is '{tmp}/nope', but there is no such file; point KUBECONFIG at your cluster's kubeconfig",
                      id="missing-kubeconfig"),
-        pytest.param("", "k8s/app.yaml", {"context": "prod"},
-                     "the kubeconfig {tmp}/kubeconfig has no context 'prod' (contexts: fake); fix the step's context= or the kubeconfig",
-                     id="unknown-context"),
         pytest.param("unreachable", "k8s/app.yaml", {},
                      "cannot reach the Kubernetes API server at http://127.0.0.1:{port} (context 'fake' of {tmp}/gone-kubeconfig): connection refused; check that the cluster is running",
                      id="unreachable"),
@@ -439,21 +503,9 @@ def _stopped_server_kubeconfig(tmp_path: Path) -> Path:
         pytest.param("drop", "k8s/app.yaml", {},
                      "lost the Kubernetes API server at http://127.0.0.1:{port} (context 'fake' of {tmp}/kubeconfig) while trying to apply configmap/web-config (namespace default) from k8s/app.yaml:3: the server closed the connection without answering",
                      id="drop"),
-        pytest.param("401", "k8s/app.yaml", {},
-                     "the Kubernetes API server at http://127.0.0.1:{port} (context 'fake' of {tmp}/kubeconfig) rejected the credentials (401 Unauthorized); log in again or renew the token in the kubeconfig",
-                     id="401"),
         pytest.param("403", "k8s/app.yaml", {},
                      'not allowed to apply deployment.apps/web (namespace default) from k8s/app.yaml:14 (403 Forbidden: deployments.apps "web" is forbidden: User "system:anonymous" cannot patch resource "deployments" in API group "apps" in the namespace "default"); ask a cluster admin for the RBAC permission, or use a kubeconfig context that has it',
                      id="403"),
-        pytest.param("", "k8s/invalid.yaml", {},
-                     'the API server refused to apply deployment.apps/web (namespace default) from k8s/invalid.yaml:1 because the object is invalid: Deployment.apps "web" is invalid: ',
-                     id="422"),
-        pytest.param("", "k8s/widget.yaml", {},
-                     "the cluster at http://127.0.0.1:{port} (context 'fake' of {tmp}/kubeconfig) does not serve kind 'Widget' of apiVersion 'example.com/v1' (widget.example.com/gadget from k8s/widget.yaml:1); check apiVersion and kind, or install the CustomResourceDefinition that defines it first",
-                     id="unknown-kind"),
-        pytest.param("", "k8s/elsewhere.yaml", {},
-                     "cannot apply configmap/settings (namespace nowhere) from k8s/elsewhere.yaml:1: namespace 'nowhere' does not exist; create it (kubectl create namespace nowhere) or add a Namespace document to the manifests",
-                     id="missing-namespace"),
         pytest.param("", "k8s/nope.yaml", {},
                      "manifest 'k8s/nope.yaml' not found (looked for {project}/k8s/nope.yaml, relative to the pipelines file's folder); check the path",
                      id="missing-file"),
@@ -491,10 +543,6 @@ def test_every_error_is_one_clear_sentence(
             json.loads(gone.read_text())["clusters"][0]["cluster"]["server"].rsplit(":", 1)[1]
         )
         monkeypatch.setenv("KUBECONFIG", str(gone))
-    elif setup == "401":
-        monkeypatch.setenv(
-            "KUBECONFIG", str(fake.write_kubeconfig(tmp_path / "kubeconfig", token="wrong"))
-        )
     elif setup == "403":
         fake.set_fault("403", path_prefix="/apis/apps/v1/namespaces")
     elif setup in ("hang", "drop"):
@@ -510,6 +558,56 @@ def test_every_error_is_one_clear_sentence(
     assert error.startswith(expected.format(home=home, tmp=tmp_path, port=port, project=project)), (
         error
     )
+    assert took < 5.0
+
+
+@pytest.mark.parametrize(
+    ("setup", "manifest", "options", "expected"),
+    [
+        pytest.param("", "k8s/app.yaml", {"context": "prod"},
+                     "the kubeconfig {tmp}/kubeconfig has no context 'prod' (contexts: {context}); fix the step's context= or the kubeconfig",
+                     id="unknown-context"),
+        pytest.param("401", "k8s/app.yaml", {},
+                     "the Kubernetes API server at {server} (context '{context}' of {tmp}/kubeconfig) rejected the credentials (401 Unauthorized); log in again or renew the token in the kubeconfig",
+                     id="401"),
+        pytest.param("", "k8s/invalid.yaml", {},
+                     'the API server refused to apply deployment.apps/web (namespace {ns}) from k8s/invalid.yaml:1 because the object is invalid: Deployment.apps "web" is invalid: [spec.selector: Required value, spec.template.metadata.labels: Invalid value: map[string]string{{"app":"web"}}: `selector` does not match template `labels`]; fix the manifest',
+                     id="422"),
+        pytest.param("", "k8s/widget.yaml", {},
+                     "the cluster at {server} (context '{context}' of {tmp}/kubeconfig) does not serve kind 'Widget' of apiVersion 'example.com/v1' (widget.example.com/gadget from k8s/widget.yaml:1); check apiVersion and kind, or install the CustomResourceDefinition that defines it first",
+                     id="unknown-kind"),
+        pytest.param("", "k8s/elsewhere.yaml", {},
+                     "cannot apply configmap/settings (namespace nowhere) from k8s/elsewhere.yaml:1: namespace 'nowhere' does not exist; create it (kubectl create namespace nowhere) or add a Namespace document to the manifests",
+                     id="missing-namespace"),
+        pytest.param("", "k8s/duplicate.yaml", {},
+                     'cannot apply deployment.apps/web (namespace {ns}) from k8s/duplicate.yaml:2: the API server cannot merge it for server-side apply (failed to create typed patch object: .spec.template.spec.containers: duplicate entries for key [name="web"]); fix the manifest: ',
+                     id="duplicate-key"),
+    ],
+)  # fmt: skip
+def test_what_the_server_refuses_is_one_clear_sentence(
+    setup: str,
+    manifest: str,
+    options: dict[str, Any],
+    expected: str,
+    backend: Backend,
+    project: Path,
+    target: Target,
+    tmp_path: Path,
+) -> None:
+    if setup == "401":
+        backend.write_kubeconfig(backend.kubeconfig, token="wrong")
+    started = time.monotonic()
+    out = run(target, project, sy.kubernetes(manifest, **options), version="1")
+    took = time.monotonic() - started
+    assert out.status is Status.FAILED
+    error = out.result.error
+    assert error is not None
+    assert "\n" not in error
+    assert error.startswith(
+        expected.format(
+            tmp=tmp_path, server=backend.server, context=backend.context, ns=backend.namespace
+        )
+    ), error
     assert took < 5.0
 
 
@@ -726,24 +824,30 @@ def web(d):
 
 
 def test_rollback_re_applies_exactly_what_the_previous_version_applied(
-    shipyarder: Any, fake: FakeKube, kubeconfig: Path
+    shipyarder: Any, backend: Backend
 ) -> None:
+    ns = backend.namespace
     shipyarder.copy(RESOURCES, "k8s")
     shipyarder.makepipelines(PIPELINES)
     first = shipyarder.deploy("web", "1.0", "staging")
     assert first.status == "succeeded", first.document
-    fake.script_rollout(NS, "web", "deadline", delay=0.2)
+    # 2.0's pods fit no node: its rollout exceeds its (short) progress deadline.
+    never_ready(shipyarder.path / "k8s" / "app.yaml", deadline=2)
     second = shipyarder.deploy("web", "2.0", "staging", rollback=False)
     assert second.status == "failed"
     assert "ProgressDeadlineExceeded" in second.document["error"]
-    assert image_of(fake, "Deployment", "web") == "registry.example/web:2.0"
+    assert image_of(backend, "Deployment", "web", ns) == "registry.example/web:2.0"
 
-    fake.script_rollout(NS, "web", "success")
     manager = shipyarder.manager()
     back = manager.wait(manager.rollback(second.id))
     assert (back["status"], back["version"], back["rollback_of"]) == ("succeeded", "1.0", second.id)
-    assert image_of(fake, "Deployment", "web") == "registry.example/web:1.0"
-    config = fake.get("ConfigMap", NS, "web-config")
+    deployment = backend.get("Deployment", ns, "web")
+    assert deployment is not None
+    assert image_of(backend, "Deployment", "web", ns) == "registry.example/web:1.0"
+    # The fields only 2.0 applied are gone again (and defaulted again where they have a default).
+    assert "nodeSelector" not in deployment["spec"]["template"]["spec"]
+    assert deployment["spec"]["progressDeadlineSeconds"] == 600
+    config = backend.get("ConfigMap", ns, "web-config")
     assert config is not None
     assert config["data"]["version"] == "1.0"
     # What deployment 1 applied, byte for byte: its own DEPLOYMENT_ID, not the rollback's.
@@ -751,17 +855,19 @@ def test_rollback_re_applies_exactly_what_the_previous_version_applied(
     logs = shipyarder.run("logs", str(back["id"]))
     logs.fnmatch_lines([
         f"*applying the 3 object(s) deployment #{first.id} applied, exactly (today's files are not rendered)",
-        "*deployment.apps/web configured (namespace default)",
-        "*deployment.apps/web (namespace default): successfully rolled out",
+        f"*deployment.apps/web configured (namespace {ns})",
+        f"*deployment.apps/web (namespace {ns}): successfully rolled out",
     ])  # fmt: skip
 
 
 def test_rollback_is_exact_even_when_the_manifests_changed_since(
-    shipyarder: Any, fake: FakeKube, kubeconfig: Path
+    shipyarder: Any, backend: Backend
 ) -> None:
     # Issue 12, item 3 (and 21): 2.0 adds a nodeSelector that needs a new variable, fails its
     # check, and the automatic rollback must bring back 1.0's spec, not re-render today's files
-    # (which would fail on ${POOL}, or keep the nodeSelector).
+    # (which would fail on ${NODE}, or keep the nodeSelector). The selector names a node the
+    # pods fit, so that 2.0 and 2.1 roll out (2.0 then fails its smoke test).
+    ns = backend.namespace
     shipyarder.copy(RESOURCES, "k8s")
     shipyarder.makepipelines(
         """
@@ -782,11 +888,14 @@ def test_rollback_is_exact_even_when_the_manifests_changed_since(
     app.write_text(
         app.read_text().replace(
             "    spec:\n      containers:",
-            "    spec:\n      nodeSelector:\n        pool: ${POOL}\n      containers:",
+            "    spec:\n      nodeSelector:\n        kubernetes.io/hostname: ${NODE}\n"
+            "      containers:",
         )
     )
-    second = shipyarder.run("deploy", "web", "2.0", "-e", "staging", "--var", "POOL=gpu")
+    node = f"NODE={backend.node}"
+    second = shipyarder.run("deploy", "web", "2.0", "-e", "staging", "--var", node)
     assert second.exit_code == 1, second
+    assert "smoke test" in second.output, second.output
     rows = {d["id"]: d for d in second.history}
     back = max(rows.values(), key=lambda d: d["id"])
     assert (back["rollback_of"], back["version"], back["status"]) == (
@@ -794,14 +903,14 @@ def test_rollback_is_exact_even_when_the_manifests_changed_since(
         "1.0",
         "succeeded",
     ), second.output
-    spec = fake.get("Deployment", NS, "web")["spec"]["template"]["spec"]
+    spec = backend.get("Deployment", ns, "web")["spec"]["template"]["spec"]
     assert "nodeSelector" not in spec, spec
     assert spec["containers"][0]["image"] == "registry.example/web:1.0"
     # A later deployment renders today's files again, as usual.
-    third = shipyarder.run("deploy", "web", "2.1", "-e", "staging", "--var", "POOL=gpu")
+    third = shipyarder.run("deploy", "web", "2.1", "-e", "staging", "--var", node)
     assert third.exit_code == 0, third
-    assert fake.get("Deployment", NS, "web")["spec"]["template"]["spec"]["nodeSelector"] == {
-        "pool": "gpu"
+    assert backend.get("Deployment", ns, "web")["spec"]["template"]["spec"]["nodeSelector"] == {
+        "kubernetes.io/hostname": backend.node
     }
 
 
@@ -939,7 +1048,7 @@ def test_the_cli_deploys_to_a_fake_in_another_process(
 
 
 def test_rendered_manifests_holding_a_secret_are_not_kept(
-    shipyarder: Any, fake: FakeKube, kubeconfig: Path
+    shipyarder: Any, backend: Backend
 ) -> None:
     # The history never holds a secret: a masked copy could not be applied again anyway, so a
     # rollback to this deployment renders the files again (and says so).
@@ -969,7 +1078,7 @@ def test_rendered_manifests_holding_a_secret_are_not_kept(
         assert store.artifacts(1) == []
     finally:
         store.close()
-    assert fake.get("ConfigMap", NS, "token")["data"]["token"] == "s3cr3t-v4lue"
+    assert backend.get("ConfigMap", backend.namespace, "token")["data"]["token"] == "s3cr3t-v4lue"
 
 
 def test_kill_9_during_a_job_deletes_it_at_the_next_command(

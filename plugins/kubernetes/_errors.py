@@ -137,6 +137,15 @@ def _refused(
         return StepFailed(
             f"the API server refused to {doing} ({status} {reason}: {message}); check the manifest"
         )
+    if status == 500 and message.startswith("failed to create typed patch object"):
+        # Server-side apply could not merge the manifest: the manifest's doing, not the
+        # cluster's health (trying again fails the same way).
+        return StepFailed(
+            f"cannot {doing}: the API server cannot merge it for server-side apply ({message}); "
+            "fix the manifest: items of a keyed list (containers, env, ports...) must differ in "
+            "their key, and servers before Kubernetes 1.21 need every port's protocol written "
+            "out (protocol: TCP)"
+        )
     return StepFailed(
         f"the Kubernetes API server at {where} could not {doing} ({status} "
         f"{reason}: {message}); try again later, or check the cluster's health"
