@@ -29,6 +29,7 @@ import bench_docker
 import bench_history
 import bench_http
 import bench_memory
+import bench_postgres
 import bench_startup
 import bench_steps
 from _common import BENCH
@@ -92,6 +93,7 @@ BENCHMARKS: dict[str, tuple[str, Callable[[Options], dict[str, Any]]]] = {
     "memory": ("8", bench_memory.deploy_rss),
     "http": ("10", http_figures),
     "docker-run": ("9", bench_docker.run),
+    "postgres": ("11", bench_postgres.postgres),
 }
 
 

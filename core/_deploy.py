@@ -297,6 +297,8 @@ class _Deployment:
             "shipyard_version": __version__,
         }
         is_dead = dead_after(cfg.lock_lease)
+        # How often a waiter asks again: a server store answers without contending for a file.
+        poll = float(getattr(store, "lock_poll_interval", 0.1))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + req.wait_lock
         ticket: int | None = None
@@ -325,7 +327,7 @@ class _Deployment:
                     elif loop.time() - last_touch > 5:
                         store.touch_ticket(ticket)
                         last_touch = loop.time()
-                    await asyncio.sleep(0.1)
+                    await asyncio.sleep(poll)
         finally:
             if ticket is not None:
                 store.dequeue(ticket)

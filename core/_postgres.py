@@ -114,7 +114,7 @@ _MIGRATIONS: dict[int, list[str]] = {
             stages_total integer, current_stage integer, cancel_requested text)""",
         "CREATE INDEX ix_dep_pes ON deployments (pipeline, environment, status, started_at)",
         "CREATE INDEX ix_dep_pe ON deployments (pipeline, environment, started_at)",
-        "CREATE INDEX ix_dep_started ON deployments (started_at, id)",
+        "CREATE INDEX ix_dep_started ON deployments (started_at DESC NULLS LAST, id DESC)",
         "CREATE INDEX ix_dep_status ON deployments (status) WHERE status IN ('running','pending')",
         "CREATE INDEX ix_dep_rollback_of ON deployments (rollback_of)",
         """CREATE TABLE stages (
@@ -237,6 +237,8 @@ class PostgresStore:
 
     #: The history recorder batches step ends and log lines for this long (and at stage ends).
     batch_interval = 0.1
+    #: A deployment waiting for the lock (``--wait-lock``) asks again this often.
+    lock_poll_interval = 0.02
 
     def __init__(self, url: str, *, create: bool = True) -> None:
         from ._secrets import mask_url
