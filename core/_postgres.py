@@ -84,8 +84,8 @@ WRITE_RETRY_SECONDS = float(os.environ.get("SHIPYARD_STORE_RETRY") or 10.0)
 #: Seconds without a connection to the store after which a holder counts its lock as lost:
 #: the server ends a silent session after about this long (the keepalives below).
 LOCK_GRACE_SECONDS = 10.0
-#: Keepalives of a lock's session, on both ends: idle 5 s, then 3 probes 2 s apart, and no
-#: unacknowledged data for more than 10 s.
+#: Keepalives of every session (a lock's above all), on both ends: idle 5 s, then 3 probes 2 s
+#: apart, and no unacknowledged data for more than 10 s.
 KEEPALIVES = {"keepalives": "1", "keepalives_idle": "5", "keepalives_interval": "2",
               "keepalives_count": "3", "tcp_user_timeout": "10000"}  # fmt: skip
 SERVER_KEEPALIVES = ("-c tcp_keepalives_idle=5 -c tcp_keepalives_interval=2 "
@@ -152,6 +152,8 @@ _MIGRATIONS: dict[int, list[str]] = {
             content text NOT NULL, created_at text)""",
         "CREATE INDEX ix_art ON artifacts (deployment_id, stage_idx, step_idx)",
         "INSERT INTO shipyard_meta VALUES ('application', 'shipyard')",
+        # The identity of this history, the same through every address that reaches it.
+        "INSERT INTO shipyard_meta VALUES ('store_id', md5(random()::text || clock_timestamp()))",
     ],
 }
 
@@ -267,9 +269,14 @@ class PostgresStore:
                     "that exists); create it, or set options=-csearch_path=NAME in the URL"
                 )
             self.schema = str(schema)
-            self.identity = f"postgresql://{addr}:{port}/{db}?schema={schema}"
             self._ns = f"{db}\0{schema}"
             self._check_and_migrate(create)
+            store_id = self.conn.execute(
+                "SELECT value FROM shipyard_meta WHERE key='store_id'"
+            ).fetchone()
+            self.identity = (
+                f"postgresql:{store_id[0] if store_id else f'{addr}:{port}/{db}/{schema}'}"
+            )
         except BaseException:
             self.conn.close()
             raise
@@ -283,12 +290,15 @@ class PostgresStore:
             kw["connect_timeout"] = CONNECT_TIMEOUT
         if "application_name" not in self._params:
             kw["application_name"] = "shipyard-lock" if lock else "shipyard"
-        if lock:
-            for k, v in KEEPALIVES.items():
-                kw.setdefault(k, v)
-            kw["options"] = " ".join(
-                x for x in (str(self._params.get("options") or ""), SERVER_KEEPALIVES) if x
-            )
+        # Every connection: a write to a server that vanished fails in about 10 s (not after
+        # the kernel's quarter of an hour of retransmissions), and the server ends the session
+        # of a runner that vanished as soon (a lock's session first of all).
+        for k, v in KEEPALIVES.items():
+            if k not in self._params:
+                kw[k] = v
+        kw["options"] = " ".join(
+            x for x in (str(self._params.get("options") or ""), SERVER_KEEPALIVES) if x
+        )
         try:
             return pg.connect(self._raw_url, **kw)
         except pg.Error as exc:
@@ -790,7 +800,23 @@ class PostgresStore:
                     self._fence(c, d)
                 self._write(c, transitions, logs)
 
-        self._retrying("write", run)
+        self._writing(deps, run)
+
+    def _writing(self, deps: set[int], run: Callable[[], None]) -> None:
+        """``run`` a write of ``deps``; when the store cannot be reached and the lock of one of
+        them is gone with it, say so: the deployment must stop as having lost its lock."""
+        try:
+            self._retrying("write", run)
+        except LockLost:
+            raise
+        except HistoryError as exc:
+            for d in deps:
+                held = _HELD.get(d)
+                if held is not None and (lost := held.check()):
+                    raise LockLost(
+                        f"the lock was lost ({lost}); deployment {d} could not record more: {exc}"
+                    ) from None
+            raise
 
     @staticmethod
     def _write(c: Any, transitions: Sequence[Event], logs: Sequence[LogRecord]) -> None:
@@ -895,7 +921,7 @@ class PostgresStore:
                     (dep_id, stage_idx, step_idx, name, content, utcnow()),
                 )
 
-        self._retrying("write", run)
+        self._writing({dep_id}, run)
 
     def artifacts(self, dep_id: int) -> list[ArtifactRow]:
         return cast(

@@ -112,8 +112,13 @@ class Cluster:
         )  # fmt: skip
 
 
-def start(root: Path | None = None) -> Cluster:
-    """Make and start a cluster under ``root`` (a new temporary folder by default)."""
+def start(root: Path | None = None, *, netns: str | None = None,
+          listen: str = "127.0.0.1") -> Cluster:  # fmt: skip
+    """Make and start a cluster under ``root`` (a new temporary folder by default).
+
+    ``netns``: run the server inside that network namespace (made by the test), listening on
+    ``listen`` there; its unix socket is reachable from everywhere.
+    """
     if root is None:
         # Not under pytest's folders: those are private to root, and the server runs as postgres.
         root = Path(tempfile.mkdtemp(prefix="shipyard-pg-"))
@@ -139,7 +144,7 @@ def start(root: Path | None = None) -> Cluster:
     conf = cluster.data / "postgresql.conf"
     with conf.open("a") as f:
         f.write(
-            f"listen_addresses = '127.0.0.1'\nport = {port}\n"
+            f"listen_addresses = '{listen}'\nport = {port}\n"
             f"unix_socket_directories = '{cluster.sockets}'\n"
             "max_connections = 300\nfsync = on\nshared_buffers = 64MB\n"
             "log_min_messages = warning\nlogging_collector = off\n"
@@ -147,11 +152,12 @@ def start(root: Path | None = None) -> Cluster:
     # Passwords over TCP (as a real server asks), trust on the unix socket for the fixtures.
     (cluster.data / "pg_hba.conf").write_text(
         "local all all trust\nhost all all 127.0.0.1/32 scram-sha-256\n"
-        "host all all 0.0.0.0/0 scram-sha-256\nhost all all ::1/128 scram-sha-256\n"
+        "host all all 10.0.0.0/8 scram-sha-256\nhost all all ::1/128 scram-sha-256\n"
     )
+    in_ns = ["ip", "netns", "exec", netns] if netns else []
     r = subprocess.run(
-        _as_owner([str(bins / "pg_ctl"), "-D", str(cluster.data), "-l", str(root / "server.log"),
-                   "-w", "-t", "60", "start"]),
+        in_ns + _as_owner([str(bins / "pg_ctl"), "-D", str(cluster.data), "-l",
+                           str(root / "server.log"), "-w", "-t", "60", "start"]),
         capture_output=True, text=True, timeout=90,
     )  # fmt: skip
     if r.returncode != 0:

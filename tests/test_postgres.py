@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 from polling import wait_for
+from runners import SHIPYARD
 from runners import Fleet
 from runners import done
 from runners import out_of as _out
@@ -395,3 +396,92 @@ def _pgbouncer(pg: Any) -> _Bouncer:
 
     wait_for(listening, timeout=30, what="pgbouncer to listen")
     return _Bouncer(proc, port, root)
+
+
+# -- a runner whose network vanishes ----------------------------------------------------------
+
+
+class Namespaces:
+    """Two network namespaces made by the test: the database's, and a runner's, joined by a
+    veth pair (10.201.N.1 and 10.201.N.2). Nothing outside them is touched."""
+
+    def __init__(self) -> None:
+        tag = uuid.uuid4().hex[:6]
+        self.db, self.runner = f"sy-db-{tag}", f"sy-run-{tag}"
+        self.net = int(tag[:2], 16)
+        self.db_ip, self.runner_ip = f"10.201.{self.net}.1", f"10.201.{self.net}.2"
+        self.made: list[str] = []
+        for ns in (self.db, self.runner):
+            self._ip("netns", "add", ns)
+            self.made.append(ns)
+            self._ip("-n", ns, "link", "set", "lo", "up")
+        self._ip("-n", self.db, "link", "add", "vdb", "type", "veth", "peer", "name", "vrun",
+                 "netns", self.runner)  # fmt: skip
+        self._ip("-n", self.db, "addr", "add", f"{self.db_ip}/30", "dev", "vdb")
+        self._ip("-n", self.runner, "addr", "add", f"{self.runner_ip}/30", "dev", "vrun")
+        self._ip("-n", self.db, "link", "set", "vdb", "up")
+        self._ip("-n", self.runner, "link", "set", "vrun", "up")
+
+    @staticmethod
+    def _ip(*args: str) -> None:
+        r = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+        if r.returncode != 0:
+            raise RuntimeError(f"ip {' '.join(args)}: {r.stderr.strip()}")
+
+    def cut(self) -> None:
+        """The runner's network vanishes: its end of the link goes down, silently for the
+        database (no reset reaches it; only its keepalives can tell)."""
+        self._ip("-n", self.runner, "link", "set", "vrun", "down")
+
+    def remove(self) -> None:
+        for ns in self.made:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def namespaces() -> Iterator[Namespaces]:
+    if os.geteuid() != 0:
+        pytest.fail("this test makes network namespaces: run it as root (CI does)")
+    ns = Namespaces()
+    try:
+        yield ns
+    finally:
+        ns.remove()
+
+
+def test_a_runner_whose_network_vanishes_loses_the_lock_and_the_next_proceeds(
+    fleet: Fleet, namespaces: Namespaces
+) -> None:
+    import shutil
+
+    import pg_cluster
+
+    server = pg_cluster.start(netns=namespaces.db, listen=f"127.0.0.1,{namespaces.db_ip}")
+    try:
+        over_the_link = server.url().replace("127.0.0.1", namespaces.db_ip)
+        # The other runner reaches the same server through its unix socket.
+        local = f"postgresql://shipyard@/shipyard?host={server.sockets}&port={server.port}"
+        far = fleet.runner(over_the_link)
+        argv = ["ip", "netns", "exec", namespaces.runner, str(SHIPYARD), "deploy", "web", "1.0",
+                "-e", "prod", "--var", "sleep=120"]  # fmt: skip
+        holder = subprocess.Popen(argv, cwd=far.dir, env=far.env, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+        wait_for(lambda: fleet.started("1.0"), timeout=60, what="the far runner's step to start")
+        namespaces.cut()
+        cut_at = time.time()
+        near = fleet.runner(local)
+        nxt = near.run("deploy", "web", "2.0", "-e", "prod", "--wait-lock", "60", timeout=120)
+        assert nxt.returncode == 0, _out(nxt)
+        started = next(ts for w, v, ts in fleet.events() if w == "start" and v == "2.0")
+        assert started - cut_at < 30, started - cut_at
+        first = near.json("show", "1")
+        assert first["status"] == "interrupted", first
+        assert "session ended" in first["error"], first
+        # The far runner found out too: it stopped, and said why (it cannot record it).
+        rc, out = done(holder, timeout=120)
+        assert rc != 0, out
+        assert "the lock was lost" in out, out
+        assert not any(w == "end" and v == "1.0" for w, v, _ in fleet.events())
+    finally:
+        server.stop()
+        shutil.rmtree(server.root, ignore_errors=True)
