@@ -185,12 +185,17 @@ class _Held:
         self.guard = threading.Lock()
         #: Why the lock is known lost, once it is.
         self.lost: str | None = None
+        #: Released by its deployment's end: not lost, whatever its closed session says.
+        self.released = False
 
     def check(self) -> str | None:
-        """Why the lock is lost (its session ended), or None while it is held."""
+        """Why the lock is lost (its session ended), or None while it is held (or was released
+        by its deployment's end)."""
         if self.lost:
             return self.lost
         with self.guard:
+            if self.released:
+                return None
             try:
                 row = self.conn.execute(
                     "SELECT count(*) FROM pg_locks WHERE locktype='advisory' AND granted "
@@ -206,6 +211,7 @@ class _Held:
 
     def release(self) -> None:
         with self.guard:
+            self.released = True
             try:
                 if not self.conn.closed:
                     self.conn.execute("SELECT pg_advisory_unlock(%s)", (self.key,))

@@ -67,7 +67,9 @@ class HistoryRecorder:
         #: ends) rather than at every step: its commits cost a round trip (``batch_interval``
         #: of the store; None for the embedded store, whose commits are local and cheap).
         self.batch_interval: float | None = getattr(store, "batch_interval", None)
-        self.max_lines = max_lines
+        # Lines are then flushed by time only (commits grow with a deployment's duration, not
+        # its output); the cap only bounds memory.
+        self.max_lines = max_lines if self.batch_interval is None else max(max_lines, 50_000)
         self._transitions: list[Event] = []
         self._logs: list[LogRecord] = []
         self._last_flush = time.monotonic()

@@ -268,6 +268,9 @@ class Runner:
                 task.uncancel()
             status = self.control.status if self.control else Status.CANCELLED
             error = (self.control.reason if self.control else None) or "cancelled"
+        if self.control is not None:
+            # Done: a cancel from now on (a heartbeat racing the end) has nothing to stop.
+            self.control.task = None
         if status is Status.SUCCEEDED and warnings:
             error = "succeeded with failed steps in continue_on_failure stages: " + ", ".join(
                 warnings

@@ -485,3 +485,57 @@ def test_a_runner_whose_network_vanishes_loses_the_lock_and_the_next_proceeds(
     finally:
         server.stop()
         shutil.rmtree(server.root, ignore_errors=True)
+
+
+# -- what a deployment costs the database ------------------------------------------------------
+
+LOUD = textwrap.dedent(
+    """
+    import shipyard as sy
+
+
+    def shout(n):
+        for i in range(int(n)):
+            print(f"line {i}")
+
+
+    @sy.pipeline(rollback="manual")
+    def loud(d):
+        n = d.vars["lines"]
+        return [sy.stage(f"s{k}", *[sy.python(shout, n, name=f"p{k}{j}") for j in range(3)])
+                for k in range(3)]
+    """
+)
+
+
+def _commits(pg: Any, db: str) -> int:
+    """Transactions committed in database ``db`` so far, once the count has settled (a closed
+    session reports its own when it ends)."""
+    last = None
+    while True:
+        now = int(pg.psql(f"SELECT xact_commit FROM pg_stat_database WHERE datname='{db}'"))
+        if now == last:
+            return now
+        last = now
+        time.sleep(0.5)
+
+
+def test_commits_grow_with_stages_and_steps_not_with_log_lines(
+    fleet: Fleet, pg: Any, tmp_path: Path
+) -> None:
+    counts = {}
+    for lines in (10, 1500):
+        db = f"commits_{lines}_{uuid.uuid4().hex[:6]}"
+        url = pg.create_database(db)
+        r = fleet.runner(url)
+        (r.dir / "pipelines.py").write_text(LOUD)
+        assert r.run("store", "migrate", url).returncode == 0
+        before = _commits(pg, db)
+        out = r.run("deploy", "loud", "1", "-e", "x", "--var", f"lines={lines}")
+        assert out.returncode == 0, _out(out)
+        # The deploy's own commits only: the psql of _commits is one more, counted alike.
+        counts[lines] = _commits(pg, db) - before
+        shown = r.run("logs", "1")
+        assert shown.stdout.count("line ") == 9 * lines
+    assert counts[1500] <= counts[10] + 2, counts  # 13,500 lines more, at most 2 commits more
+    assert counts[10] <= 30, counts  # 3 stages of 3 steps: a few commits each, not one per line
