@@ -93,24 +93,29 @@ def test_ten_runners_racing_one_runs_and_nine_name_the_holder_and_its_runner(fle
 
 def test_ten_runners_waiting_all_run_in_arrival_order_without_overlap(fleet: Fleet) -> None:
     first = fleet.runner().start("deploy", "web", "0", "-e", "prod", "--var", "sleep=3")
-    wait_for(lambda: fleet.started("0"), timeout=30, what="the first deployment to start")
-    procs = []
-    for i in range(1, 10):
-        p = fleet.runner().start("deploy", "web", str(i), "-e", "prod", "--wait-lock", "300",
-                                 "--var", "sleep=0.2")  # fmt: skip
-        procs.append(p)
-        # Queued (or running) before the next one starts: the arrival order is known.
-        wait_for(lambda p=p, i=i: _waiting(p) or fleet.started(str(i)), timeout=30,
-                 what=f"runner {i} to queue")  # fmt: skip
-    rc, out = done(first)
-    assert rc == 0, out
-    for p in procs:
-        rc, out = done(p, timeout=300)
-        assert rc == 0, out
+    procs = [first]
+    try:
+        wait_for(lambda: fleet.started("0"), timeout=60, what="the first deployment to start")
+        for i in range(1, 10):
+            p = fleet.runner().start("deploy", "web", str(i), "-e", "prod", "--wait-lock",
+                                     "300", "--var", "sleep=0.2")  # fmt: skip
+            procs.append(p)
+            # Queued (or running) before the next one starts: the arrival order is known.
+            wait_for(lambda p=p, i=i: _waiting(p) or fleet.started(str(i)), timeout=60,
+                     what=f"runner {i} to queue")  # fmt: skip
+        for p in procs:
+            rc, out = done(p, timeout=300)
+            assert rc == 0, out
+    finally:
+        for p in procs:  # whatever happened, no runner is left behind, no pipe open
+            if p.poll() is None:
+                p.kill()
+            if p.stdout is not None and not p.stdout.closed:
+                p.communicate()
     events = fleet.events()
     starts = [v for w, v, _ in events if w == "start"]
     assert starts == [str(i) for i in range(10)], events
-    spans = {}
+    spans: dict[str, dict[str, float]] = {}
     for what, version, ts in events:
         spans.setdefault(version, {})[what] = ts
     ordered = [spans[str(i)] for i in range(10)]
@@ -125,7 +130,7 @@ def _waiting(p: subprocess.Popen[str]) -> bool:
     chunk = p.stderr.readline()
     if chunk:
         p.__dict__.setdefault("_seen", []).append(chunk)
-    return any("waiting for the lock" in c for c in p.__dict__.get("_seen", []))
+    return "waiting for the lock" in "".join(p.__dict__.get("_seen", []))
 
 
 def test_kill_9_of_the_holder_frees_the_lock_at_once_and_it_is_interrupted(fleet: Fleet) -> None:
