@@ -223,6 +223,11 @@ def _duration(doc: Mapping[str, Any]) -> str:
 
 
 env_option = click.option("-e", "--env", "environment", required=True, help="Target environment.")
+ci_option = click.option(
+    "--ci", type=click.Choice(["github", "gitlab", "none"]), default=None,
+    help="CI-native output: folded stages, failure annotations, a summary [default: detected "
+    "from GITHUB_ACTIONS=true or GITLAB_CI=true; none: plain output].",
+)  # fmt: skip
 
 
 # -- the group ---------------------------------------------------------------------------------
@@ -403,8 +408,17 @@ def _plan_step(step: Step, details: list[str]) -> dict[str, Any]:
 # -- deploy, rollback, retry -----------------------------------------------------------------------
 
 
-def _run(state: _State, req: DeployRequest, *, as_json: bool) -> NoReturn:
-    """Run a deployment in this process with signal handling; exit with its code."""
+def _run(
+    state: _State, req: DeployRequest, *, as_json: bool, ci: str | None = None,
+    junit: str | None = None, report_json: str | None = None,
+) -> NoReturn:  # fmt: skip
+    """Run a deployment in this process with signal handling; exit with its code.
+
+    ``ci``: ``--ci`` (None: detected); ``junit``, ``report_json``: report files to write once
+    the deployment has ended (issue #19).
+    """
+    from ._ci import detect
+    from ._ci import finish
     from ._console import ConsoleReporter
     from ._console import use_color
     from ._exceptions import ShipyardError
@@ -412,7 +426,11 @@ def _run(state: _State, req: DeployRequest, *, as_json: bool) -> NoReturn:
     session = state.session
     session.load()
     stream = sys.stderr if as_json else sys.stdout
-    reporter = ConsoleReporter(stream, color=use_color(stream, state.options["color"]))
+    reporter = ConsoleReporter(
+        stream, color=use_color(stream, state.options["color"]), ci=detect(ci)
+    )
+    reports: dict[str, Any] = {"ci": reporter.ci, "write": reporter.write, "junit": junit,
+                               "report_json": report_json}  # fmt: skip
     began: list[int] = []
     try:
         if as_json:
@@ -425,9 +443,13 @@ def _run(state: _State, req: DeployRequest, *, as_json: bool) -> NoReturn:
             outcome = _execute(session, req, reporter=reporter, on_begin=began.append)
     except ShipyardError:
         # Recorded as failed before any step ran (build error, missing secret): still one document.
+        reporter.close()
+        if began:
+            finish(state.service, began[0], **reports)
         if as_json and began:
             _echo_json(state.service.document(began[0]))
         raise
+    reporter.close()
     if as_json:
         doc = state.service.document(outcome.id)
         if outcome.rollback is not None:
@@ -438,6 +460,8 @@ def _run(state: _State, req: DeployRequest, *, as_json: bool) -> NoReturn:
         reporter.write(
             f"automatic rollback #{rb.id} {rb.status}; deployment #{outcome.id} stays failed"
         )
+    rollback_id = outcome.rollback.id if outcome.rollback is not None else None
+    finish(state.service, outcome.id, rollback_id=rollback_id, **reports)
     sys.exit(outcome.exit_code)
 
 
@@ -528,11 +552,21 @@ def _detach(state: _State, argv: list[str]) -> NoReturn:
     help="dotenv file of secrets (mode 0600).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the finished deployment as JSON.")
+@ci_option
+@click.option(
+    "--junit", metavar="PATH",
+    help="Write a JUnit XML report (a testsuite per stage, a testcase per step) when it ends.",
+)  # fmt: skip
+@click.option(
+    "--report-json", metavar="PATH",
+    help="Write the JSON document of --json to PATH when it ends.",
+)  # fmt: skip
 @click.option("--report-fd", type=int, hidden=True)
 @pass_state
 def deploy(state: _State, pipeline: str, version: str, environment: str, vars_: tuple[str, ...],
            detach: bool, no_rollback: bool, wait_lock: float, notify: tuple[str, ...],
-           secret_files: tuple[str, ...], as_json: bool, report_fd: int | None) -> None:  # fmt: skip
+           secret_files: tuple[str, ...], as_json: bool, ci: str | None, junit: str | None,
+           report_json: str | None, report_fd: int | None) -> None:  # fmt: skip
     """Deploy VERSION of PIPELINE to an environment."""
     from ._deploy import DeployRequest
 
@@ -550,8 +584,8 @@ def deploy(state: _State, pipeline: str, version: str, environment: str, vars_: 
     )  # fmt: skip
     if report_fd is not None:
         req.args = _without_report_fd(req.args or [])
-        _run_reporting(state, req, report_fd)
-    _run(state, req, as_json=as_json)
+        _run_reporting(state, req, report_fd, junit=junit, report_json=report_json)
+    _run(state, req, as_json=as_json, ci=ci, junit=junit, report_json=report_json)
 
 
 def _without_report_fd(args: list[str]) -> list[str]:
@@ -567,13 +601,19 @@ def _without_report_fd(args: list[str]) -> list[str]:
     return out
 
 
-def _run_reporting(state: _State, req: DeployRequest, fd: int) -> NoReturn:
-    """The detached child: report the id (or the early error) through ``fd``, then run."""
+def _run_reporting(
+    state: _State, req: DeployRequest, fd: int, *, junit: str | None, report_json: str | None
+) -> NoReturn:
+    """The detached child: report the id (or the early error) through ``fd``, then run; write
+    the report files (``--junit``, ``--report-json``) when it ends."""
+    from ._ci import finish
     from ._exceptions import ShipyardError
 
     pipe = os.fdopen(fd, "wb")
+    began: list[int] = []
 
     def on_begin(dep_id: int) -> None:
+        began.append(dep_id)
         pipe.write(f"ID {dep_id}\n".encode())
         pipe.close()
 
@@ -582,12 +622,16 @@ def _run_reporting(state: _State, req: DeployRequest, fd: int) -> NoReturn:
     except ShipyardError as exc:
         from ._secrets import mask
 
+        if began:
+            finish(state.service, began[0], junit=junit, report_json=report_json)
         if not pipe.closed:
             pipe.write(f"{exc.exit_code} {mask(exc.show())}".encode())
             pipe.close()
         # After the id was reported nobody waits on the pipe: say it in detached.log.
         print(mask(exc.show()), file=sys.stderr)
         sys.exit(exc.exit_code)
+    rollback_id = outcome.rollback.id if outcome.rollback is not None else None
+    finish(state.service, outcome.id, rollback_id=rollback_id, junit=junit, report_json=report_json)
     sys.exit(outcome.exit_code)
 
 
@@ -605,9 +649,10 @@ def _run_reporting(state: _State, req: DeployRequest, fd: int) -> NoReturn:
 )
 @click.option("--reason", default="", help="Why; recorded.")
 @click.option("--json", "as_json", is_flag=True, help="Print the rollback deployment as JSON.")
+@ci_option
 @pass_state
 def rollback(state: _State, target: str, environment: str | None, wait_lock: float, reason: str,
-             as_json: bool) -> None:  # fmt: skip
+             as_json: bool, ci: str | None) -> None:  # fmt: skip
     """Redeploy the previous successful version (before deployment ID, or the latest one)."""
     req, x, goal = state.service.rollback(
         target, environment, wait_lock=wait_lock, reason=reason, args=list(_Group.argv)
@@ -617,7 +662,7 @@ def rollback(state: _State, target: str, environment: str | None, wait_lock: flo
         f"(from deployment #{goal['id']})",
         err=as_json,
     )
-    _run(state, req, as_json=as_json)
+    _run(state, req, as_json=as_json, ci=ci)
 
 
 @cli.command()
@@ -630,10 +675,12 @@ def rollback(state: _State, target: str, environment: str | None, wait_lock: flo
     help="Run every stage again (needed once another deployment ran there since ID).",
 )  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print the new deployment as JSON.")
+@ci_option
 @pass_state
 def retry(
-    state: _State, deployment_id: int, wait_lock: float, from_start: bool, as_json: bool
-) -> None:
+    state: _State, deployment_id: int, wait_lock: float, from_start: bool, as_json: bool,
+    ci: str | None,
+) -> None:  # fmt: skip
     """Run a failed, cancelled or interrupted deployment again from its first unfinished stage.
 
     Refused (exit 2) once another deployment ran in that pipeline and environment since ID:
@@ -642,7 +689,7 @@ def retry(
     req = state.service.retry(
         deployment_id, wait_lock=wait_lock, args=list(_Group.argv), from_start=from_start
     )
-    _run(state, req, as_json=as_json)
+    _run(state, req, as_json=as_json, ci=ci)
 
 
 @cli.command()

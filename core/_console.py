@@ -6,11 +6,16 @@ import os
 import re
 import sys
 import time
+from collections import deque
 from typing import IO
+from typing import TYPE_CHECKING
 from typing import Any
 
 from ._events import Event
 from ._reports import Status
+
+if TYPE_CHECKING:
+    from ._ci import CiFormat
 
 _COLORS = {
     Status.SUCCEEDED: "32",
@@ -62,17 +67,31 @@ def fmt_duration(seconds: float) -> str:
 
 
 class ConsoleReporter:
-    """Prints stage i/N, output lines, each step's result and duration, and the failing error."""
+    """Prints stage i/N, output lines, each step's result and duration, and the failing error.
+
+    With ``ci`` (:func:`shipyard._ci.detect`), each stage is folded the CI's way and failed
+    steps are annotated (issue #19); without, the output is plain lines.
+    """
 
     def __init__(
-        self, stream: IO[str] | None = None, *, color: bool | None = None, show_output: bool = True
-    ) -> None:
+        self, stream: IO[str] | None = None, *, color: bool | None = None, show_output: bool = True,
+        ci: CiFormat | None = None,
+    ) -> None:  # fmt: skip
         self.stream = stream or sys.stdout
         #: Colours on; and the steps' output passed as it is (else :func:`sanitize`-d).
         self.color = use_color(self.stream) if color is None else color
         self.show_output = show_output
+        #: How the CI in use folds stages and shows failures (None: plain output).
+        self.ci = ci
         self._started: dict[Any, float] = {}
         self._parallel = False
+        #: With ``ci``: the last output lines of each running step, the fold open now, the
+        #: annotations shown once it is closed, and whether a step's failure (not a warning)
+        #: was annotated in this deployment.
+        self._tails: dict[Any, deque[str]] = {}
+        self._folded = False
+        self._annotations: list[str] = []
+        self._annotated = False
 
     def _c(self, text: str, key: Any) -> str:
         if not self.color or key not in _COLORS:
@@ -86,6 +105,28 @@ class ConsoleReporter:
         except (BrokenPipeError, ValueError):  # a closed terminal must not fail a deployment
             pass
 
+    def write_unmasked(self, lines: list[str]) -> None:
+        """Write ``lines`` past the CLI's secret masking (GitHub's ``::add-mask::`` lines)."""
+        from ._ci import unmasked
+
+        try:
+            stream = unmasked(self.stream)
+            stream.write("".join(line + "\n" for line in lines))
+            stream.flush()
+        except (BrokenPipeError, ValueError):
+            pass
+
+    def close(self) -> None:
+        """End the CI fold still open (a deployment stopped inside a stage)."""
+        if self.ci is None:
+            return
+        if self._folded:
+            self._folded = False
+            self.write(self.ci.close_stage())
+        for line in self._annotations:
+            self.write(line)
+        self._annotations.clear()
+
     def handle(self, event: Event) -> None:
         e: Any = event
         d = event.deployment
@@ -97,6 +138,13 @@ class ConsoleReporter:
                 for ln in e.lines:
                     text = ln.text if self.color else sanitize(ln.text)
                     self.write(f"{dim}{prefix}{text}")
+            if self.ci is not None:
+                tail = self._tails.get((e.stage_index, e.index))
+                if tail is None:
+                    from ._ci import TAIL_LINES
+
+                    tail = self._tails[(e.stage_index, e.index)] = deque(maxlen=TAIL_LINES)
+                tail.extend(sanitize(ln.text) for ln in e.lines)
         elif name == "shipyard_step_started":
             self._started[(e.stage_index, e.index)] = time.monotonic()
         elif name == "shipyard_step_finished":
@@ -113,6 +161,16 @@ class ConsoleReporter:
             if r.error and r.status is not Status.SUCCEEDED:
                 for err_line in r.error.splitlines():
                     self.write("            " + err_line)
+            if self.ci is not None:
+                tail = self._tails.pop((e.stage_index, e.index), None)
+                if r.status is Status.FAILED:
+                    from ._ci import failure_message
+
+                    self._annotated |= not r.warning
+                    self._annotations += self.ci.annotation(
+                        f"step {e.step.name!r} of stage {e.stage.name!r} failed",
+                        failure_message(r.error, tail or ()), warning=r.warning,
+                    )  # fmt: skip
         elif name == "shipyard_stage_started":
             self._parallel = e.stage.parallel
             extra = []
@@ -121,9 +179,21 @@ class ConsoleReporter:
             if e.stage.continue_on_failure:
                 extra.append("continue on failure")
             suffix = f" ({', '.join(extra)})" if extra else ""
-            self.write(self._c(f"[{e.index + 1}/{e.total}] {e.stage.name}", "bold") + suffix)
+            if self.ci is not None:
+                self.close()
+                self._folded = True
+                title = f"[{e.index + 1}/{e.total}] {e.stage.name}{suffix}"
+                self.write(self.ci.open_stage(d.id, e.index, e.stage.name, title))
+            else:
+                self.write(self._c(f"[{e.index + 1}/{e.total}] {e.stage.name}", "bold") + suffix)
+        elif name == "shipyard_stage_finished":
+            self.close()
         elif name == "shipyard_deployment_started":
             self._t0 = time.monotonic()
+            if self.ci is not None:
+                # Before anything of this deployment is written (issue #19).
+                self.write_unmasked(self.ci.preamble())
+                self._annotated = False
             rb = f", rolling back #{d.rollback_of}" if d.rollback_of else ""
             self.write(
                 f"deploying {d.pipeline} {d.version} to {d.environment} (deployment #{d.id}{rb})"
@@ -133,6 +203,14 @@ class ConsoleReporter:
         elif name == "shipyard_rollback_started":
             self.write(self._c(f"rolling back to version {e.target}: {e.reason}", "warning"))
         elif name == "shipyard_deployment_finished":
+            if self.ci is not None:
+                self.close()
+                if e.status is not Status.SUCCEEDED and not self._annotated:
+                    # Stopped with no failed step to show (cancelled, interrupted, ...).
+                    self._annotations += self.ci.annotation(
+                        f"deployment #{d.id} {e.status}", e.error or str(e.status)
+                    )
+                    self.close()
             took = time.monotonic() - getattr(self, "_t0", time.monotonic())
             status = self._c(str(e.status), e.status)
             self.write(f"deployment #{d.id} {status} in {fmt_duration(took)}")

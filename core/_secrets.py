@@ -276,6 +276,13 @@ def register(values: Iterable[str]) -> None:
         _state = _table(_values)
 
 
+def registered() -> list[str]:
+    """The values :func:`register` was given, sorted: what a CI log is told to hide too
+    (``::add-mask::`` on GitHub Actions, issue #19)."""
+    with _lock:
+        return sorted(_values)
+
+
 def _spans(text: str, table: _Table) -> list[list[int]]:
     """Where masked forms occur in ``text``, overlapping occurrences merged, in order."""
     found: list[tuple[int, int]] = []
