@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from ._deploy import DeployRequest as DeployRequest
     from ._events import Event as Event
     from ._events import LogLine as LogLine
+    from ._exceptions import ApprovalRefused as ApprovalRefused
     from ._exceptions import DeploymentError as DeploymentError
     from ._exceptions import DeploymentNotFound as DeploymentNotFound
     from ._exceptions import EnvironmentLocked as EnvironmentLocked
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from ._exceptions import HealthCheckFailed as HealthCheckFailed
     from ._exceptions import HistoryError as HistoryError
     from ._exceptions import NoPreviousDeployment as NoPreviousDeployment
+    from ._exceptions import PipelineChanged as PipelineChanged
     from ._exceptions import PipelineDefinitionError as PipelineDefinitionError
     from ._exceptions import PipelineFileError as PipelineFileError
     from ._exceptions import PipelineNotFound as PipelineNotFound
@@ -49,6 +51,7 @@ if TYPE_CHECKING:
     from ._secrets import secret as secret
     from ._store import HistoryStore as HistoryStore
     from .hookspecs import hookspec as hookspec
+    from .plugins.approval import approval as approval
     from .plugins.command import command as command
     from .plugins.docker import docker as docker
     from .plugins.healthcheck import health_check as health_check
@@ -61,6 +64,9 @@ if TYPE_CHECKING:
     from .plugins.wait import wait as wait
 
 _LAZY: dict[str, str] = {
+    "approval": "shipyard.plugins.approval",
+    "ApprovalRefused": "shipyard._exceptions",
+    "PipelineChanged": "shipyard._exceptions",
     "Deployment": "shipyard._pipeline",
     "DeploymentError": "shipyard._exceptions",
     "DeploymentManager": "shipyard._manager",

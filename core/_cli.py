@@ -462,7 +462,27 @@ def _run(
         )
     rollback_id = outcome.rollback.id if outcome.rollback is not None else None
     finish(state.service, outcome.id, rollback_id=rollback_id, **reports)
+    if outcome.status == "awaiting_approval":
+        _say_awaiting(state, outcome.id, reporter.write)
+        if state.options.get("exit_zero_when_awaiting"):
+            sys.exit(0)
     sys.exit(outcome.exit_code)
+
+
+def _say_awaiting(state: _State, dep_id: int, write: Any) -> None:
+    """What a deployment stopped at a gate waits for, and how to decide it."""
+    gate = state.service.document(dep_id, stages=False).get("gate") or {}
+    who = ", ".join(gate.get("approvers") or []) or "anyone"
+    write(
+        f"deployment #{dep_id} awaits approval at stage {gate.get('stage')!r} "
+        f"({gate.get('required', 1)} of {who}; expires {gate.get('expires_at')}, then "
+        f"{gate.get('on_timeout')}); nothing runs meanwhile"
+    )
+    if gate.get("instructions"):
+        write(f"  {gate['instructions']}")
+    choices = f" --choice {'|'.join(gate['options'])}" if gate.get("options") else ""
+    write(f"  approve: shipyard approve {dep_id}{choices}")
+    write(f"  reject:  shipyard reject {dep_id} --comment TEXT")
 
 
 def _execute(session: Session, req: DeployRequest, **kwargs: Any) -> Outcome:
@@ -561,16 +581,29 @@ def _detach(state: _State, argv: list[str]) -> NoReturn:
     "--report-json", metavar="PATH",
     help="Write the JSON document of --json to PATH when it ends.",
 )  # fmt: skip
+@click.option(
+    "--exit-zero-when-awaiting", is_flag=True,
+    help="Exit 0, not 4, when the deployment stops at an approval gate.",
+)  # fmt: skip
+@click.option(
+    "--supersede", is_flag=True,
+    help="Give up a deployment awaiting approval that holds the lock (recorded superseded).",
+)  # fmt: skip
 @click.option("--report-fd", type=int, hidden=True)
 @pass_state
 def deploy(state: _State, pipeline: str, version: str, environment: str, vars_: tuple[str, ...],
            detach: bool, no_rollback: bool, wait_lock: float, notify: tuple[str, ...],
            secret_files: tuple[str, ...], as_json: bool, ci: str | None, junit: str | None,
-           report_json: str | None, report_fd: int | None) -> None:  # fmt: skip
-    """Deploy VERSION of PIPELINE to an environment."""
+           report_json: str | None, exit_zero_when_awaiting: bool, supersede: bool,
+           report_fd: int | None) -> None:  # fmt: skip
+    """Deploy VERSION of PIPELINE to an environment.
+
+    Exits 4 when it stops at an approval gate: `shipyard approve ID` resumes it later, from any
+    process that reaches the store."""
     from ._deploy import DeployRequest
 
     state.options["secret_files"] = secret_files
+    state.options["exit_zero_when_awaiting"] = exit_zero_when_awaiting
     variables = _parse_vars(vars_)
     if detach:
         argv = list(_Group.argv)
@@ -582,10 +615,55 @@ def deploy(state: _State, pipeline: str, version: str, environment: str, vars_: 
         auto_rollback=not no_rollback, wait_lock=wait_lock, notify=list(notify),
         args=list(_Group.argv),
     )  # fmt: skip
+    if report_fd is None:
+        _before_deploying(state, pipeline, environment, supersede=supersede)
     if report_fd is not None:
         req.args = _without_report_fd(req.args or [])
         _run_reporting(state, req, report_fd, junit=junit, report_json=report_json)
     _run(state, req, as_json=as_json, ci=ci, junit=junit, report_json=report_json)
+
+
+def _before_deploying(state: _State, pipeline: str, environment: str, *, supersede: bool) -> None:
+    """Gates that hold the lock there: expired ones get their default outcome now, and with
+    --supersede a waiting one is given up for this deployment."""
+    from ._identity import actor
+
+    _apply_expired(state, pipeline, environment)
+    if supersede:
+        gone = state.service.supersede(pipeline, environment, user=actor())
+        if gone is not None:
+            click.echo(f"deployment #{gone['id']} ({gone['version']}) superseded: {gone['error']}",
+                       err=True)  # fmt: skip
+
+
+def _apply_expired(state: _State, pipeline: str | None = None,
+                   environment: str | None = None) -> int:  # fmt: skip
+    """Apply the default outcome of expired gates (and run what follows); the worst exit code."""
+    from ._exceptions import ExitCode
+
+    worst = ExitCode.OK
+    for x, outcome, req in state.service.expire(pipeline=pipeline, environment=environment):
+        click.echo(f"deployment #{x['id']} ({x['pipeline']} {x['version']} to "
+                   f"{x['environment']}): expired, {outcome}", err=True)  # fmt: skip
+        if req is not None:
+            req.args = list(_Group.argv)
+            outcome_run = _execute(state.session, req)
+            click.echo(f"deployment #{outcome_run.id} {outcome_run.status}", err=True)
+            worst = max(worst, outcome_run.exit_code)
+    return int(worst)
+
+
+@cli.command()
+@click.argument("pipeline", required=False)
+@click.option("-e", "--env", "environment", default=None, help="Only this environment.")
+@pass_state
+def expire(state: _State, pipeline: str | None, environment: str | None) -> None:
+    """Apply the default outcome (on_timeout) of every approval gate whose time is up.
+
+    For a scheduled CI job: a default approve resumes the deployment here, a default reject
+    ends it failed (and rolls back if its gate or pipeline says so). Reading commands never do
+    this; `deploy` does it for the gates holding its own lock."""
+    sys.exit(_apply_expired(state, pipeline, environment))
 
 
 def _without_report_fd(args: list[str]) -> list[str]:
@@ -690,6 +768,58 @@ def retry(
         deployment_id, wait_lock=wait_lock, args=list(_Group.argv), from_start=from_start
     )
     _run(state, req, as_json=as_json, ci=ci)
+
+
+@cli.command()
+@click.argument("deployment_id", type=int, metavar="ID")
+@click.option("--comment", default="", help="Why; recorded with the decision.")
+@click.option("--choice", default=None, metavar="OPTION", help="One of the gate's options.")
+@click.option("--json", "as_json", is_flag=True, help="Print the resumed deployment as JSON.")
+@ci_option
+@pass_state
+def approve(state: _State, deployment_id: int, comment: str, choice: str | None, as_json: bool,
+            ci: str | None) -> None:  # fmt: skip
+    """Approve the gate deployment ID waits at; with enough approvals, resume it here.
+
+    Exits 4 while more approvals are needed, 2 when the approval is not allowed (already
+    decided, expired, not an approver, self-approval) or the pipeline changed."""
+    from ._exceptions import ExitCode
+    from ._identity import decider
+
+    user = decider()
+    decision, req = state.service.approve(deployment_id, user=user, comment=comment, choice=choice)
+    if req is None:
+        click.echo(
+            f"approval {decision.approvals} of {decision.required} recorded for deployment "
+            f"#{deployment_id} ({user}); it waits for {decision.required - decision.approvals} more"
+        )
+        sys.exit(ExitCode.AWAITING_APPROVAL)
+    click.echo(f"deployment #{deployment_id} approved by {user}; resuming it here")
+    req.args = list(_Group.argv)
+    _run(state, req, as_json=as_json, ci=ci)
+
+
+@cli.command()
+@click.argument("deployment_id", type=int, metavar="ID")
+@click.option("--comment", required=True, help="Why; recorded with the decision.")
+@ci_option
+@pass_state
+def reject(state: _State, deployment_id: int, comment: str, ci: str | None) -> None:
+    """Reject the gate deployment ID waits at: it ends failed (exit 1), and rolls back if its
+    gate's on_reject (or the pipeline's rollback="auto") says so."""
+    from ._exceptions import ExitCode
+    from ._identity import decider
+
+    user = decider()
+    dep, rollback_req = state.service.reject(deployment_id, user=user, comment=comment)
+    click.echo(f"deployment #{deployment_id} {dep['status']}: {dep['error']}")
+    if rollback_req is not None:
+        rollback_req.args = list(_Group.argv)
+        try:
+            _run(state, rollback_req, as_json=False, ci=ci)
+        except SystemExit:
+            pass
+    sys.exit(ExitCode.FAILED)
 
 
 @cli.command()

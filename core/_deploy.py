@@ -70,6 +70,12 @@ class DeployRequest:
     notify: list[str] = field(default_factory=list)
     args: list[str] | None = None
     reason: str = ""
+    #: Resume this deployment (approved at a gate) at ``start_stage``, instead of a new one;
+    #: its lock is already held by this process (``HistoryStore.decide``).
+    resume_of: int | None = None
+    #: For a resume: the recorded context and the gates' decisions.
+    previous_version: str | None = None
+    approvals: dict[str, Any] = field(default_factory=dict)
 
 
 DeployRequest.__module__ = "shipyard"
@@ -89,6 +95,8 @@ class Outcome:
     def exit_code(self) -> ExitCode:
         if self.interrupted_by_signal:
             return ExitCode.INTERRUPTED
+        if self.status is Status.AWAITING_APPROVAL:
+            return ExitCode.AWAITING_APPROVAL
         return ExitCode.OK if self.status is Status.SUCCEEDED else ExitCode.FAILED
 
 
@@ -207,21 +215,28 @@ class _Deployment:
         _warn_if_ephemeral(session)
         store = session.open_store()
         try:
-            previous = store.previous_version(pipe.name, req.environment)
+            previous = (
+                req.previous_version if req.resume_of is not None
+                else store.previous_version(pipe.name, req.environment)
+            )  # fmt: skip
             # Built before anything is recorded: a definition error (no stages, a step type no
             # plugin provides) is refused like `plan` refuses it, with no "failed" row.
             draft = _Unnumbered(
-                id=0, pipeline=pipe.name, version=req.version, environment=req.environment,
-                vars=dict(req.vars), previous_version=previous, rollback_of=req.rollback_of,
-                restores=req.restores,
+                id=req.resume_of or 0, pipeline=pipe.name, version=req.version,
+                environment=req.environment, vars=dict(req.vars), previous_version=previous,
+                rollback_of=req.rollback_of, restores=req.restores, approvals=req.approvals,
             )  # fmt: skip
             try:
                 stages: list[Stage] | None = session.build(pipe, draft)
             except BaseException:
                 commit.cancel()
                 raise
-            dep_id = await self._begin(store, commit)
-            if req.rollback_of is not None:
+            if req.resume_of is not None:  # approved: its lock was taken with the decision
+                commit.cancel()
+                dep_id = req.resume_of
+            else:
+                dep_id = await self._begin(store, commit)
+            if req.rollback_of is not None and req.resume_of is None:
                 store.add_audit(
                     "rollback", dep_id, user=actor(),
                     reason=req.reason or f"rollback of deployment {req.rollback_of}",
@@ -232,7 +247,7 @@ class _Deployment:
                 deployment: Deployment = Deployment(
                     id=dep_id, pipeline=pipe.name, version=req.version,
                     environment=req.environment, vars=dict(req.vars), previous_version=previous,
-                    rollback_of=req.rollback_of, restores=req.restores,
+                    rollback_of=req.rollback_of, restores=req.restores, approvals=req.approvals,
                 )  # fmt: skip
                 stages = None
             else:
@@ -381,7 +396,13 @@ class _Deployment:
             else None
         )
         run_task = asyncio.ensure_future(
-            runner.run(deployment, stages, start_stage=req.start_stage, note=note)
+            runner.run(
+                deployment,
+                stages,
+                start_stage=req.start_stage,
+                note=note,
+                resumed=req.resume_of is not None,
+            )
         )
         control.task = run_task
         if control.reason:
@@ -390,9 +411,16 @@ class _Deployment:
         try:
             return await asyncio.shield(run_task)
         except asyncio.CancelledError:
+            if run_task.done() and runner.result is not None:
+                return runner.result  # ended and recorded; only a late cancel request remained
             # Our caller was cancelled (e.g. the API's thread): stop the run and let it record.
             control.cancel(control.reason or "cancelled")
-            return await run_task
+            try:
+                return await run_task
+            except asyncio.CancelledError:
+                if runner.result is not None:
+                    return runner.result
+                raise
         finally:
             hb.cancel()
             control.task = None

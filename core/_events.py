@@ -73,6 +73,8 @@ class DeploymentStarted(Event):
     start_stage: int = 0
     #: Why stages before ``start_stage`` do not run (a retry names the deployment that ran them).
     note: str | None = None
+    #: Resumed after an approval: the same deployment goes on at ``start_stage``.
+    resumed: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
@@ -187,6 +189,32 @@ class DeploymentFinished(Event):
         out = super().to_dict()
         out.update(status=str(self.status), error=self.error, started_at=self.started_at)
         out["finished_at"] = self.ts
+        return out
+
+
+@dataclass(kw_only=True, eq=False)
+class DeploymentSuspended(Event):
+    """The deployment stopped at an approval gate: it awaits a decision, with no process."""
+
+    hook = "shipyard_deployment_suspended"
+    #: The gate's stage.
+    index: int
+    stage: Stage
+    #: The approval step (``shipyard.plugins.approval.ApprovalStep``).
+    gate: Any
+    requested_at: str
+    expires_at: str
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        d = self.deployment
+        out.update(
+            status=Status.AWAITING_APPROVAL.value, stage=self.stage.name, stage_index=self.index,
+            requested_at=self.requested_at, expires_at=self.expires_at,
+            gate=self.gate.spec(),
+            commands={"approve": f"shipyard approve {d.id}",
+                      "reject": f"shipyard reject {d.id} --comment TEXT"},
+        )  # fmt: skip
         return out
 
 

@@ -41,7 +41,7 @@ class ExitCode(enum.IntEnum):
     USAGE_ERROR = 2
     #: The environment is locked by another deployment.
     LOCKED = 3
-    #: Reserved: the deployment awaits an approval.
+    #: The deployment stopped at an approval gate and awaits a decision (``shipyard approve``).
     AWAITING_APPROVAL = 4
     #: Interrupted by Ctrl-C or SIGTERM.
     INTERRUPTED = 130
@@ -127,6 +127,15 @@ class LockLost(HistoryError):
 
 class DeploymentError(ShipyardError):
     """An error about running a deployment."""
+
+
+class ApprovalRefused(DeploymentError):
+    """An approval or rejection that may not be made: not waiting, already decided, expired,
+    self-approval, not among the approvers, or refused by a policy hook."""
+
+
+class PipelineChanged(DeploymentError):
+    """The stages a waiting deployment already ran are no longer those of its pipeline."""
 
 
 class PipelineNotFound(DeploymentError):

@@ -43,3 +43,14 @@ def runner_identity() -> str | None:
         if env.get(var):
             return env[var]
     return env.get("SHIPYARD_RUNNER") or None
+
+
+def decider() -> str:
+    """Who approves or rejects a gate: ``SHIPYARD_USER``, then the CI identity (the login of
+    the CI actor, as GitHub and GitLab give it), then the OS user."""
+    if os.environ.get("SHIPYARD_USER"):
+        return os.environ["SHIPYARD_USER"]
+    for var in ("GITHUB_ACTOR", "GITLAB_USER_LOGIN", "BUILDKITE_BUILD_CREATOR", "CIRCLE_USERNAME"):
+        if os.environ.get(var):
+            return os.environ[var]
+    return current_user()

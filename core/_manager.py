@@ -92,6 +92,32 @@ class DeploymentManager:
             self.service.retry(deployment_id, wait_lock=wait_lock, from_start=from_start)
         )
 
+    def approve(
+        self, deployment_id: int, *, comment: str = "", choice: str | None = None
+    ) -> int | None:
+        """Approve the gate ``deployment_id`` waits at (as ``shipyard approve``). With enough
+        approvals it resumes in the background here: returns its id (the same); ``wait()``
+        blocks until it ends or stops at its next gate. None while more approvals are needed.
+
+        :raises ApprovalRefused, PipelineChanged, EnvironmentLocked: nothing was resumed.
+        """
+        from ._identity import decider
+
+        _, req = self.service.approve(
+            deployment_id, user=decider(), comment=comment, choice=choice, source="api"
+        )
+        return None if req is None else self._start(req)
+
+    def reject(self, deployment_id: int, *, comment: str) -> int | None:
+        """Reject the gate ``deployment_id`` waits at: it ends ``failed``. Returns the id of
+        the rollback started in the background when the gate or the pipeline asks for one."""
+        from ._identity import decider
+
+        _, rollback = self.service.reject(
+            deployment_id, user=decider(), comment=comment, source="api"
+        )
+        return None if rollback is None else self._start(rollback)
+
     def _start(self, req: DeployRequest) -> int:
         self.session.load()
         started: Future[int] = Future()

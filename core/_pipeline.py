@@ -20,6 +20,7 @@ from typing import Any
 from typing import ClassVar
 from typing import Generic
 from typing import Literal
+from typing import NamedTuple
 from typing import TypeVar
 from typing import overload
 
@@ -64,9 +65,23 @@ class Deployment:
     #: In a rollback, the id of the deployment whose version comes back (what it applied can
     #: be applied again exactly: :meth:`shipyard.StepContext.restored_artifact`); else None.
     restores: int | None = None
+    #: The decisions of the approval gates passed so far, by gate stage name: later stages may
+    #: branch on ``d.approvals["approve"].choice``. Empty until a gate was approved.
+    approvals: Mapping[str, GateDecision] = field(default_factory=dict)
 
 
 Deployment.__module__ = "shipyard"
+
+
+class GateDecision(NamedTuple):
+    """How an approval gate was decided (``Deployment.approvals``)."""
+
+    #: The users who approved.
+    approvers: tuple[str, ...]
+    #: The option chosen (``--choice``), or None.
+    choice: str | None
+    #: The comments given, in order.
+    comments: tuple[str, ...]
 
 
 class Step:
@@ -202,6 +217,11 @@ def stage(
                 f"stage {name!r}: step {i} is {s!r}, not a step; build steps with "
                 "shipyard.command(), shipyard.python(), shipyard.wait(), ..."
             )
+    if len(steps) > 1 and any(s.kind == "approval" for s in steps):
+        raise PipelineDefinitionError(
+            f"stage {name!r}: an approval step must be alone in its stage (the deployment stops "
+            "there); put it in a stage of its own, e.g. sy.stage('approve', sy.approval(...))"
+        )
     return Stage(name, list(steps), parallel, continue_on_failure, description)
 
 

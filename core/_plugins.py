@@ -40,6 +40,7 @@ DEFAULT_PLUGINS: Final[dict[str, str]] = {
     "command": "shipyard.plugins.command",
     "python": "shipyard.plugins.python",
     "wait": "shipyard.plugins.wait",
+    "approval": "shipyard.plugins.approval",
     "notify": "shipyard.plugins.notify",
     "docker": "shipyard.plugins.docker",
     "nginx": "shipyard.plugins.nginx",

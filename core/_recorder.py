@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
+from typing import Any
 from typing import cast
 
 from ._exceptions import HistoryError
@@ -19,12 +20,14 @@ from ._store import StepPlan
 if TYPE_CHECKING:
     from ._events import DeploymentFinished
     from ._events import DeploymentStarted
+    from ._events import DeploymentSuspended
     from ._events import Event
     from ._events import RollbackStarted
     from ._events import StepFinished
     from ._events import StepOutput
     from ._events import StepStarted
     from ._pipeline import Stage
+    from ._store import GateRecord
     from ._store import HistoryStore
 
 
@@ -41,6 +44,11 @@ def plan_of(stages: list[Stage]) -> list[StagePlan]:
         )
         for s in stages
     ]
+
+
+def fingerprint(stages: list[Stage]) -> list[Any]:
+    """What a resumed deployment must find again: each stage's name and its steps' kinds."""
+    return [[s.name, [st.kind for st in s.steps]] for s in stages]
 
 
 class HistoryRecorder:
@@ -82,7 +90,9 @@ class HistoryRecorder:
             "shipyard_deployment_started": self._started,  # type: ignore[dict-item]
             "shipyard_rollback_started": self._rollback,  # type: ignore[dict-item]
             "shipyard_deployment_finished": self._finished,  # type: ignore[dict-item]
+            "shipyard_deployment_suspended": self._suspended,  # type: ignore[dict-item]
         }
+        self._stages: list[Stage] = []
 
     def flush(self, durable: bool = False) -> None:
         if self._transitions or self._logs:
@@ -173,7 +183,23 @@ class HistoryRecorder:
 
     def _started(self, e: DeploymentStarted) -> None:
         self.flush()
-        self.store.record_plan(e.deployment.id, plan_of(e.stages), e.start_stage, note=e.note)
+        self._stages = e.stages
+        if not e.resumed:  # a resumed deployment's stages are recorded already
+            self.store.record_plan(e.deployment.id, plan_of(e.stages), e.start_stage, note=e.note)
+
+    def _suspended(self, e: DeploymentSuspended) -> None:
+        d = e.deployment
+        gate: GateRecord = {
+            "stage_idx": e.index, "stage": e.stage.name, "requested_at": e.requested_at,
+            "expires_at": e.expires_at, "spec": e.gate.spec(),
+            "fingerprint": fingerprint(self._stages[: e.index]),
+            "context": {"vars": dict(d.vars), "previous_version": d.previous_version,
+                        "rollback_of": d.rollback_of, "restores": d.restores,
+                        "approvals": {k: [list(v.approvers), v.choice, list(v.comments)]
+                                      for k, v in d.approvals.items()}},
+        }  # fmt: skip
+        transitions, logs = self._take()
+        self.store.suspend(d.id, gate, transitions, logs)
 
     def _rollback(self, e: RollbackStarted) -> None:
         self.note(e.deployment.id, f"rolling back to version {e.target}: {e.reason}")

@@ -27,13 +27,24 @@ class Status(enum.StrEnum):
     INTERRUPTED = "interrupted"
     #: Never run because an earlier failure stopped the deployment (steps and stages only).
     SKIPPED = "skipped"
+    #: Stopped at an approval gate, no process running: ``shipyard approve`` resumes it.
+    AWAITING_APPROVAL = "awaiting_approval"
+    #: Given up for a newer deployment while it awaited approval (``deploy --supersede``).
+    SUPERSEDED = "superseded"
+    #: An approval gate's stage and step while the deployment awaits the decision.
+    WAITING = "waiting"
 
     def __str__(self) -> str:
         return self.value
 
     @property
     def is_finished(self) -> bool:
-        return self not in (Status.PENDING, Status.RUNNING)
+        return self not in (
+            Status.PENDING,
+            Status.RUNNING,
+            Status.AWAITING_APPROVAL,
+            Status.WAITING,
+        )
 
 
 def utcnow() -> str:

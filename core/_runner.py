@@ -213,6 +213,7 @@ class Runner:
         self.process_tag = process_tag
         #: Says why the run was cancelled (a :class:`~shipyard._deploy.RunControl`).
         self.control = control
+        self.result: tuple[Status, str | None] | None = None
         self.pm = pluginmanager
         self.bus = bus
         self.secrets = secrets or SecretValues()
@@ -224,7 +225,7 @@ class Runner:
 
     async def run(
         self, deployment: Deployment, stages: list[Stage], *, start_stage: int = 0,
-        note: str | None = None,
+        note: str | None = None, resumed: bool = False,
     ) -> tuple[Status, str | None]:  # fmt: skip
         """Run the deployment; return its final status and error. Never raises for step failures.
 
@@ -234,7 +235,11 @@ class Runner:
         started = utcnow()
         self.bus.emit(
             DeploymentStarted(
-                deployment=deployment, stages=stages, start_stage=start_stage, note=note
+                deployment=deployment,
+                stages=stages,
+                start_stage=start_stage,
+                note=note,
+                resumed=resumed,
             )
         )
         status, error = Status.SUCCEEDED, None
@@ -243,6 +248,10 @@ class Runner:
         try:
             for si in range(start_stage, total):
                 stage = stages[si]
+                if len(stage.steps) == 1 and stage.steps[0].kind == "approval":
+                    # A gate: the deployment stops here, recorded as awaiting a decision.
+                    self._suspend(deployment, si, stage)
+                    return Status.AWAITING_APPROVAL, None
                 self.bus.emit(
                     StageStarted(deployment=deployment, index=si, total=total, stage=stage)
                 )
@@ -281,7 +290,26 @@ class Runner:
                 deployment=deployment, status=status, error=error, started_at=started
             )
         )
+        #: How it ended, as recorded: kept, for a caller whose task a late cancel marked
+        #: cancelled after the end (asyncio cancels a task whose coroutine returns while a
+        #: cancel request is pending).
+        self.result = (status, error)
         return status, error
+
+    def _suspend(self, deployment: Deployment, si: int, stage: Stage) -> None:
+        from ._events import DeploymentSuspended
+        from ._reports import format_ts
+
+        gate: Any = stage.steps[0]
+        now = time.time()
+        if self.control is not None:
+            self.control.task = None  # nothing runs from now on: a cancel has nothing to stop
+        self.bus.emit(
+            DeploymentSuspended(
+                deployment=deployment, index=si, stage=stage, gate=gate,
+                requested_at=format_ts(now), expires_at=format_ts(now + gate.gate_timeout),
+            )
+        )  # fmt: skip
 
     async def _run_stage(
         self, deployment: Deployment, stage: Stage, si: int

@@ -27,7 +27,9 @@ if TYPE_CHECKING:
     from ._pipeline import Stage
     from ._session import Session
     from ._store import AuditRow
+    from ._store import Decision
     from ._store import DeploymentRow
+    from ._store import GateRow
     from ._store import HistoryStore
     from ._store import LockRow
     from ._store import LogRow
@@ -263,12 +265,270 @@ class DeploymentService:
     # -- control ----------------------------------------------------------------------------------
 
     def request_cancel(self, dep_id: int, *, user: str, reason: str = "") -> DeploymentRow:
-        """Ask a running deployment (of any process) to stop; audited."""
+        """Ask a running deployment (of any process) to stop; audited. A deployment awaiting
+        approval is cancelled at once (no process runs it) and its lock freed."""
         store = self.store()
         dep = store.get(dep_id)
+        if dep["status"] == Status.AWAITING_APPROVAL:
+            store.decide(dep_id, "cancel", user=user, comment=reason, source="cancel")
+            store.add_audit("cancel", dep_id, user=user, reason=reason)
+            return dep
         if dep["status"] not in ACTIVE:
             raise UsageError(f"deployment {dep_id} is not running (it is {dep['status']})")
         return store.request_cancel(dep_id, user=user, reason=reason)
+
+    # -- approval gates ---------------------------------------------------------------------------
+
+    def _waiting_gate(self, dep_id: int) -> tuple[DeploymentRow, GateRow]:
+        """The deployment and its gate, if it awaits a decision; else why not."""
+        from ._exceptions import ApprovalRefused
+        from ._store import decided_message
+
+        store = self.store()
+        x = store.get(dep_id)
+        gate = store.gate(dep_id)
+        if x["status"] != Status.AWAITING_APPROVAL or gate is None or gate["status"] != "waiting":
+            last = gate["decisions"][-1] if gate and gate["decisions"] else None
+            raise ApprovalRefused(decided_message(
+                dep_id, x["status"], (last["decision"], last["user"], last["ts"]) if last else None
+            ))  # fmt: skip
+        return x, gate
+
+    def _check_decider(self, x: DeploymentRow, gate: GateRow, user: str, *, approving: bool,
+                       choice: str | None) -> None:  # fmt: skip
+        """The rules every decision is judged by (DESIGN §7): expiry, approvers, self-approval,
+        choices, and the organisation's own policy (``shipyard_approval_check``)."""
+        from ._exceptions import ApprovalRefused
+        from ._reports import parse_ts
+
+        spec, dep_id = gate["spec"], x["id"]
+        if time.time() > parse_ts(gate["expires_at"]):
+            raise ApprovalRefused(
+                f"the approval of deployment {dep_id} expired at {gate['expires_at']} (default: "
+                f"{spec['on_timeout']}); `shipyard expire` applies it"
+            )
+        approvers = spec.get("approvers")
+        if approvers is not None and user not in approvers:
+            raise ApprovalRefused(
+                f"{user} may not decide deployment {dep_id}: the approvers of gate "
+                f"{gate['stage']!r} are {', '.join(approvers)}"
+            )
+        if approving and not spec.get("allow_self_approval") and user == x["user"]:
+            raise ApprovalRefused(
+                f"{user} started deployment {dep_id} and may not approve it (self-approval is "
+                "not allowed at this gate); ask another approver"
+            )
+        options = spec.get("options") or []
+        if approving and options and choice not in options:
+            raise ApprovalRefused(
+                f"gate {gate['stage']!r} of deployment {dep_id} asks for a choice: "
+                f"--choice {' | '.join(options)}"
+            )
+        if approving and not options and choice is not None:
+            raise ApprovalRefused(f"gate {gate['stage']!r} offers no choices; drop --choice")
+        verdict = self.session.pm.hook.shipyard_approval_check(
+            deployment=x, gate=gate, user=user, decision="approve" if approving else "reject"
+        )
+        if verdict:
+            raise ApprovalRefused(f"{user} may not decide deployment {dep_id}: {verdict}")
+
+    def _resume_request(self, x: DeploymentRow, gate: GateRow) -> DeployRequest:
+        """How deployment ``x`` goes on after its gate: the same pipeline called with the
+        recorded context, if the stages it ran are still those of the pipeline."""
+        from ._deploy import DeployRequest
+        from ._exceptions import PipelineChanged
+        from ._pipeline import GateDecision
+        from ._recorder import fingerprint
+
+        ctx = gate["context"] or {}
+        approvals = {k: GateDecision(tuple(v[0]), v[1], tuple(v[2]))
+                     for k, v in (ctx.get("approvals") or {}).items()}  # fmt: skip
+        approvers = tuple(dict.fromkeys(d["user"] for d in gate["decisions"]
+                                        if d["decision"] == "approve"))  # fmt: skip
+        choice = next((d["choice"] for d in reversed(gate["decisions"]) if d["choice"]), None)
+        comments = tuple(d["comment"] for d in gate["decisions"] if d["comment"])
+        approvals[gate["stage"]] = GateDecision(approvers, choice, comments)
+        pipe = self.session.pipeline(x["pipeline"])
+        d = Deployment(
+            x["id"], pipe.name, x["version"], x["environment"], dict(ctx.get("vars") or {}),
+            previous_version=ctx.get("previous_version"), rollback_of=ctx.get("rollback_of"),
+            restores=ctx.get("restores"), approvals=approvals,
+        )  # fmt: skip
+        stages = self.session.build(pipe, d)
+        si = gate["stage_idx"]
+        now = fingerprint(stages[:si])
+        gate_there = len(stages) > si and [st.kind for st in stages[si].steps] == ["approval"]
+        if now != gate["fingerprint"] or not gate_there:
+            then = " -> ".join(f[0] for f in gate["fingerprint"]) or "(none)"
+            shown = " -> ".join(s.name for s in stages)
+            raise PipelineChanged(
+                f"pipeline {pipe.name!r} changed since deployment {x['id']} stopped at gate "
+                f"{gate['stage']!r}: it ran {then} before the gate, and the pipeline is now "
+                f"{shown}; reject it (`shipyard reject {x['id']} --comment TEXT`) and deploy again"
+            )
+        return DeployRequest(
+            pipeline=pipe.name, version=x["version"], environment=x["environment"],
+            vars=dict(ctx.get("vars") or {}), rollback_of=ctx.get("rollback_of"),
+            restores=ctx.get("restores"), start_stage=si + 1, resume_of=x["id"],
+            previous_version=ctx.get("previous_version"), approvals=approvals,
+            auto_rollback=True,
+        )  # fmt: skip
+
+    def approve(
+        self, dep_id: int, *, user: str, comment: str = "", choice: str | None = None,
+        source: str = "cli",
+    ) -> tuple[Decision, DeployRequest | None]:  # fmt: skip
+        """Approve the gate deployment ``dep_id`` waits at. With enough approvals, returns the
+        request that resumes it (this process now holds its lock); else the count so far.
+
+        :raises ApprovalRefused: not waiting, expired, not an approver, self-approval.
+        :raises PipelineChanged: the stages it ran are no longer the pipeline's.
+        """
+        from ._liveness import dead_after
+        from ._liveness import this_process
+
+        x, gate = self._waiting_gate(dep_id)
+        self._check_decider(x, gate, user, approving=True, choice=choice)
+        self._refuse_stale(x, gate)
+        self._resume_request(x, gate)  # a changed pipeline is refused before anything is recorded
+        store = self.store()
+        decision = store.decide(
+            dep_id, "approve", user=user, comment=comment, choice=choice, source=source,
+            owner=this_process(), is_dead=dead_after(self.session.config.lock_lease),
+        )  # fmt: skip
+        store.add_audit("approve", dep_id, user=user, reason=comment)
+        if decision.outcome != "resume":
+            return decision, None
+        gate = store.gate(dep_id) or gate  # with this approval among the decisions
+        return decision, self._resume_request(x, gate)
+
+    def _refuse_stale(self, x: DeploymentRow, gate: GateRow) -> None:
+        """With ``lock="release"``, another deployment may have succeeded there while this one
+        waited: what was approved is then no longer what it would build on (exit 3)."""
+        from ._exceptions import EnvironmentLocked
+
+        if gate["spec"].get("lock") != "release":
+            return
+        latest = self.store().deployments(
+            pipeline=x["pipeline"], environment=x["environment"], statuses=("succeeded",), limit=1
+        )
+        if (
+            latest
+            and latest[0]["id"] != x["id"]
+            and (latest[0]["started_at"] or "") > (gate["requested_at"] or "")
+        ):
+            y = latest[0]
+            raise EnvironmentLocked(
+                f"stale approval: deployment {y['id']} ({y['version']}) succeeded in "
+                f"{x['environment']!r} after deployment {x['id']} stopped at gate "
+                f"{gate['stage']!r} ({gate['requested_at']}); reject it (`shipyard reject "
+                f"{x['id']} --comment TEXT`) and deploy again",
+                {},
+            )
+
+    def supersede(self, pipeline: str, environment: str, *, user: str) -> DeploymentRow | None:
+        """End the deployment awaiting approval that holds the lock of ``pipeline`` in
+        ``environment`` as ``superseded`` (audited), so that a new one may start."""
+        store = self.store(create=True)
+        for lock in store.locks():
+            if (lock["pipeline"], lock["environment"]) != (pipeline, environment):
+                continue
+            x = store.get(lock["deployment_id"])
+            if x["status"] != Status.AWAITING_APPROVAL:
+                return None
+            store.decide(x["id"], "supersede", user=user, comment="deploy --supersede",
+                         source="supersede")  # fmt: skip
+            store.add_audit("supersede", x["id"], user=user, reason="deploy --supersede")
+            return store.get(x["id"])
+        return None
+
+    def expire(
+        self, *, pipeline: str | None = None, environment: str | None = None
+    ) -> list[tuple[DeploymentRow, str, DeployRequest | None]]:
+        """Apply the default outcome of every gate whose time is up (of ``pipeline`` in
+        ``environment`` when given): ``(deployment, outcome, request)``, where the request is
+        the resume (default approve) or the rollback (default reject) to run now, if any."""
+        from ._exceptions import ApprovalRefused
+        from ._exceptions import EnvironmentLocked
+        from ._exceptions import NoPreviousDeployment
+        from ._exceptions import PipelineChanged
+        from ._liveness import dead_after
+        from ._liveness import this_process
+        from ._reports import parse_ts
+
+        store = self.read_store()
+        if store is None:
+            return []
+        out: list[tuple[DeploymentRow, str, DeployRequest | None]] = []
+        waiting = store.deployments(pipeline=pipeline, environment=environment,
+                                    statuses=(Status.AWAITING_APPROVAL.value,), limit=10_000)  # fmt: skip
+        for x in waiting:
+            gate = store.gate(x["id"])
+            if gate is None or gate["status"] != "waiting":
+                continue
+            if time.time() <= parse_ts(gate["expires_at"]):
+                continue
+            approve = gate["spec"].get("on_timeout") == "approve"
+            why = f"the approval expired at {gate['expires_at']} (default: {gate['spec'].get('on_timeout')})"
+            try:
+                if approve:
+                    self._resume_request(x, gate)
+                decision = store.decide(
+                    x["id"], "expire", user="shipyard", comment=why, source="expire",
+                    owner=this_process(), is_dead=dead_after(self.session.config.lock_lease),
+                )  # fmt: skip
+            except (ApprovalRefused, EnvironmentLocked, PipelineChanged) as exc:
+                out.append((x, f"left waiting: {exc}", None))
+                continue
+            store.add_audit("expire", x["id"], user="shipyard", reason=why)
+            if decision.outcome == "resume":
+                out.append((x, "approved", self._resume_request(x, store.gate(x["id"]) or gate)))
+                continue
+            store.finish(x["id"], Status.FAILED, f"rejected: {why}")
+            rollback = None
+            pipe = self.session.pipeline(x["pipeline"])
+            if gate["spec"].get("on_reject") == "rollback" or (
+                gate["spec"].get("on_reject") is None and pipe.rollback == "auto"
+            ):
+                try:
+                    target = store.rollback_target(x["id"])
+                    rollback = rollback_request(x, x["id"], target, wait_lock=5.0,
+                                                reason=f"deployment #{x['id']}: {why}")  # fmt: skip
+                except NoPreviousDeployment:
+                    pass
+            out.append((store.get(x["id"]), "rejected", rollback))
+        return out
+
+    def reject(
+        self, dep_id: int, *, user: str, comment: str, source: str = "cli"
+    ) -> tuple[DeploymentRow, DeployRequest | None]:
+        """Reject the gate: the deployment ends ``failed``; returns the rollback to run after,
+        per the gate's ``on_reject`` (or the pipeline's policy), or None."""
+        from ._liveness import this_process
+
+        x, gate = self._waiting_gate(dep_id)
+        self._check_decider(x, gate, user, approving=False, choice=None)
+        store = self.store()
+        store.decide(dep_id, "reject", user=user, comment=comment, source=source,
+                     owner=this_process())  # fmt: skip
+        error = f"rejected by {user} at gate {gate['stage']!r}" + (
+            f": {comment}" if comment else ""
+        )
+        store.finish(dep_id, Status.FAILED, error)
+        store.add_audit("reject", dep_id, user=user, reason=comment)
+        on_reject = gate["spec"].get("on_reject")
+        pipe = self.session.pipeline(x["pipeline"])
+        if on_reject == "fail" or (on_reject is None and pipe.rollback != "auto"):
+            return store.get(dep_id), None
+        from ._exceptions import NoPreviousDeployment
+
+        try:
+            target = store.rollback_target(dep_id)
+        except NoPreviousDeployment:
+            return store.get(dep_id), None
+        return store.get(dep_id), rollback_request(
+            x, dep_id, target, wait_lock=5.0, reason=f"deployment #{dep_id} was rejected"
+        )
 
     def wait_finished(self, dep_id: int, timeout: float | None) -> str | None:
         """Wait until the deployment is no longer running; its status, or None on timeout."""
@@ -302,6 +562,23 @@ class DeploymentService:
         """The JSON document of ``show --json`` and ``deploy --json`` (DESIGN §3)."""
         store = self.store()
         doc: dict[str, Any] = dict(store.get(dep_id))
+        gate = store.gate(dep_id)
+        if gate is not None:
+            from ._reports import parse_ts
+
+            doc["gate"] = {
+                "stage": gate["stage"], "stage_index": gate["stage_idx"],
+                "status": gate["status"], "requested_at": gate["requested_at"],
+                "expires_at": gate["expires_at"], "decided_at": gate["decided_at"],
+                "expired": gate["status"] == "waiting"
+                and time.time() > parse_ts(gate["expires_at"]),
+                **{k: gate["spec"].get(k) for k in ("approvers", "required",
+                   "allow_self_approval", "on_timeout", "lock", "options", "instructions")},
+                "decisions": [{k: d[k] for k in ("decision", "user", "comment", "choice",  # type: ignore[literal-required]
+                               "source", "host", "ci_run", "ts")} for d in gate["decisions"]],
+                "commands": {"approve": f"shipyard approve {dep_id}",
+                             "reject": f"shipyard reject {dep_id} --comment TEXT"},
+            }  # fmt: skip
         if stages:
             doc["stages"] = [
                 {

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 from typing import Any
 from typing import cast
 
+from ._exceptions import ApprovalRefused
 from ._exceptions import DeploymentNotFound
 from ._exceptions import EnvironmentLocked
 from ._exceptions import HistoryError
@@ -41,8 +42,11 @@ from ._reports import utcnow
 from ._store import ArtifactRow
 from ._store import AuditRow
 from ._store import Begun
+from ._store import Decision
 from ._store import DeploymentInfo
 from ._store import DeploymentRow
+from ._store import GateRecord
+from ._store import GateRow
 from ._store import Liveness
 from ._store import LockRow
 from ._store import LogRecord
@@ -58,7 +62,7 @@ if TYPE_CHECKING:
 #: "SHYD" - marks a SQLite file as a Shipyard history.
 APPLICATION_ID = 0x53485944
 #: The schema version this code writes; migrations bring older files up to it.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 BUSY_TIMEOUT_MS = 30_000
 #: WAL pages between automatic checkpoints (see the docstring): about 32 MiB of WAL at most.
 WAL_CHECKPOINT_PAGES = 8192
@@ -241,8 +245,25 @@ def _add_lock_runner_v3(db: Any) -> None:
     db["locks"].add_column("runner", str)
 
 
+def _add_gates_v4(db: Any) -> None:
+    """Version 4: approval gates, and the append-only record of their decisions."""
+    db.execute(
+        "CREATE TABLE gates (deployment_id INTEGER NOT NULL, stage_idx INTEGER NOT NULL, "
+        "stage TEXT, requested_at TEXT, expires_at TEXT, spec TEXT, fingerprint TEXT, "
+        "context TEXT, status TEXT NOT NULL, decided_at TEXT, "
+        "PRIMARY KEY (deployment_id, stage_idx))"
+    )
+    db.execute(
+        "CREATE TABLE approvals (id INTEGER PRIMARY KEY, deployment_id INTEGER NOT NULL, "
+        "stage_idx INTEGER NOT NULL, decision TEXT NOT NULL, user TEXT NOT NULL, source TEXT, "
+        "comment TEXT, choice TEXT, host TEXT, ci_run TEXT, ts TEXT NOT NULL)"
+    )
+    db.execute("CREATE INDEX ix_approvals_dep ON approvals (deployment_id, id)")
+    db.execute("CREATE INDEX ix_gates_status ON gates (status)")
+
+
 #: Migrations by the version they produce. Each runs inside one transaction.
-MIGRATIONS = {1: _create_v1, 2: _add_artifacts_v2, 3: _add_lock_runner_v3}
+MIGRATIONS = {1: _create_v1, 2: _add_artifacts_v2, 3: _add_lock_runner_v3, 4: _add_gates_v4}
 
 
 class SQLiteStore:
@@ -442,6 +463,7 @@ class SQLiteStore:
                 self._check_queue(c, pipeline, environment, ticket, is_dead)
                 holder = self._lock(c, pipeline, environment)
                 if holder is not None:
+                    self._refuse_if_gate(c, holder)
                     if is_dead(_ref(holder)):
                         self._interrupt(c, holder["deployment_id"], "its process died")
                         interrupted.append(holder["deployment_id"])
@@ -542,6 +564,22 @@ class SQLiteStore:
         return cast("LockRow", dict(zip(cols, row, strict=True)))
 
     @staticmethod
+    def _refuse_if_gate(c: sqlite3.Connection, holder: LockRow) -> None:
+        """A lock held by a deployment awaiting approval: no process, never dead; say so."""
+        row = c.execute(
+            "SELECT d.status, g.requested_at, g.expires_at, g.stage FROM deployments d "
+            "LEFT JOIN gates g ON g.deployment_id = d.id AND g.status = 'waiting' WHERE d.id=?",
+            (holder["deployment_id"],),
+        ).fetchone()
+        if row and row[0] == Status.AWAITING_APPROVAL.value:
+            from ._store import gate_locked_message
+
+            raise EnvironmentLocked(
+                gate_locked_message(holder, requested_at=row[1], expires_at=row[2], stage=row[3]),
+                dict(holder),
+            )
+
+    @staticmethod
     def _locked_message(h: LockRow) -> str:
         from ._store import locked_message
 
@@ -578,8 +616,8 @@ class SQLiteStore:
         )
         dead = [r["id"] for r in rows if is_dead(_ref(r))]
         orphan_locks = self._query(
-            "SELECT l.deployment_id FROM locks l LEFT JOIN deployments d "
-            "ON d.id = l.deployment_id WHERE d.id IS NULL OR d.status NOT IN ('running','pending')"
+            "SELECT l.deployment_id FROM locks l LEFT JOIN deployments d ON d.id = l.deployment_id "
+            "WHERE d.id IS NULL OR d.status NOT IN ('running','pending','awaiting_approval')"
         )
         if (dead or orphan_locks) and not self.read_only:
             with self._tx(durable=True) as c:
@@ -770,6 +808,168 @@ class SQLiteStore:
                 (status.value, now, error, dep_id),
             )
             c.execute("DELETE FROM locks WHERE deployment_id=?", (dep_id,))
+
+    # -- approval gates ---------------------------------------------------------------------------
+
+    def suspend(
+        self, dep_id: int, gate: GateRecord, transitions: Sequence[Event] = (),
+        logs: Sequence[LogRecord] = (),
+    ) -> None:  # fmt: skip
+        si = gate["stage_idx"]
+        with self._tx(durable=True) as c:
+            self._write(c, transitions, logs)
+            c.execute(
+                "INSERT OR REPLACE INTO gates (deployment_id, stage_idx, stage, requested_at, "
+                "expires_at, spec, fingerprint, context, status) VALUES (?,?,?,?,?,?,?,?,?)",
+                (dep_id, si, gate["stage"], gate["requested_at"], gate["expires_at"],
+                 json.dumps(gate["spec"]), json.dumps(gate["fingerprint"]),
+                 json.dumps(gate["context"]), "waiting"),
+            )  # fmt: skip
+            c.execute(
+                "UPDATE deployments SET status='awaiting_approval', current_stage=?, pid=NULL, "
+                "proc_start=NULL WHERE id=? AND status='running'",
+                (si, dep_id),
+            )
+            for table, key in (("stages", "idx"), ("steps", "stage_idx")):
+                c.execute(
+                    f"UPDATE {table} SET status='waiting', started_at=? "
+                    f"WHERE deployment_id=? AND {key}=?",
+                    (gate["requested_at"], dep_id, si),
+                )
+            if gate["spec"].get("lock") == "release":
+                c.execute("DELETE FROM locks WHERE deployment_id=?", (dep_id,))
+            else:  # held by the gate: no process stands behind it
+                c.execute(
+                    "UPDATE locks SET pid=NULL, proc_start=NULL, heartbeat_at=? "
+                    "WHERE deployment_id=?",
+                    (gate["requested_at"], dep_id),
+                )
+
+    def gate(self, dep_id: int) -> GateRow | None:
+        rows = self._query(
+            "SELECT * FROM gates WHERE deployment_id=? ORDER BY stage_idx DESC LIMIT 1", (dep_id,)
+        )
+        if not rows:
+            return None
+        g = rows[0]
+        for key in ("spec", "fingerprint", "context"):
+            g[key] = json.loads(g[key]) if g[key] else None
+        g["decisions"] = self._query(
+            "SELECT * FROM approvals WHERE deployment_id=? AND stage_idx=? ORDER BY id",
+            (dep_id, g["stage_idx"]),
+        )
+        g.pop("deployment_id", None)
+        return cast("GateRow", g)
+
+    def decide(
+        self, dep_id: int, decision: str, *, user: str, comment: str = "",
+        choice: str | None = None, source: str | None = None, owner: ProcessRef | None = None,
+        is_dead: Liveness | None = None,
+    ) -> Decision:  # fmt: skip
+        from ._identity import runner_identity
+        from ._store import decided_message
+
+        now = utcnow()
+        with self._tx(durable=True) as c:
+            dep = c.execute(
+                "SELECT status, pipeline, environment, version, user FROM deployments WHERE id=?",
+                (dep_id,),
+            ).fetchone()
+            gate = c.execute(
+                "SELECT stage_idx, spec FROM gates WHERE deployment_id=? AND status='waiting' "
+                "ORDER BY stage_idx DESC LIMIT 1",
+                (dep_id,),
+            ).fetchone()
+            if dep is None or dep[0] != Status.AWAITING_APPROVAL.value or gate is None:
+                last = c.execute(
+                    "SELECT decision, user, ts FROM approvals WHERE deployment_id=? "
+                    "ORDER BY id DESC LIMIT 1",
+                    (dep_id,),
+                ).fetchone()
+                raise ApprovalRefused(decided_message(dep_id, dep[0] if dep else None, last))
+            si, spec = gate[0], json.loads(gate[1])
+            required = int(spec.get("required") or 1) if decision == "approve" else 1
+            if decision == "expire":  # the gate's default outcome, applied once it expired
+                decision_kind = "approve" if spec.get("on_timeout") == "approve" else "reject"
+            else:
+                decision_kind = decision
+            c.execute(
+                "INSERT INTO approvals (deployment_id, stage_idx, decision, user, source, comment, "
+                "choice, host, ci_run, ts) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (dep_id, si, decision, user, source, comment or None, choice,
+                 socket.gethostname(), runner_identity(), now),
+            )  # fmt: skip
+            approvals = 0
+            if decision == "approve" and decision_kind == "approve":
+                approvals = c.execute(
+                    "SELECT count(DISTINCT user) FROM approvals WHERE deployment_id=? AND "
+                    "stage_idx=? AND decision='approve'",
+                    (dep_id, si),
+                ).fetchone()[0]
+                if approvals < required:
+                    return Decision("recorded", approvals, required)
+            if decision in ("cancel", "supersede"):
+                c.execute("UPDATE gates SET status=?, decided_at=? WHERE deployment_id=? AND "
+                          "stage_idx=?", ("cancelled" if decision == "cancel" else "superseded",
+                                          now, dep_id, si))  # fmt: skip
+                ended = "cancelled" if decision == "cancel" else "superseded"
+                c.execute(
+                    "UPDATE deployments SET status=?, finished_at=?, error=? WHERE id=?",
+                    (ended, now, f"{ended} by {user} while awaiting approval"
+                     + (f": {comment}" if comment else ""), dep_id),
+                )  # fmt: skip
+                for table, key in (("stages", "idx"), ("steps", "stage_idx")):
+                    c.execute(f"UPDATE {table} SET status='cancelled', finished_at=? "
+                              f"WHERE deployment_id=? AND {key}=?", (now, dep_id, si))  # fmt: skip
+                    c.execute(f"UPDATE {table} SET status='skipped' WHERE deployment_id=? "
+                              "AND status='pending'", (dep_id,))  # fmt: skip
+                c.execute("DELETE FROM locks WHERE deployment_id=?", (dep_id,))
+                return Decision("cancelled", 0, 1)
+            assert owner is not None, "approve and reject need the process that goes on"
+            approved = decision_kind == "approve"
+            gate_status = "approved" if approved else "rejected"
+            if decision == "expire":
+                gate_status = "expired"
+            step_status = Status.SUCCEEDED.value if approved else Status.FAILED.value
+            c.execute("UPDATE gates SET status=?, decided_at=? WHERE deployment_id=? AND "
+                      "stage_idx=?", (gate_status, now, dep_id, si))  # fmt: skip
+            for table, key in (("stages", "idx"), ("steps", "stage_idx")):
+                c.execute(f"UPDATE {table} SET status=?, finished_at=? WHERE deployment_id=? "
+                          f"AND {key}=?", (step_status, now, dep_id, si))  # fmt: skip
+            if not approved:
+                c.execute(
+                    "UPDATE steps SET error=? WHERE deployment_id=? AND stage_idx=?",
+                    (f"rejected by {user}" + (f": {comment}" if comment else ""), dep_id, si),
+                )
+            c.execute(
+                "UPDATE deployments SET status='running', pid=?, host=?, proc_start=?, "
+                "heartbeat_at=? WHERE id=?",
+                (owner["pid"], owner["host"], owner["proc_start"], now, dep_id),
+            )
+            pipeline, environment, version, dep_user = dep[1], dep[2], dep[3], dep[4]
+            held = c.execute("SELECT 1 FROM locks WHERE deployment_id=?", (dep_id,)).fetchone()
+            if held:
+                c.execute(
+                    "UPDATE locks SET pid=?, host=?, proc_start=?, heartbeat_at=? "
+                    "WHERE deployment_id=?",
+                    (owner["pid"], owner["host"], owner["proc_start"], now, dep_id),
+                )
+            elif approved:  # the gate released it: take it again, as a new deployment would
+                holder = self._lock(c, pipeline, environment)
+                if holder is not None:
+                    self._refuse_if_gate(c, holder)
+                    if is_dead is not None and is_dead(_ref(holder)):
+                        self._interrupt(c, holder["deployment_id"], "its process died")
+                    else:
+                        raise EnvironmentLocked(self._locked_message(holder), dict(holder))
+                c.execute(
+                    "INSERT INTO locks (pipeline, environment, deployment_id, pid, host, "
+                    "proc_start, user, version, acquired_at, heartbeat_at, runner) "
+                    "VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                    (pipeline, environment, dep_id, owner["pid"], owner["host"],
+                     owner["proc_start"], dep_user, version, now, now, runner_identity()),
+                )  # fmt: skip
+            return Decision("resume" if approved else "rejected", approvals, required)
 
     def bulk(self) -> _SQLiteBulk:
         """Whole-table access for ``shipyard store copy``; not part of the store port."""

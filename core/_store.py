@@ -185,6 +185,58 @@ class ArtifactRow(TypedDict):
     created_at: str
 
 
+class GateRecord(TypedDict):
+    """An approval gate a deployment stopped at (``HistoryStore.suspend``)."""
+
+    stage_idx: int
+    #: The gate stage's name.
+    stage: str
+    requested_at: str
+    expires_at: str
+    #: ``ApprovalStep.spec()``: approvers, required, self-approval, timeout, lock, ...
+    spec: dict[str, Any]
+    #: ``[stage name, [step kinds]]`` of every stage before the gate: what a resume must find.
+    fingerprint: list[Any]
+    #: What the pipeline is called with again on resume: vars, previous_version, rollback_of,
+    #: restores (never secret values).
+    context: dict[str, Any]
+
+
+class ApprovalRow(TypedDict):
+    """One decision on a gate (the append-only approvals record)."""
+
+    id: int
+    deployment_id: int
+    stage_idx: int
+    #: ``approve``, ``reject``, ``cancel`` (or ``expire``).
+    decision: str
+    user: str
+    source: str | None
+    comment: str | None
+    choice: str | None
+    host: str | None
+    ci_run: str | None
+    ts: str
+
+
+class GateRow(GateRecord):
+    #: ``waiting``, ``approved``, ``rejected``, ``cancelled``.
+    status: str
+    decided_at: str | None
+    decisions: list[ApprovalRow]
+
+
+class Decision(NamedTuple):
+    """What :meth:`HistoryStore.decide` did."""
+
+    #: ``resume``: approved, and this caller now runs the deployment (holding its lock);
+    #: ``rejected``: this caller now ends it (``finish``, then its failure path);
+    #: ``recorded``: an approval counted, more are needed; ``cancelled``: ended, lock freed.
+    outcome: str
+    approvals: int
+    required: int
+
+
 class AuditRow(TypedDict):
     id: int
     ts: str
@@ -326,6 +378,36 @@ class HistoryStore(Protocol):
         """Record who did ``action`` to deployment ``dep_id`` and why."""
         ...
 
+    def suspend(
+        self, dep_id: int, gate: GateRecord, transitions: Sequence[Event] = (),
+        logs: Sequence[LogRecord] = (),
+    ) -> None:  # fmt: skip
+        """Stop the running deployment at a gate, in one durable transaction: the last
+        transitions and lines, the gate, status ``awaiting_approval``, the gate's stage and step
+        ``waiting``. Its lock stays held by the gate (no process: never a dead holder) or, with
+        ``spec["lock"] == "release"``, is freed."""
+        ...
+
+    def gate(self, dep_id: int) -> GateRow | None:
+        """The latest gate of ``dep_id`` with its decisions (oldest first), or None."""
+        ...
+
+    def decide(
+        self, dep_id: int, decision: str, *, user: str, comment: str = "",
+        choice: str | None = None, source: str | None = None, owner: ProcessRef | None = None,
+        is_dead: Liveness | None = None,
+    ) -> Decision:  # fmt: skip
+        """Record a decision on the waiting gate of ``dep_id``, atomically (exactly one caller
+        resumes, however many decide at once).
+
+        ``approve``: counted once per user; with enough approvals the deployment becomes
+        ``running`` under ``owner`` and takes its lock (held by the gate, or taken again:
+        :class:`~shipyard.EnvironmentLocked` if another deployment holds it, and nothing is
+        recorded). ``reject``: ``running`` under ``owner``, for its ``finish``. ``cancel``:
+        ``cancelled``, lock freed. :class:`~shipyard.ApprovalRefused` once it no longer waits,
+        naming who decided."""
+        ...
+
     def repair(self, is_dead: Liveness) -> list[int]:
         """Mark ``running``/``pending`` deployments whose process ``is_dead`` as
         ``interrupted``, free their locks and any lock left without a running deployment.
@@ -386,6 +468,31 @@ def locked_message(h: Mapping[str, Any]) -> str:
         f"{h['acquired_at']}); wait with --wait-lock SECONDS, or if it is stuck run "
         f"`shipyard unlock {h['pipeline']} -e {h['environment']} --reason TEXT`"
     )
+
+
+def gate_locked_message(
+    h: Mapping[str, Any], *, requested_at: str | None, expires_at: str | None, stage: str | None
+) -> str:
+    """Why a deployment may not start: the lock is held by one awaiting approval."""
+    dep = h["deployment_id"]
+    return (
+        f"{h['pipeline']!r} in {h['environment']!r} is held by deployment {dep} (version "
+        f"{h['version']}), awaiting approval at stage {stage!r} since {requested_at} (expires "
+        f"{expires_at}); decide it first: `shipyard approve {dep}`, `shipyard reject {dep} "
+        f"--comment TEXT` or `shipyard cancel {dep}`"
+    )
+
+
+def decided_message(dep_id: int, status: str | None, last: Sequence[Any] | None) -> str:
+    """Why a decision on ``dep_id`` is refused: it does not wait (any more), and who decided."""
+    if status is None:
+        return f"deployment {dep_id} does not exist"
+    if last:
+        return (
+            f"deployment {dep_id} was already decided: {last[0]} by {last[1]} at {last[2]} "
+            f"(it is {status} now)"
+        )
+    return f"deployment {dep_id} is {status}; it awaits no approval"
 
 
 class StoreNotFound(HistoryError):

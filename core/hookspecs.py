@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from ._config import Config
     from ._events import DeploymentFinished
     from ._events import DeploymentStarted
+    from ._events import DeploymentSuspended
     from ._events import RollbackStarted
     from ._events import StageFinished
     from ._events import StageStarted
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
     from ._runner import StepContext
     from ._store import ArtifactRow
     from ._store import DeploymentRow
+    from ._store import GateRow
     from ._store import HistoryStore
 
 hookspec = pluggy.HookspecMarker("shipyard")
@@ -245,6 +247,29 @@ def shipyard_router_switch(
 # -------------------------------------------------------------------------------------------------
 # Deployment events (notification sinks listen here)
 # -------------------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def shipyard_approval_check(
+    deployment: DeploymentRow, gate: GateRow, user: str, decision: str
+) -> str | None:
+    """Your organisation's own rule for who may decide an approval gate.
+
+    Called for every ``approve`` and ``reject`` after Shipyard's own rules (expiry, approvers,
+    self-approval) passed. Return None to allow, or the reason to refuse (the command exits 2
+    with it). Stops at the first non-None result.
+
+    :param deployment: the waiting deployment (as ``show --json`` prints it, without stages).
+    :param gate: its gate: ``stage``, ``spec`` (approvers, required, ...), ``decisions``.
+    :param user: who decides (``SHIPYARD_USER``, the CI identity, or the OS user).
+    :param decision: ``"approve"`` or ``"reject"``.
+    """
+
+
+@hookspec
+def shipyard_deployment_suspended(event: DeploymentSuspended) -> None:
+    """The deployment stopped at an approval gate (``event.gate``); it awaits a decision, and
+    ``event.to_dict()["commands"]`` says how to give it. Nothing of it runs meanwhile."""
 
 
 @hookspec

@@ -573,6 +573,9 @@ class Shipyarder:
         monkeypatch.setenv("SHIPYARD_DISABLE_PLUGIN_AUTOLOAD", "1")
         monkeypatch.setenv("NO_COLOR", "1")
         monkeypatch.setenv("SHIPYARD_RETRY_BACKOFF", RETRY_BACKOFF)
+        # A test's deployments are not a CI job's: no CI-native output, no job summary.
+        for var in ("GITHUB_ACTIONS", "GITLAB_CI", "GITHUB_STEP_SUMMARY"):
+            monkeypatch.delenv(var, raising=False)
         monkeypatch.setenv("SHIPYARD_HISTORY", str(self.history_path))
         monkeypatch.chdir(path)
         # Saves sys.path and restores it whole at teardown (pipelines files add their folder).

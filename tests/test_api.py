@@ -149,6 +149,8 @@ TREE = [
     ("DeploymentNotFound", "DeploymentError", 2),
     ("NoPreviousDeployment", "DeploymentError", 2),
     ("RollbackRefused", "DeploymentError", 2),
+    ("ApprovalRefused", "DeploymentError", 2),
+    ("PipelineChanged", "DeploymentError", 2),
     ("EnvironmentLocked", "DeploymentError", 3),
     ("SecretMissing", "DeploymentError", 1),
     ("StepFailed", "DeploymentError", 1),

@@ -586,7 +586,7 @@ def test_exit_codes_reference() -> None:
     tree = re.search(r"```text\n(.*?)```", page, re.S)
     assert tree is not None
     rows = re.findall(r"(\w+) +(\d)\b", tree.group(1))
-    assert len(rows) == 14
+    assert len(rows) == 16
     for name, code in rows:
         assert getattr(shipyard, name).exit_code == int(code), name
 

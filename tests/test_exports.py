@@ -9,6 +9,7 @@ import shipyard
 
 #: Adding a name here is adding public API: it needs docs and a changelog entry.
 EXPECTED = [
+    "ApprovalRefused",
     "DeployRequest",
     "Deployment",
     "DeploymentError",
@@ -23,6 +24,7 @@ EXPECTED = [
     "LogLine",
     "NoPreviousDeployment",
     "Pipeline",
+    "PipelineChanged",
     "PipelineDefinitionError",
     "PipelineFileError",
     "PipelineNotFound",
@@ -39,6 +41,7 @@ EXPECTED = [
     "StepResult",
     "UsageError",
     "__version__",
+    "approval",
     "command",
     "console",
     "docker",

@@ -542,5 +542,9 @@ def test_commits_grow_with_stages_and_steps_not_with_log_lines(
         counts[lines] = _commits(pg, db) - before
         shown = r.run("logs", "1")
         assert shown.stdout.count("line ") == 9 * lines
-    assert counts[1500] <= counts[10] + 2, counts  # 13,500 lines more, at most 2 commits more
-    assert counts[10] <= 30, counts  # 3 stages of 3 steps: a few commits each, not one per line
+    # 13,500 lines more cost a few commits more (heartbeats and time-based flushes of a longer
+    # run), not thousands.
+    assert counts[1500] <= counts[10] + 10, counts
+    # 3 stages of 3 steps: a few transactions each (every autocommit read counts, heartbeats
+    # too), nowhere near one per line.
+    assert counts[10] <= 60, counts

@@ -1,0 +1,375 @@
+"""Approval gates: a deployment stops at ``sy.approval``, exits 4 with no process left, and is
+resumed by ``shipyard approve`` from another process and working folder (another runner), on
+both stores: a SQLite file shared by the processes of this host, and the PostgreSQL store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import textwrap
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from runners import Fleet
+from runners import Runner
+from runners import done
+from runners import out_of
+
+PIPELINES = textwrap.dedent(
+    """
+    import os
+
+    import shipyard as sy
+
+
+    def mark(what, d):
+        with open(os.environ["RACE_LOG"], "a") as f:
+            gates = {k: (list(v.approvers), v.choice) for k, v in d.approvals.items()}
+            f.write(f"{what} {d.version} {gates!r}\\n")
+
+
+    GATE = dict(timeout="4h")
+    if os.environ.get("GATE"):
+        GATE = eval(os.environ["GATE"])
+
+
+    @sy.pipeline(rollback=os.environ.get("ROLLBACK", "manual"))
+    def web(d):
+        release = [sy.python(mark, "release", d, name="release")]
+        if os.environ.get("NEEDS_SECRET"):
+            release.append(sy.command("true", sy.secret("DEPLOY_TOKEN"), name="uses the token"))
+        return [
+            sy.stage(os.environ.get("FIRST", "build"), sy.python(mark, "build", d, name="build")),
+            sy.stage("approve", sy.approval(**GATE)),
+            sy.stage("release", *release),
+        ]
+    """
+)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def fleet(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    if request.param == "sqlite":
+        url = str(tmp_path / "shared" / "history.db")
+        yield _Approvals(tmp_path, url)
+        return
+    pg = request.getfixturevalue("pg")
+    schema = f"a_{uuid.uuid4().hex[:12]}"
+    pg.psql(f"CREATE SCHEMA {schema} AUTHORIZATION shipyard")
+    try:
+        yield _Approvals(tmp_path, pg.url(schema=schema))
+    finally:
+        pg.psql(f"DROP SCHEMA {schema} CASCADE")
+
+
+class _Approvals(Fleet):
+    def runner(self, url: str | None = None, user: str = "alice", **env: str) -> Runner:
+        r = super().runner(url)
+        (r.dir / "pipelines.py").write_text(PIPELINES)
+        r.env["SHIPYARD_USER"] = user
+        r.env.update(env)
+        return r
+
+    def marks(self) -> list[str]:
+        return self.log.read_text().splitlines()
+
+
+def _deploy_to_the_gate(fleet: _Approvals, version: str = "1.0", **env: str) -> Runner:
+    r = fleet.runner(**env)
+    out = r.run("deploy", "web", version, "-e", "prod")
+    assert out.returncode == 4, out_of(out)
+    return r
+
+
+# -- suspending ---------------------------------------------------------------------------------
+
+
+def test_deploy_stops_at_the_gate_exits_4_and_leaves_nothing_running(fleet: _Approvals) -> None:
+    r = fleet.runner()
+    out = r.run("deploy", "web", "1.0", "-e", "prod", "--json")
+    assert out.returncode == 4, out_of(out)
+    doc = json.loads(out.stdout)
+    assert doc["status"] == "awaiting_approval"
+    gate = doc["gate"]
+    assert (gate["stage"], gate["status"], gate["required"], gate["on_timeout"], gate["lock"]) == (
+        "approve", "waiting", 1, "reject", "hold")  # fmt: skip
+    assert gate["commands"] == {"approve": "shipyard approve 1",
+                                "reject": "shipyard reject 1 --comment TEXT"}  # fmt: skip
+    assert [s["status"] for s in doc["stages"]] == ["succeeded", "waiting", "pending"]
+    assert [m.split()[0] for m in fleet.marks()] == ["build"]  # the release did not run
+    # No process of that runner is left (the step processes included).
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                cwd = os.readlink(f"/proc/{pid}/cwd")
+            except OSError:
+                continue
+            assert not cwd.startswith(str(r.dir)), f"process {pid} is still running in {cwd}"
+    assert r.run("deploy", "web", "1.0", "-e", "prod", "--exit-zero-when-awaiting").returncode == 3
+
+
+def test_a_waiting_deployment_is_never_taken_for_a_dead_holder(fleet: _Approvals) -> None:
+    _deploy_to_the_gate(fleet)
+    # A lease so short that any silent holder would count as dead at once.
+    other = fleet.runner(user="bob", SHIPYARD_LOCK_LEASE="0.01")
+    for cmd in (["status"], ["history"], ["show", "1"]):
+        assert other.run(*cmd).returncode == 0
+    refused = other.run("deploy", "web", "2.0", "-e", "prod")
+    assert refused.returncode == 3, out_of(refused)
+    assert "held by deployment 1 (version 1.0), awaiting approval at stage 'approve'" in (
+        refused.stderr)  # fmt: skip
+    assert "expires" in refused.stderr
+    assert other.json("show", "1")["status"] == "awaiting_approval"
+
+
+def test_plan_refuses_a_gate_that_shares_its_stage_or_has_no_timeout(tmp_path: Path) -> None:
+    r = Fleet(tmp_path, str(tmp_path / "h.db")).runner()
+    (r.dir / "pipelines.py").write_text(textwrap.dedent("""
+        import shipyard as sy
+
+        @sy.pipeline()
+        def web(d):
+            return [sy.stage("gate", sy.approval(timeout=60), sy.command("true"))]
+
+        @sy.pipeline()
+        def api(d):
+            return [sy.stage("gate", sy.approval())]
+        """))  # fmt: skip
+    shared = r.run("plan", "web", "1", "-e", "x")
+    assert shared.returncode == 2
+    assert "an approval step must be alone in its stage" in shared.stderr
+    untimed = r.run("plan", "api", "1", "-e", "x")
+    assert untimed.returncode == 2
+    assert "timeout is required" in untimed.stderr
+
+
+def test_plan_shows_who_may_approve_the_timeout_and_the_lock(fleet: _Approvals) -> None:
+    gate = "dict(timeout='2h', approvers=['bob', 'carol'], required=2, lock='release')"
+    out = fleet.runner(GATE=gate).run("plan", "web", "1", "-e", "prod")
+    assert out.returncode == 0, out_of(out)
+    assert ("approval by bob, carol (2 required, no self-approval); times out after 2h -> "
+            "reject; lock released while waiting") in out.stdout  # fmt: skip
+
+
+# -- deciding -----------------------------------------------------------------------------------
+
+
+def test_approve_from_another_runner_runs_only_the_remaining_stages(fleet: _Approvals) -> None:
+    gate = "dict(timeout='4h', options=['canary', 'full'])"
+    _deploy_to_the_gate(fleet, GATE=gate)
+    bob = fleet.runner(user="bob", GATE=gate)
+    out = bob.run("approve", "1", "--comment", "looks good", "--choice", "full")
+    assert out.returncode == 0, out_of(out)
+    assert fleet.marks() == ["build 1.0 {}", "release 1.0 {'approve': (['bob'], 'full')}"]
+    doc = bob.json("show", "1")
+    assert doc["status"] == "succeeded"
+    assert [s["status"] for s in doc["stages"]] == ["succeeded"] * 3
+    (decision,) = doc["gate"]["decisions"]
+    assert (decision["decision"], decision["user"], decision["comment"], decision["choice"]) == (
+        "approve", "bob", "looks good", "full")  # fmt: skip
+    r = bob.run("show", "1")
+    assert "approve by bob: looks good" in r.stdout
+    # The lock is free again.
+    assert bob.run("deploy", "web", "1.1", "-e", "prod").returncode == 4
+
+
+def test_reject_ends_it_failed_and_rolls_back_when_the_pipeline_says_so(fleet: _Approvals) -> None:
+    first = fleet.runner(GATE="dict(timeout=60)", ROLLBACK="auto")
+    assert first.run("deploy", "web", "1.0", "-e", "prod").returncode == 4
+    assert fleet.runner(user="bob", ROLLBACK="auto").run("approve", "1").returncode == 0
+    _deploy_to_the_gate(fleet, "2.0", ROLLBACK="auto")
+    out = fleet.runner(user="bob", ROLLBACK="auto").run("reject", "2", "--comment", "not now")
+    assert out.returncode == 1, out_of(out)
+    assert "rejected by bob at gate 'approve': not now" in out.stdout
+    history = fleet.runner().json("history")
+    assert [(d["version"], d["status"], d["rollback_of"]) for d in history][:2] == [
+        ("1.0", "awaiting_approval", 2), ("2.0", "failed", None)]  # fmt: skip
+    # The rollback runs the pipeline, so it waits at the gate too; cancelled here.
+    assert fleet.runner().run("cancel", "3").returncode == 0
+    # With on_reject="fail", a rejection only fails it.
+    no_rollback = "dict(timeout=60, on_reject='fail')"
+    _deploy_to_the_gate(fleet, "3.0", GATE=no_rollback, ROLLBACK="auto")
+    out = fleet.runner(user="bob", GATE=no_rollback, ROLLBACK="auto").run(
+        "reject", "4", "--comment", "no")  # fmt: skip
+    assert out.returncode == 1, out_of(out)
+    top = fleet.runner().json("history")[0]
+    assert (top["id"], top["status"]) == (4, "failed")
+
+
+def test_the_approver_rules(fleet: _Approvals) -> None:
+    gate = "dict(timeout='1h', approvers=['bob', 'carol'], required=2)"
+    _deploy_to_the_gate(fleet, GATE=gate)
+    alice = fleet.runner(GATE=gate)
+    own = alice.run("approve", "1")
+    assert own.returncode == 2
+    assert "bob, carol" in own.stderr  # alice is not an approver at all
+    bob = fleet.runner(user="bob", GATE=gate)
+    first = bob.run("approve", "1")
+    assert first.returncode == 4, out_of(first)
+    assert "approval 1 of 2 recorded" in first.stdout
+    again = bob.run("approve", "1")  # the same user twice counts once
+    assert again.returncode == 4
+    assert "approval 1 of 2 recorded" in again.stdout
+    assert [m.split()[0] for m in fleet.marks()] == ["build"]
+    carol = fleet.runner(user="carol", GATE=gate).run("approve", "1")
+    assert carol.returncode == 0, out_of(carol)
+    assert fleet.marks()[-1] == "release 1.0 {'approve': (['bob', 'carol'], None)}"
+
+
+def test_self_approval_is_refused_unless_allowed(fleet: _Approvals) -> None:
+    _deploy_to_the_gate(fleet)
+    refused = fleet.runner().run("approve", "1")
+    assert refused.returncode == 2
+    assert "alice started deployment 1 and may not approve it" in refused.stderr
+    allowed = "dict(timeout='1h', allow_self_approval=True)"
+    fleet.runner().run("cancel", "1")
+    _deploy_to_the_gate(fleet, "1.1", GATE=allowed)
+    assert fleet.runner(GATE=allowed).run("approve", "2").returncode == 0
+
+
+def test_ten_simultaneous_approvals_resume_it_once(fleet: _Approvals) -> None:
+    _deploy_to_the_gate(fleet)
+    procs = [fleet.runner(user=f"user{i}").start("approve", "1") for i in range(10)]
+    results = [done(p) for p in procs]
+    codes = sorted(rc for rc, _ in results)
+    assert codes == [0] + [2] * 9, results
+    for rc, out in results:
+        assert "database is locked" not in out
+        if rc == 2:
+            assert "was already decided: approve by user" in out, out
+    assert [m.split()[0] for m in fleet.marks()] == ["build", "release"]
+
+
+def test_a_changed_pipeline_is_refused_on_approve(fleet: _Approvals) -> None:
+    _deploy_to_the_gate(fleet)
+    changed = fleet.runner(user="bob", FIRST="compile").run("approve", "1")
+    assert changed.returncode == 2, out_of(changed)
+    assert "pipeline 'web' changed since deployment 1 stopped at gate 'approve'" in changed.stderr
+    assert fleet.runner(user="bob").json("show", "1")["status"] == "awaiting_approval"
+    assert fleet.runner(user="bob").run("approve", "1").returncode == 0
+
+
+def test_a_secret_missing_on_resume_fails_it_before_any_step(fleet: _Approvals) -> None:
+    _deploy_to_the_gate(fleet, NEEDS_SECRET="1", DEPLOY_TOKEN="s3cr3t-token")
+    out = fleet.runner(user="bob", NEEDS_SECRET="1").run("approve", "1")
+    assert out.returncode == 1, out_of(out)
+    assert "DEPLOY_TOKEN" in out_of(out)
+    doc = fleet.runner().json("show", "1")
+    assert doc["status"] == "failed"
+    assert [m.split()[0] for m in fleet.marks()] == ["build"]
+
+
+def test_cancel_of_a_waiting_deployment_frees_its_lock(fleet: _Approvals) -> None:
+    _deploy_to_the_gate(fleet)
+    out = fleet.runner(user="bob").run("cancel", "1", "--reason", "wrong version")
+    assert out.returncode == 0, out_of(out)
+    doc = fleet.runner().json("show", "1")
+    assert doc["status"] == "cancelled"
+    assert "cancelled by bob while awaiting approval: wrong version" in doc["error"]
+    assert fleet.runner().run("deploy", "web", "1.1", "-e", "prod").returncode == 4
+    late = fleet.runner(user="bob").run("approve", "1")
+    assert late.returncode == 2
+    assert "was already decided: cancel by bob" in late.stderr
+
+
+def test_with_lock_release_others_deploy_while_it_waits(fleet: _Approvals) -> None:
+    gate = "dict(timeout='1h', lock='release')"
+    _deploy_to_the_gate(fleet, GATE=gate)
+    assert fleet.runner(GATE=gate).run("deploy", "web", "2.0", "-e", "prod").returncode == 4
+    assert [d["status"] for d in fleet.runner().json("history")] == ["awaiting_approval"] * 2
+    assert fleet.runner(user="bob", GATE=gate).run("approve", "1").returncode == 0
+    assert [m.split()[:2] for m in fleet.marks()][-1] == ["release", "1.0"]
+
+
+# -- timeouts, superseding, stale approvals, the Python API ------------------------------------
+
+
+def test_reading_an_expired_gate_changes_nothing_and_expire_applies_the_default(
+    fleet: _Approvals,
+) -> None:
+    _deploy_to_the_gate(fleet, GATE="dict(timeout=1)")
+    _deploy_gate_expired = fleet.runner(user="bob")
+    import time
+
+    time.sleep(1.2)  # the gate's own timeout, 1 s, runs out
+    doc = _deploy_gate_expired.json("show", "1")
+    assert (doc["status"], doc["gate"]["expired"]) == ("awaiting_approval", True)
+    late = _deploy_gate_expired.run("approve", "1")
+    assert late.returncode == 2
+    assert "expired at" in late.stderr
+    assert "`shipyard expire` applies it" in late.stderr
+    assert _deploy_gate_expired.json("show", "1")["status"] == "awaiting_approval"
+    out = _deploy_gate_expired.run("expire")
+    assert out.returncode == 0, out_of(out)
+    assert "expired, rejected" in out.stderr
+    doc = _deploy_gate_expired.json("show", "1")
+    assert doc["status"] == "failed"
+    assert "the approval expired at" in doc["error"]
+    assert doc["gate"]["status"] == "expired"
+
+
+def test_an_expired_gate_defaulting_to_approve_resumes_when_a_deploy_meets_it(
+    fleet: _Approvals,
+) -> None:
+    gate = "dict(timeout=1, on_timeout='approve')"
+    _deploy_to_the_gate(fleet, GATE=gate)
+    import time
+
+    time.sleep(1.2)
+    nxt = fleet.runner(user="bob", GATE=gate).run("deploy", "web", "2.0", "-e", "prod")
+    assert nxt.returncode == 4, out_of(nxt)  # the new one stops at its own gate
+    assert "expired, approved" in nxt.stderr
+    statuses = {d["version"]: d["status"] for d in fleet.runner().json("history")}
+    assert statuses == {"1.0": "succeeded", "2.0": "awaiting_approval"}
+    assert [m.split()[:2] for m in fleet.marks()] == [
+        ["build", "1.0"], ["release", "1.0"], ["build", "2.0"]]  # fmt: skip
+
+
+def test_supersede_gives_up_the_waiting_deployment_and_proceeds(fleet: _Approvals) -> None:
+    _deploy_to_the_gate(fleet)
+    out = fleet.runner(user="bob").run("deploy", "web", "2.0", "-e", "prod", "--supersede")
+    assert out.returncode == 4, out_of(out)
+    assert "deployment #1 (1.0) superseded" in out.stderr
+    first = fleet.runner().json("show", "1")
+    assert first["status"] == "superseded"
+    assert "supersede by bob: deploy --supersede" in fleet.runner().run("show", "1").stdout
+
+
+def test_a_stale_approval_is_refused_when_the_lock_was_released(fleet: _Approvals) -> None:
+    gate = "dict(timeout='1h', lock='release')"
+    _deploy_to_the_gate(fleet, GATE=gate)
+    other = fleet.runner(user="bob", GATE=gate)
+    assert other.run("deploy", "web", "2.0", "-e", "prod").returncode == 4
+    assert fleet.runner(user="carol", GATE=gate).run("approve", "2").returncode == 0
+    stale = fleet.runner(user="carol", GATE=gate).run("approve", "1")
+    assert stale.returncode == 3, out_of(stale)
+    assert "stale approval: deployment 2 (2.0) succeeded" in stale.stderr
+
+
+def test_the_python_api_approves_and_wait_returns_at_a_gate(fleet: _Approvals) -> None:
+    import sys
+
+    r = fleet.runner()
+    code = textwrap.dedent("""
+        import json, os, sys
+        from shipyard import DeploymentManager
+
+        m = DeploymentManager()
+        dep = m.deploy("web", "1.0", "prod")
+        first = m.wait(dep)["status"]
+        os.environ["SHIPYARD_USER"] = "bob"
+        again = m.approve(dep, comment="from python")
+        last = m.wait(again)["status"]
+        m.close()
+        print(json.dumps([first, again == dep, last]))
+        """)  # fmt: skip
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", code], cwd=r.dir, env=r.env, text=True,
+                         capture_output=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == ["awaiting_approval", True,
+                                                                "succeeded"]  # fmt: skip
