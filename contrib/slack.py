@@ -89,6 +89,15 @@ def message(payload: dict[str, Any]) -> str | None:
                 error = error[:MAX_ERROR] + "..."
             text += "\n> " + escape(error).replace("\n", "\n> ")
         return text
+    if event == "deployment_suspended":
+        cmds = payload.get("commands") or {}
+        expires = escape(str(payload.get("expires_at") or "?"))
+        return (
+            f":raised_hand: Awaiting approval: {what} ({ident}) at stage "
+            f"*{escape(str(payload.get('stage')))}*, until {expires}\n"
+            f"> approve: `{escape(str(cmds.get('approve')))}`\n"
+            f"> reject: `{escape(str(cmds.get('reject')))}`"
+        )
     if event == "rollback_started":
         target = escape(str(payload.get("target_version") or "?"))
         reason = payload.get("reason")

@@ -36,6 +36,7 @@ SINK_EVENTS = frozenset(
         "shipyard_step_started",
         "shipyard_step_finished",
         "shipyard_rollback_started",
+        "shipyard_deployment_suspended",
     }
 )
 

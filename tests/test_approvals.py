@@ -373,3 +373,52 @@ def test_the_python_api_approves_and_wait_returns_at_a_gate(fleet: _Approvals) -
     assert out.returncode == 0, out.stdout + out.stderr
     assert json.loads(out.stdout.strip().splitlines()[-1]) == ["awaiting_approval", True,
                                                                 "succeeded"]  # fmt: skip
+
+
+def test_sinks_receive_the_gate_with_the_commands_to_decide_it(fleet: _Approvals) -> None:
+    r = fleet.runner()
+    events = r.dir / "events.jsonl"
+    out = r.run("deploy", "web", "1.0", "-e", "prod", "--notify", f"jsonl:{events}")
+    assert out.returncode == 4, out_of(out)
+    seen = [json.loads(line) for line in events.read_text().splitlines()]
+    assert [e["event"] for e in seen] == [
+        "deployment_started", "stage_started", "step_started", "step_finished", "stage_finished",
+        "deployment_suspended"]  # fmt: skip
+    last = seen[-1]
+    assert (last["status"], last["stage"]) == ("awaiting_approval", "approve")
+    assert last["commands"] == {"approve": "shipyard approve 1",
+                                "reject": "shipyard reject 1 --comment TEXT"}  # fmt: skip
+    from shipyard.contrib.slack import message
+
+    text = message(last)
+    assert text is not None
+    assert "Awaiting approval" in text
+    assert "`shipyard approve 1`" in text
+
+
+def test_kill_9_of_the_resumed_run_then_retry_runs_what_is_left(fleet: _Approvals) -> None:
+    import time
+
+    gate = "dict(timeout='1h')"
+    _deploy_to_the_gate(fleet, GATE=gate)
+    slow = fleet.runner(user="bob", GATE=gate, NEEDS_SECRET="1", DEPLOY_TOKEN="abcdefgh")
+    (slow.dir / "pipelines.py").write_text(
+        (slow.dir / "pipelines.py")
+        .read_text()
+        .replace(
+            'sy.command("true", sy.secret("DEPLOY_TOKEN"), name="uses the token")',
+            'sy.command("sleep", "30", name="uses the token")',
+        )
+    )
+    p = slow.start("approve", "1")
+    deadline = time.monotonic() + 60
+    while not any(m.startswith("release") for m in fleet.marks()):
+        assert time.monotonic() < deadline, "the resumed run did not start its release"
+        time.sleep(0.05)
+    p.kill()
+    done(p)
+    seen = fleet.runner().json("show", "1")  # the next command finds it dead
+    assert seen["status"] == "interrupted", seen
+    again = fleet.runner(user="bob").run("retry", "1")
+    assert again.returncode == 0, out_of(again)
+    assert [m.split()[0] for m in fleet.marks()] == ["build", "release", "release"]
