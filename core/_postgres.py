@@ -648,7 +648,7 @@ class PostgresStore:
                 interrupted.append(holder["deployment_id"])
                 holder = None
             elif holder is not None:
-                raise EnvironmentLocked(locked_message(holder), _lock_row(holder))
+                raise EnvironmentLocked(locked_message(holder), dict(_lock_row(holder)))
             if self._try_lock(lc, key):
                 return
             # Held by a session with no row: a holder committing its finish, whose unlock
@@ -674,7 +674,7 @@ class PostgresStore:
 
             raise EnvironmentLocked(
                 gate_locked_message(holder, requested_at=row[1], expires_at=row[2], stage=row[3]),
-                _lock_row(holder),
+                dict(_lock_row(holder)),
             )
 
     def _check_queue(self, c: Any, pipeline: str, environment: str, ticket: int | None,
@@ -699,7 +699,7 @@ class PostgresStore:
             raise EnvironmentLocked(
                 f"{pipeline!r} in {environment!r}: {ahead} deployment(s) are waiting for the "
                 "lock before this one; wait with --wait-lock SECONDS",
-                _lock_row(holder) if holder else {},
+                dict(_lock_row(holder)) if holder else {},
             )
 
     def enqueue(self, pipeline: str, environment: str, owner: ProcessRef) -> int:
@@ -767,10 +767,12 @@ class PostgresStore:
         for r in rows:
             if r["backend_pid"] is not None:
                 key, _ = self._lock_keys(r["pipeline"], r["environment"])
-                session_gone = not self._retrying(
-                    "read",
-                    lambda r=r, key=key: self._session_holds(self.conn, key, r["backend_pid"]),
-                )
+                backend: int = r["backend_pid"]
+
+                def holds(key: int = key, backend: int = backend) -> bool:
+                    return self._session_holds(self.conn, key, backend)
+
+                session_gone = not self._retrying("read", holds)
                 if session_gone or is_dead(_ref(r)):
                     dead.append(r["id"])
             elif is_dead(_ref(r)):

@@ -48,9 +48,12 @@ DEFAULT_GRACE = 3.0
 
 
 class Control(Protocol):
-    """What the runner reads of whoever may cancel it: why it was cancelled."""
+    """What the runner reads of whoever may cancel it: why it was cancelled, how the
+    deployment then ends, and the task a cancel stops (cleared once the run is over)."""
 
     reason: str | None
+    status: Status
+    task: asyncio.Task[Any] | None
 
 
 class StepContext:

@@ -574,7 +574,7 @@ class DeploymentService:
                 and time.time() > parse_ts(gate["expires_at"]),
                 **{k: gate["spec"].get(k) for k in ("approvers", "required",
                    "allow_self_approval", "on_timeout", "lock", "options", "instructions")},
-                "decisions": [{k: d[k] for k in ("decision", "user", "comment", "choice",  # type: ignore[literal-required]
+                "decisions": [{k: d[k] for k in ("decision", "user", "comment", "choice",
                                "source", "host", "ci_run", "ts")} for d in gate["decisions"]],
                 "commands": {"approve": f"shipyard approve {dep_id}",
                              "reject": f"shipyard reject {dep_id} --comment TEXT"},
