@@ -464,9 +464,39 @@ def _run(
     finish(state.service, outcome.id, rollback_id=rollback_id, **reports)
     if outcome.status == "awaiting_approval":
         _say_awaiting(state, outcome.id, reporter.write)
+        if state.options.get("wait_approval"):
+            sys.exit(
+                _follow_gate(state, outcome.id, state.options["wait_approval"], reporter.write)
+            )
         if state.options.get("exit_zero_when_awaiting"):
             sys.exit(0)
     sys.exit(outcome.exit_code)
+
+
+def _follow_gate(state: _State, dep_id: int, seconds: float, write: Any) -> int:
+    """``deploy --wait-approval``: stay until the gate is decided and what follows has run
+    (the approver's process runs it), up to ``seconds``; the exit code of how it ended.
+    Ctrl-C stops the waiting, never the gate: it keeps waiting for its decision."""
+    import time
+
+    from ._exceptions import ExitCode
+
+    deadline = time.monotonic() + seconds
+    last = None
+    try:
+        while time.monotonic() < deadline:
+            status = state.service.status(dep_id)
+            if status != last and status != "awaiting_approval":
+                write(f"deployment #{dep_id} is {status}")
+            last = status
+            if status not in ("awaiting_approval", "running", "pending"):
+                return int(ExitCode.OK if status == "succeeded" else ExitCode.FAILED)
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        write(f"stopped waiting; deployment #{dep_id} still awaits its approval")
+        return int(ExitCode.INTERRUPTED)
+    write(f"deployment #{dep_id} still awaits approval after {seconds:g}s")
+    return int(ExitCode.AWAITING_APPROVAL)
 
 
 def _say_awaiting(state: _State, dep_id: int, write: Any) -> None:
@@ -586,6 +616,10 @@ def _detach(state: _State, argv: list[str]) -> NoReturn:
     help="Exit 0, not 4, when the deployment stops at an approval gate.",
 )  # fmt: skip
 @click.option(
+    "--wait-approval", type=float, default=None, metavar="SECONDS",
+    help="At an approval gate, stay until it is decided and the rest has run (elsewhere).",
+)  # fmt: skip
+@click.option(
     "--supersede", is_flag=True,
     help="Give up a deployment awaiting approval that holds the lock (recorded superseded).",
 )  # fmt: skip
@@ -594,7 +628,8 @@ def _detach(state: _State, argv: list[str]) -> NoReturn:
 def deploy(state: _State, pipeline: str, version: str, environment: str, vars_: tuple[str, ...],
            detach: bool, no_rollback: bool, wait_lock: float, notify: tuple[str, ...],
            secret_files: tuple[str, ...], as_json: bool, ci: str | None, junit: str | None,
-           report_json: str | None, exit_zero_when_awaiting: bool, supersede: bool,
+           report_json: str | None, exit_zero_when_awaiting: bool,
+           wait_approval: float | None, supersede: bool,
            report_fd: int | None) -> None:  # fmt: skip
     """Deploy VERSION of PIPELINE to an environment.
 
@@ -604,6 +639,7 @@ def deploy(state: _State, pipeline: str, version: str, environment: str, vars_: 
 
     state.options["secret_files"] = secret_files
     state.options["exit_zero_when_awaiting"] = exit_zero_when_awaiting
+    state.options["wait_approval"] = wait_approval
     variables = _parse_vars(vars_)
     if detach:
         argv = list(_Group.argv)
@@ -905,15 +941,31 @@ def status(state: _State, deployment_id: int | None, as_json: bool) -> None:
 @click.option(
     "-n", "limit", type=click.IntRange(1), default=20, show_default=True, help="How many."
 )
+@click.option(
+    "--status", "statuses", multiple=True, metavar="STATUS",
+    help="Only deployments with this status (repeatable); awaiting_approval is the inbox of "
+    "what waits on a human.",
+)  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @pass_state
 def history(
-    state: _State, pipeline: str | None, environment: str | None, limit: int, as_json: bool
-) -> None:
+    state: _State, pipeline: str | None, environment: str | None, limit: int,
+    statuses: tuple[str, ...], as_json: bool,
+) -> None:  # fmt: skip
     """Past deployments, newest first."""
+    from ._reports import Status
     from ._service import HISTORY_KEYS
 
-    docs = state.service.history(pipeline=pipeline, environment=environment, limit=limit)
+    known = {s.value for s in Status} - {"skipped", "waiting"}
+    for st in statuses:
+        if st not in known:
+            raise click.BadParameter(
+                f"{st!r} is not a deployment status; one of {', '.join(sorted(known))}",
+                param_hint="--status",
+            )
+    docs = state.service.history(
+        pipeline=pipeline, environment=environment, limit=limit, statuses=statuses
+    )
     if as_json:
         _echo_json([{k: d.get(k) for k in HISTORY_KEYS} for d in docs])
         return
@@ -927,6 +979,31 @@ def history(
         for d in docs
     ]  # fmt: skip
     _table(rows, ["id", "pipeline", "version", "env", "status", "started", "took", "by", "note"])
+
+
+def _gate_line(gate: Mapping[str, Any]) -> str:
+    """A gate for people: what it waits for, or how it was decided."""
+    import time
+
+    from ._reports import parse_ts
+
+    who = ", ".join(gate.get("approvers") or []) or "anyone"
+    if gate["status"] != "waiting":
+        return f"{gate['stage']!r} {gate['status']} at {_when(gate['decided_at'])}"
+    left = parse_ts(gate["expires_at"]) - time.time()
+    when = (
+        f"expired {_ago(-left)} ago; default: {gate['on_timeout']}"
+        if left < 0
+        else f"expires in {_ago(left)} (then {gate['on_timeout']})"
+    )
+    return f"{gate['stage']!r} awaits {gate['required']} approval(s) of {who}; {when}"
+
+
+def _ago(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f} {unit}"
+    return f"{seconds:.0f} s"
 
 
 @cli.command()
@@ -967,6 +1044,8 @@ def show(state: _State, deployment_id: int, as_json: bool) -> None:
         click.echo(f"  retry of  #{doc['retry_of']}")
     if doc["error"]:
         click.echo(mask(f"  error     {doc['error']}"))
+    if doc.get("gate"):
+        click.echo(f"  gate      {_gate_line(doc['gate'])}")
     total = len(doc["stages"])
     for i, s in enumerate(doc["stages"], 1):
         click.echo(f"[{i}/{total}] {s['name']}  {s['status']}  {_duration(s)}")

@@ -422,3 +422,53 @@ def test_kill_9_of_the_resumed_run_then_retry_runs_what_is_left(fleet: _Approval
     again = fleet.runner(user="bob").run("retry", "1")
     assert again.returncode == 0, out_of(again)
     assert [m.split()[0] for m in fleet.marks()] == ["build", "release", "release"]
+
+
+def test_history_status_is_the_inbox_and_show_says_how_long_is_left(fleet: _Approvals) -> None:
+    _deploy_to_the_gate(fleet)
+    other = fleet.runner(user="bob")
+    assert other.run("cancel", "1").returncode == 0
+    _deploy_to_the_gate(fleet, "1.1", GATE="dict(timeout=1)")
+    inbox = other.json("history", "--status", "awaiting_approval")
+    assert [d["id"] for d in inbox] == [2]
+    assert [d["id"] for d in other.json("history", "--status", "cancelled")] == [1]
+    bad = other.run("history", "--status", "stuck")
+    assert bad.returncode == 2
+    assert "'stuck' is not a deployment status" in bad.stderr
+    import time
+
+    time.sleep(1.2)
+    shown = other.run("show", "2").stdout
+    assert "gate      'approve' awaits 1 approval(s) of anyone; expired " in shown
+    assert "ago; default: reject" in shown
+
+
+def test_wait_approval_follows_the_gate_and_ctrl_c_leaves_it_waiting(fleet: _Approvals) -> None:
+    import signal
+    import time
+
+    r = fleet.runner()
+    p = r.start("deploy", "web", "1.0", "-e", "prod", "--wait-approval", "60")
+    deadline = time.monotonic() + 60
+    while not fleet.runner().json("history", "--status", "awaiting_approval"):
+        assert time.monotonic() < deadline, "the deployment never reached its gate"
+        time.sleep(0.1)
+    assert p.poll() is None  # it stays
+    assert fleet.runner(user="bob").run("approve", "1").returncode == 0
+    rc, out = done(p)
+    assert rc == 0, out
+    assert "deployment #1 is succeeded" in out
+    # Ctrl-C while waiting stops the waiting only.
+    q = fleet.runner().start("deploy", "web", "1.1", "-e", "prod", "--wait-approval", "60")
+    while True:
+        docs = fleet.runner().json("history", "--status", "awaiting_approval")
+        if docs:
+            break
+        assert time.monotonic() < deadline + 60
+        time.sleep(0.1)
+    time.sleep(0.5)
+    q.send_signal(signal.SIGINT)
+    rc, out = done(q)
+    assert rc == 130, out
+    assert "still awaits its approval" in out
+    assert fleet.runner().json("show", "2")["status"] == "awaiting_approval"
