@@ -1416,6 +1416,80 @@ class PostgresStore:
             )
         return rows[0]
 
+    def stats_rows(
+        self, *, pipeline: str | None = None, environment: str | None = None,
+        since: str | None = None, commits: bool = True,
+    ) -> _StatsRows:  # fmt: skip
+        """The same queries as :meth:`SQLiteStore.stats_rows`, in PostgreSQL's dialect."""
+        where, params = ["true"], []
+        for column, value in (("started_at >=", since), ("pipeline =", pipeline),
+                              ("environment =", environment)):  # fmt: skip
+            if value is not None:
+                where.append(f"d.{column} %s")
+                params.append(value)
+        w = " AND ".join(where)
+        counts = self._query(
+            "SELECT count(*) FILTER (WHERE rollback_of IS NULL AND status IN ('succeeded', "
+            "'failed')) AS changes, "
+            "count(*) FILTER (WHERE rollback_of IS NULL AND status = 'failed') AS failed, "
+            "count(rollback_of) AS rollbacks, "
+            "count(*) FILTER (WHERE rollback_of IS NULL AND status = 'succeeded') AS succeeded, "
+            "count(DISTINCT substr(started_at, 1, 10)) FILTER (WHERE rollback_of IS NULL AND "
+            "status = 'succeeded') AS days, "
+            f"min(started_at) AS first_at, max(started_at) AS last_at FROM deployments d WHERE {w}",
+            params,
+        )[0]
+        hit = (
+            "WITH rb AS (SELECT d.id, d.rollback_of, d.pipeline, d.environment, d.started_at "
+            f"FROM deployments d WHERE d.rollback_of > 0 AND {w}), "
+            "hit(id) AS MATERIALIZED (SELECT rollback_of FROM rb UNION SELECT x FROM (SELECT "
+            "(SELECT p.id FROM deployments p WHERE p.pipeline = rb.pipeline AND p.environment = "
+            "rb.environment AND p.started_at < rb.started_at ORDER BY p.started_at DESC, "
+            "p.id DESC LIMIT 1) AS x FROM rb) AS prev WHERE x IS NOT NULL) "
+        )
+        rolled_back = self._query(
+            hit + "SELECT count(*) AS n FROM deployments d WHERE d.id IN (SELECT id FROM hit) "
+            f"AND d.rollback_of IS NULL AND d.status = 'succeeded' AND {w}",
+            params * 2,
+        )[0]["n"]
+        outages = self._query(
+            hit + ", f AS (SELECT d.pipeline, d.environment, d.started_at, "
+            "coalesce(d.finished_at, d.started_at) AS at FROM deployments d "
+            f"WHERE d.status = 'failed' AND {w} UNION SELECT d.pipeline, d.environment, "
+            "d.started_at, coalesce(d.finished_at, d.started_at) FROM deployments d "
+            f"WHERE d.id IN (SELECT id FROM hit) AND {w}), "
+            "g AS MATERIALIZED (SELECT f.at, (SELECT s.id FROM deployments s WHERE s.pipeline = "
+            "f.pipeline "
+            "AND s.environment = f.environment AND s.status = 'succeeded' AND s.started_at > "
+            "f.started_at AND s.id NOT IN (SELECT id FROM hit) ORDER BY s.started_at, s.id "
+            "LIMIT 1) AS sid FROM f) "
+            "SELECT g.sid, count(*) AS n, extract(epoch FROM max(s.finished_at)::timestamptz "
+            "- min(g.at)::timestamptz)::float8 AS seconds FROM g "
+            "LEFT JOIN deployments s ON s.id = g.sid GROUP BY g.sid",
+            params * 3,
+        )
+        found: list[CommitRow] = []
+        if commits:
+            found = cast("list[CommitRow]", self._query(
+                "SELECT pipeline, environment, git_commit, "
+                "min(coalesce(finished_at, started_at)) AS deployed_at, count(*) AS deployments "
+                "FROM deployments d WHERE d.status = 'succeeded' AND d.rollback_of IS NULL "
+                f"AND d.git_commit IS NOT NULL AND {w} GROUP BY pipeline, environment, git_commit",
+                params,
+            ))  # fmt: skip
+        return {
+            **counts,  # type: ignore[typeddict-item]
+            "rolled_back": rolled_back,
+            "restores": [max(0.0, o["seconds"]) for o in outages if o["sid"] is not None],
+            "unrestored": sum(o["n"] for o in outages if o["sid"] is None),
+            "commits": found,
+        }
+
+
+if TYPE_CHECKING:  # the row types of stats_rows (issue #19)
+    from ._store import CommitRow
+    from ._store import StatsRows as _StatsRows
+
 
 _POOLER = (
     "history {url}: this URL goes through a transaction-mode pooler (two connections reported "

@@ -1133,6 +1133,88 @@ class SQLiteStore:
             )
         return rows[0]
 
+    def stats_rows(
+        self, *, pipeline: str | None = None, environment: str | None = None,
+        since: str | None = None, commits: bool = True,
+    ) -> _StatsRows:  # fmt: skip
+        """The delivery figures of a window (docs/guides/dora.md), aggregated in SQL: one scan
+        of the window for the counts; the failures found from the rollbacks (ix_dep_rollback_of)
+        and ``status`` (ix_dep_status); each failure's restore one probe of ix_dep_pes."""
+        where, params = ["1=1"], []
+        for column, value in (("started_at >=", since), ("pipeline =", pipeline),
+                              ("environment =", environment)):  # fmt: skip
+            if value is not None:
+                where.append(f"d.{column} ?")
+                params.append(value)
+        w = " AND ".join(where)
+        # Without ANALYZE, SQLite prefers ix_dep_status for ``status = ...`` even in a narrow
+        # window; there the window's index (ix_dep_started) is far better: ``+`` says so.
+        st = "+d.status" if since is not None else "d.status"
+        rb = "+d.rollback_of" if since is not None else "d.rollback_of"
+        counts = self._query(
+            "SELECT count(CASE WHEN rollback_of IS NULL AND status IN ('succeeded', 'failed') "
+            "THEN 1 END) AS changes, "
+            "count(CASE WHEN rollback_of IS NULL AND status = 'failed' THEN 1 END) AS failed, "
+            "count(rollback_of) AS rollbacks, "
+            "count(CASE WHEN rollback_of IS NULL AND status = 'succeeded' THEN 1 END) "
+            "AS succeeded, count(DISTINCT CASE WHEN rollback_of IS NULL AND status = 'succeeded' "
+            "THEN substr(started_at, 1, 10) END) AS days, "
+            f"min(started_at) AS first_at, max(started_at) AS last_at FROM deployments d WHERE {w}",
+            params,
+        )[0]
+        # The deployments a rollback of the window names or follows: rolled back.
+        hit = (
+            "WITH rb AS (SELECT d.id, d.rollback_of, d.pipeline, d.environment, d.started_at "
+            f"FROM deployments d WHERE {rb} > 0 AND {w}), "
+            "hit(id) AS (SELECT rollback_of FROM rb UNION SELECT x FROM (SELECT (SELECT p.id "
+            "FROM deployments p WHERE p.pipeline = rb.pipeline AND p.environment = "
+            "rb.environment AND p.started_at < rb.started_at ORDER BY p.started_at DESC, "
+            "p.id DESC LIMIT 1) AS x FROM rb) WHERE x IS NOT NULL) "
+        )
+        rolled_back = self._query(
+            hit + "SELECT count(*) AS n FROM deployments d WHERE d.id IN (SELECT id FROM hit) "
+            f"AND +d.rollback_of IS NULL AND {st} = 'succeeded' AND {w}",
+            params * 2,
+        )[0]["n"]
+        # Each failure's restore: the next succeeded deployment there that was not rolled back
+        # itself; failures restored by one deployment are one outage, from the first of them.
+        outages = self._query(
+            hit + ", f AS (SELECT d.pipeline, d.environment, d.started_at, "
+            "coalesce(d.finished_at, d.started_at) AS at FROM deployments d "
+            f"WHERE {st} = 'failed' AND {w} UNION SELECT d.pipeline, d.environment, "
+            "d.started_at, coalesce(d.finished_at, d.started_at) FROM deployments d "
+            f"WHERE d.id IN (SELECT id FROM hit) AND {w}), "
+            "g AS MATERIALIZED (SELECT f.at, (SELECT s.id FROM deployments s WHERE s.pipeline = "
+            "f.pipeline "
+            "AND s.environment = f.environment AND s.status = 'succeeded' AND s.started_at > "
+            "f.started_at AND s.id NOT IN (SELECT id FROM hit) ORDER BY s.started_at, s.id "
+            "LIMIT 1) AS sid FROM f) "
+            "SELECT g.sid, count(*) AS n, (julianday(s.finished_at) - julianday(min(g.at))) "
+            "* 86400.0 AS seconds FROM g LEFT JOIN deployments s ON s.id = g.sid GROUP BY g.sid",
+            params * 3,
+        )
+        found: list[CommitRow] = []
+        if commits:
+            found = self._query(  # type: ignore[assignment]
+                "SELECT pipeline, environment, git_commit, "
+                "min(coalesce(finished_at, started_at)) AS deployed_at, count(*) AS deployments "
+                f"FROM deployments d WHERE {st} = 'succeeded' AND +d.rollback_of IS NULL "
+                f"AND d.git_commit IS NOT NULL AND {w} GROUP BY git_commit, pipeline, environment",
+                params,
+            )
+        return {
+            **counts,  # type: ignore[typeddict-item]
+            "rolled_back": rolled_back,
+            "restores": [max(0.0, o["seconds"]) for o in outages if o["sid"] is not None],
+            "unrestored": sum(o["n"] for o in outages if o["sid"] is None),
+            "commits": found,
+        }
+
+
+if TYPE_CHECKING:  # the row types of stats_rows (issue #19)
+    from ._store import CommitRow
+    from ._store import StatsRows as _StatsRows
+
 
 def _decode(row: dict[str, Any]) -> DeploymentRow:
     for key in ("vars", "args"):

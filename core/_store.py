@@ -264,6 +264,47 @@ class LockRow(TypedDict):
     runner: str | None
 
 
+class CommitRow(TypedDict):
+    """A recorded commit's first succeeded deployment in one pipeline and environment."""
+
+    pipeline: str
+    environment: str
+    #: As recorded: a sha, with ``-dirty`` when the tree had changes.
+    git_commit: str
+    #: When the first succeeded deployment of it there finished (ISO 8601 UTC).
+    deployed_at: str
+    #: How many succeeded deployments of it there are in the window.
+    deployments: int
+
+
+class StatsRows(TypedDict):
+    """What ``shipyard stats`` reads of a window of the history, aggregated by the store
+    (:meth:`HistoryStore.stats_rows`; the definitions are in docs/guides/dora.md)."""
+
+    #: Deployments that are not rollbacks and ended ``succeeded`` or ``failed``.
+    changes: int
+    #: Of the changes, those that failed.
+    failed: int
+    #: Of the changes, the succeeded ones rolled back (another deployment has ``rollback_of``
+    #: = it) or followed, next in their pipeline and environment, by a rollback.
+    rolled_back: int
+    #: Rollbacks (deployments with ``rollback_of``), whatever their status.
+    rollbacks: int
+    #: Succeeded changes, and the distinct days (UTC) they started on.
+    succeeded: int
+    days: int
+    #: The first and last start in the window; None when nothing is there.
+    first_at: str | None
+    last_at: str | None
+    #: One per outage, in seconds: from the end of its first failed or rolled-back deployment
+    #: to the end of the next succeeded one in that pipeline and environment (the outage).
+    restores: list[float]
+    #: Failed or rolled-back deployments that nothing succeeded after (yet).
+    unrestored: int
+    #: Per recorded commit, pipeline and environment; only when asked (``commits=True``).
+    commits: list[CommitRow]
+
+
 # -- the port --------------------------------------------------------------------------------------
 
 
@@ -456,6 +497,15 @@ class HistoryStore(Protocol):
 
     def latest(self, pipeline: str, environment: str) -> DeploymentRow:
         """The latest deployment of ``pipeline`` in ``environment``."""
+        ...
+
+    def stats_rows(
+        self, *, pipeline: str | None = None, environment: str | None = None,
+        since: str | None = None, commits: bool = True,
+    ) -> StatsRows:  # fmt: skip
+        """The delivery figures of the deployments that started at or after ``since`` (ISO 8601
+        UTC; None: all), of one pipeline and/or environment or all, aggregated by indexed
+        queries (never every row to the caller). ``commits``: also the recorded commits."""
         ...
 
 

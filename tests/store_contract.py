@@ -1653,3 +1653,99 @@ def test_racing_waiters_get_tickets_of_their_own_in_one_order(store_factory):
         dep_id = begin(stores[i], f"v{i}", pid=10 + i, ticket=tickets[i])
         stores[i].finish(dep_id, Status.SUCCEEDED, None)
     assert [d["pid"] for d in first.deployments(limit=100)][::-1] == [1, *(10 + i for i in order)]
+
+
+# -- delivery metrics (stats_rows, issue #19) ---------------------------------------------------
+
+#: A history with a known answer: (pipeline, environment, version, status, rollback of the
+#: n-th, 1-based; git commit). Rollbacks: 5 of 4; 10 of 8 (so 9 is followed by a rollback);
+#: and the chain 12 of 11, 13 of 12 (12 itself failed).
+STATS_HISTORY = [
+    ("web", "prod", "v1", "succeeded", None, "a" * 40),  # 1
+    ("web", "prod", "v2", "failed", None, "b" * 40),  # 2: failed, restored by 3
+    ("web", "prod", "v3", "succeeded", None, "b" * 40),  # 3
+    ("web", "prod", "v4", "succeeded", None, "b" * 40 + "-dirty"),  # 4: rolled back by 5
+    ("web", "prod", "v3", "succeeded", 4, "b" * 40),  # 5: a rollback (no new change)
+    ("web", "prod", "v5", "cancelled", None, None),  # 6: not a change
+    ("web", "staging", "v1", "failed", None, None),  # 7: never restored
+    ("api", "prod", "a1", "succeeded", None, "a" * 40),  # 8: rolled back by 10
+    ("api", "prod", "a2", "succeeded", None, None),  # 9: followed by the rollback 10
+    ("api", "prod", "a0", "succeeded", 8, None),  # 10
+    ("web", "prod", "v6", "succeeded", None, "c" * 40),  # 11: rolled back by 12
+    ("web", "prod", "v3", "failed", 11, None),  # 12: the rollback failed, rolled back by 13
+    ("web", "prod", "v3", "succeeded", 12, None),  # 13: restores 11 (and 12)
+]
+
+
+def record_stats_history(store: HistoryStore) -> list[int]:
+    ids: list[int] = []
+    for pipeline, environment, version, status, back, commit in STATS_HISTORY:
+        dep_id = begin(store, version, pipeline=pipeline, environment=environment,
+                       rollback_of=ids[back - 1] if back else None,
+                       info={"git_commit": commit})  # fmt: skip
+        store.finish(dep_id, Status(status), None if status == "succeeded" else "x")
+        ids.append(dep_id)
+    return ids
+
+
+def test_stats_rows_of_an_empty_store(store_factory):
+    rows = store_factory().stats_rows()
+    assert rows == {
+        "changes": 0, "failed": 0, "rolled_back": 0, "rollbacks": 0, "succeeded": 0, "days": 0,
+        "first_at": None, "last_at": None, "restores": [], "unrestored": 0, "commits": [],
+    }  # fmt: skip
+
+
+def test_stats_rows_of_a_known_history(store_factory):
+    store = store_factory()
+    t0 = time.time()
+    ids = record_stats_history(store)
+    elapsed = time.time() - t0
+    deps = {n: store.get(dep_id) for n, dep_id in enumerate(ids, 1)}
+    rows = store_factory.reopen(store).stats_rows()
+    from shipyard._store import StatsRows
+
+    assert set(rows) == keys_of(StatsRows)
+    assert {k: v for k, v in rows.items() if k not in ("restores", "commits", "days")} == {
+        # changes: not rollbacks, ended succeeded or failed: 1 2 3 4 7 8 9 11
+        "changes": 8, "failed": 2, "rollbacks": 4, "succeeded": 6,
+        # 4 and 8 rolled back, 9 followed by a rollback, 11 rolled back (its rollback too)
+        "rolled_back": 4, "unrestored": 1,
+        "first_at": deps[1]["started_at"], "last_at": deps[13]["started_at"],
+    }  # fmt: skip
+    assert rows["days"] in (1, 2)  # all today (or across midnight UTC)
+    # One outage per restoring deployment: 2 -> 3, 4 -> 5, 8 (and 9) -> 10, 11 (and 12) -> 13.
+    assert len(rows["restores"]) == 4
+    assert all(0 <= s <= elapsed + 1 for s in rows["restores"])
+    # Commits: succeeded changes only, per pipeline, environment and commit as recorded.
+    got = {(c["pipeline"], c["environment"], c["git_commit"], c["deployments"], c["deployed_at"])
+           for c in rows["commits"]}  # fmt: skip
+    assert got == {
+        ("web", "prod", "a" * 40, 1, deps[1]["finished_at"]),
+        ("web", "prod", "b" * 40, 1, deps[3]["finished_at"]),
+        ("web", "prod", "b" * 40 + "-dirty", 1, deps[4]["finished_at"]),
+        ("web", "prod", "c" * 40, 1, deps[11]["finished_at"]),
+        ("api", "prod", "a" * 40, 1, deps[8]["finished_at"]),
+    }
+    assert store.stats_rows(commits=False)["commits"] == []
+
+
+def test_stats_rows_of_a_window_and_a_filter(store_factory):
+    store = store_factory()
+    ids = record_stats_history(store)
+    since = store.get(ids[7])["started_at"]  # from deployment 8 on
+    rows = store.stats_rows(since=since)
+    assert (rows["changes"], rows["failed"], rows["rollbacks"], rows["succeeded"],
+            rows["rolled_back"], len(rows["restores"]), rows["unrestored"]) == (
+        3, 0, 3, 3, 3, 2, 0)  # fmt: skip
+    assert rows["first_at"] == since
+    api = store.stats_rows(pipeline="api")
+    assert (api["changes"], api["rolled_back"], api["rollbacks"], len(api["restores"])) == (
+        2, 2, 1, 1)  # fmt: skip
+    staging = store.stats_rows(environment="staging")
+    assert (staging["changes"], staging["failed"], staging["restores"], staging["unrestored"],
+            staging["commits"]) == (1, 1, [], 1, [])  # fmt: skip
+    later = store.stats_rows(since="2999-01-01T00:00:00.000000Z")
+    assert (later["changes"], later["first_at"], later["restores"]) == (0, None, [])
+    nothing = store.stats_rows(pipeline="nope")
+    assert (nothing["succeeded"], nothing["commits"]) == (0, [])
