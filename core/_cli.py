@@ -1167,6 +1167,46 @@ def store_copy(src: str, dst: str) -> None:
     )
 
 
+@cli.command()
+@click.option("--pipeline", default=None, help="Only this pipeline.")
+@click.option("--env", "environment", default=None, help="Only this environment.")
+@click.option(
+    "--since", default="30d", show_default=True, metavar="WHEN",
+    help="The window: a duration back from now (30d, 12w, 48h), a date (2026-01-31), or all.",
+)  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_state
+def stats(state: _State, pipeline: str | None, environment: str | None, since: str,
+          as_json: bool) -> None:  # fmt: skip
+    """Delivery metrics (DORA) from the history: deployment frequency, lead time for changes,
+    change failure rate and time to restore, each with its performance band.
+
+    Lead time reads the commit times from the git repository of the pipelines file's folder.
+    Definitions and bands: docs/guides/dora.md.
+    """
+    from ._stats import compute
+    from ._stats import render
+
+    doc = compute(
+        state.service.read_store(), rootdir=state.session.config.rootdir, pipeline=pipeline,
+        environment=environment, since=since,
+    )  # fmt: skip
+    if as_json:
+        _echo_json(doc)
+        return
+    w = doc["window"]
+    if w["first_at"] is None:
+        scope = " and ".join(
+            f"{k} {v!r}" for k, v in (("pipeline", pipeline), ("environment", environment)) if v
+        )
+        where = f" of {scope}" if scope else ""
+        when = f"since {w['since']}" if w["since"] else "at all"
+        click.echo(f"no deployments{where} {when}; nothing to measure (try --since all)")
+        return
+    for line in render(doc):
+        click.echo(line)
+
+
 def main(argv: list[str] | None = None, prog_name: str = "shipyard") -> None:
     """Entry point of the ``shipyard`` console script."""
     try:
