@@ -31,6 +31,7 @@ import bench_http
 import bench_memory
 import bench_postgres
 import bench_startup
+import bench_stats
 import bench_steps
 from _common import BENCH
 from _common import DEFAULT_RUNS
@@ -94,6 +95,7 @@ BENCHMARKS: dict[str, tuple[str, Callable[[Options], dict[str, Any]]]] = {
     "http": ("10", http_figures),
     "docker-run": ("9", bench_docker.run),
     "postgres": ("11", bench_postgres.postgres),
+    "stats": ("12", bench_stats.stats_1m),
 }
 
 
