@@ -122,10 +122,18 @@ def docker_session_fixture() -> Iterator[Any]:
 
 def test_containers(client: Any, **labels: str) -> list[Any]:
     """The containers (also stopped ones) labelled as test containers (and with ``labels``)."""
+    import docker
+
     wanted = {**TEST_LABELS, **labels}
-    return list(
-        client.containers.list(all=True, filters={"label": [f"{k}={v}" for k, v in wanted.items()]})
-    )
+    filters = {"label": [f"{k}={v}" for k, v in wanted.items()]}
+    # The SDK lists ids, then inspects each: a container removed in between (by the deployment
+    # under test, or a test on the other worker) is a 404 that says nothing; ask again.
+    for _ in range(20):
+        try:
+            return list(client.containers.list(all=True, filters=filters))
+        except docker.errors.NotFound:
+            continue
+    return list(client.containers.list(all=True, filters=filters))
 
 
 test_containers.__test__ = False  # type: ignore[attr-defined]
