@@ -398,15 +398,14 @@ class PostgresStore:
 
     def _version(self, c: Any) -> int | None:
         """The schema version there, or None when the schema holds no Shipyard history."""
-        exists = c.execute(
-            "SELECT count(*) FROM pg_tables WHERE schemaname=current_schema() "
-            "AND tablename='shipyard_meta'"
-        ).fetchone()[0]
+        # One statement, one snapshot: a runner migrating meanwhile commits all its tables at
+        # once, so they are seen all or none (two queries could see none, then some).
+        exists, others = c.execute(
+            "SELECT count(*) FILTER (WHERE tablename = 'shipyard_meta'), "
+            "count(*) FILTER (WHERE tablename IN ('deployments','locks','logs')) "
+            "FROM pg_tables WHERE schemaname=current_schema()"
+        ).fetchone()
         if not exists:
-            others = c.execute(
-                "SELECT count(*) FROM pg_tables WHERE schemaname=current_schema() "
-                "AND tablename IN ('deployments','locks','logs')"
-            ).fetchone()[0]
             if others:
                 raise HistoryError(
                     f"history {self.url}: schema {self.schema!r} has tables named like "
