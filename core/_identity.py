@@ -18,9 +18,14 @@ def current_user() -> str:
         return "unknown"
 
 
+#: The variables by which common CI systems name who started the job.
+CI_ACTOR_VARIABLES = ("GITHUB_ACTOR", "GITLAB_USER_LOGIN", "BUILDKITE_BUILD_CREATOR",
+                      "CIRCLE_USERNAME")  # fmt: skip
+
+
 def ci_actor() -> str | None:
     """The CI identity from the standard variables of common CI systems."""
-    for var in ("GITHUB_ACTOR", "GITLAB_USER_LOGIN", "BUILDKITE_BUILD_CREATOR", "CIRCLE_USERNAME"):
+    for var in CI_ACTOR_VARIABLES:
         if os.environ.get(var):
             return f"{var}={os.environ[var]}"
     return None
@@ -50,7 +55,7 @@ def decider() -> str:
     the CI actor, as GitHub and GitLab give it), then the OS user."""
     if os.environ.get("SHIPYARD_USER"):
         return os.environ["SHIPYARD_USER"]
-    for var in ("GITHUB_ACTOR", "GITLAB_USER_LOGIN", "BUILDKITE_BUILD_CREATOR", "CIRCLE_USERNAME"):
+    for var in CI_ACTOR_VARIABLES:
         if os.environ.get(var):
             return os.environ[var]
     return current_user()

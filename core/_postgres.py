@@ -57,6 +57,7 @@ from ._exceptions import LockLost
 from ._exceptions import NoPreviousDeployment
 from ._reports import Status
 from ._reports import utcnow
+from ._sqlite import _TRANSITIONS as _SQLITE_TRANSITIONS
 from ._store import ArtifactRow
 from ._store import AuditRow
 from ._store import Begun
@@ -73,7 +74,9 @@ from ._store import ProcessRef
 from ._store import StagePlan
 from ._store import StageRow
 from ._store import StoreNotFound
+from ._store import decode_deployment as _decode
 from ._store import locked_message
+from ._store import process_ref as _ref
 
 if TYPE_CHECKING:
     from ._events import Event
@@ -213,15 +216,11 @@ class _Held:
             if self.released:
                 return None
             try:
-                row = self.conn.execute(
-                    "SELECT count(*) FROM pg_locks WHERE locktype='advisory' AND granted "
-                    "AND pid=pg_backend_pid() AND classid=%s AND objid=%s AND objsubid=1",
-                    _split(self.key),
-                ).fetchone()
+                holds = _holds(self.conn, self.key)
             except Exception as exc:  # any failure of the session is the end of the lock
                 self.lost = f"the store's session holding it ended: {_one_line(exc)}"
                 return self.lost
-        if not row or not row[0]:
+        if not holds:
             self.lost = "the store's session no longer holds it (its session was ended)"
         return self.lost
 
@@ -243,6 +242,20 @@ class _Held:
 #: The locks this process holds, by deployment id: every store object of the process (the
 #: heartbeat opens its own) checks them.
 _HELD: dict[int, _Held] = {}
+
+
+_HOLDS = ("SELECT count(*) FROM pg_locks WHERE locktype='advisory' AND granted AND pid={pid} "
+          "AND classid=%s AND objid=%s AND objsubid=1")  # fmt: skip
+
+
+def _holds(conn: Any, key: int, backend_pid: int | None = None) -> bool:
+    """Whether the session ``backend_pid`` (default: ``conn``'s own) holds advisory lock ``key``."""
+    params: tuple[int, ...] = _split(key)
+    if backend_pid is None:
+        sql = _HOLDS.format(pid="pg_backend_pid()")
+    else:
+        sql, params = _HOLDS.format(pid="%s"), (backend_pid, *params)
+    return bool(conn.execute(sql, params).fetchone()[0])
 
 
 def _split(key: int) -> tuple[int, int]:
@@ -496,14 +509,7 @@ class PostgresStore:
         return dict(zip([d.name for d in cur.description], row, strict=True))
 
     def _session_holds(self, c: Any, key: int, backend_pid: int | None) -> bool:
-        if not backend_pid:
-            return False
-        row = c.execute(
-            "SELECT count(*) FROM pg_locks WHERE locktype='advisory' AND granted AND pid=%s "
-            "AND classid=%s AND objid=%s AND objsubid=1",
-            (backend_pid, *_split(key)),
-        ).fetchone()
-        return bool(row[0])
+        return bool(backend_pid) and _holds(c, key, backend_pid)
 
     def _lock_session(self) -> Any:
         """A new connection for a lock's session; a transaction-mode pooler is refused."""
@@ -521,11 +527,7 @@ class PostgresStore:
     def _try_lock(self, lc: Any, key: int) -> bool:
         if not lc.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]:
             return False
-        held = lc.execute(
-            "SELECT count(*) FROM pg_locks WHERE locktype='advisory' AND granted "
-            "AND pid=pg_backend_pid() AND classid=%s AND objid=%s AND objsubid=1",
-            _split(key),
-        ).fetchone()[0]
+        held = _holds(lc, key)
         if not held:  # the lock did not stay with its session: a pooler in between
             raise HistoryError(_POOLER.format(url=self.url))
         return True
@@ -1514,61 +1516,21 @@ def _lock_row(h: Mapping[str, Any]) -> LockRow:
     return cast("LockRow", {k: h.get(k) for k in _LOCK_KEYS})
 
 
-def _decode(row: dict[str, Any]) -> DeploymentRow:
-    for key in ("vars", "args"):
-        if row.get(key):
-            row[key] = json.loads(row[key])
-    row["vars"] = row.get("vars") or {}
-    return cast("DeploymentRow", row)
+def _placeholders(
+    transition: Callable[[Any], tuple[str, tuple[Any, ...]]],
+) -> Callable[[Any], tuple[str, tuple[Any, ...]]]:
+    """The SQLite store's statement for a transition, with PostgreSQL's placeholders."""
+
+    def pg(e: Any) -> tuple[str, tuple[Any, ...]]:
+        sql, params = transition(e)
+        return sql.replace("?", "%s"), params
+
+    return pg
 
 
-def _ref(row: Mapping[str, Any]) -> ProcessRef:
-    return {
-        "pid": row.get("pid"),
-        "host": row.get("host"),
-        "proc_start": row.get("proc_start"),
-        "heartbeat_at": row.get("heartbeat_at"),
-    }
-
-
-def _step_started(e: Any) -> tuple[str, tuple[Any, ...]]:
-    return (
-        "UPDATE steps SET status='running', started_at=%s "
-        "WHERE deployment_id=%s AND stage_idx=%s AND idx=%s",
-        (e.ts, e.deployment.id, e.stage_index, e.index),
-    )
-
-
-def _step_finished(e: Any) -> tuple[str, tuple[Any, ...]]:
-    r = e.result
-    return (
-        "UPDATE steps SET status=%s, attempts=%s, exit_code=%s, error=%s, warning=%s, "
-        "started_at=coalesce(started_at, %s), finished_at=%s "
-        "WHERE deployment_id=%s AND stage_idx=%s AND idx=%s",
-        (r.status.value, r.attempts, r.exit_code, r.error, bool(r.warning), r.started_at,
-         r.finished_at, e.deployment.id, e.stage_index, e.index),
-    )  # fmt: skip
-
-
-def _stage_started(e: Any) -> tuple[str, tuple[Any, ...]]:
-    return (
-        "UPDATE stages SET status='running', started_at=%s WHERE deployment_id=%s AND idx=%s",
-        (e.ts, e.deployment.id, e.index),
-    )
-
-
-def _stage_finished(e: Any) -> tuple[str, tuple[Any, ...]]:
-    return (
-        "UPDATE stages SET status=%s, finished_at=%s WHERE deployment_id=%s AND idx=%s",
-        (e.status.value, e.ts, e.deployment.id, e.index),
-    )
-
-
+#: The SQL of each transition the runner reports (the SQLite store's, same tables and columns).
 _TRANSITIONS: dict[str, Callable[[Any], tuple[str, tuple[Any, ...]]]] = {
-    "shipyard_step_started": _step_started,
-    "shipyard_step_finished": _step_finished,
-    "shipyard_stage_started": _stage_started,
-    "shipyard_stage_finished": _stage_finished,
+    hook: _placeholders(fn) for hook, fn in _SQLITE_TRANSITIONS.items()
 }
 
 

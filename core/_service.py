@@ -130,6 +130,22 @@ def automatic_rollback(failed: DeployRequest, dep_id: int, target: DeploymentRow
     )  # fmt: skip
 
 
+def _approvals(gate: GateRow) -> dict[str, Any]:
+    """``Deployment.approvals`` after ``gate``: the earlier gates' decisions (kept in its
+    context) and this gate's, from its decision records."""
+    from ._pipeline import GateDecision
+
+    earlier = (gate["context"] or {}).get("approvals") or {}
+    out = {k: GateDecision(tuple(v[0]), v[1], tuple(v[2])) for k, v in earlier.items()}
+    ds = gate["decisions"]
+    out[gate["stage"]] = GateDecision(
+        tuple(dict.fromkeys(d["user"] for d in ds if d["decision"] == "approve")),
+        next((d["choice"] for d in reversed(ds) if d["choice"]), None),
+        tuple(d["comment"] for d in ds if d["comment"]),
+    )
+    return out
+
+
 class Plan(NamedTuple):
     """What ``plan`` shows: the pipeline, the deployment it was built for, its stages."""
 
@@ -337,17 +353,10 @@ class DeploymentService:
         recorded context, if the stages it ran are still those of the pipeline."""
         from ._deploy import DeployRequest
         from ._exceptions import PipelineChanged
-        from ._pipeline import GateDecision
         from ._recorder import fingerprint
 
         ctx = gate["context"] or {}
-        approvals = {k: GateDecision(tuple(v[0]), v[1], tuple(v[2]))
-                     for k, v in (ctx.get("approvals") or {}).items()}  # fmt: skip
-        approvers = tuple(dict.fromkeys(d["user"] for d in gate["decisions"]
-                                        if d["decision"] == "approve"))  # fmt: skip
-        choice = next((d["choice"] for d in reversed(gate["decisions"]) if d["choice"]), None)
-        comments = tuple(d["comment"] for d in gate["decisions"] if d["comment"])
-        approvals[gate["stage"]] = GateDecision(approvers, choice, comments)
+        approvals = _approvals(gate)
         pipe = self.session.pipeline(x["pipeline"])
         d = Deployment(
             x["id"], pipe.name, x["version"], x["environment"], dict(ctx.get("vars") or {}),
@@ -390,7 +399,7 @@ class DeploymentService:
         x, gate = self._waiting_gate(dep_id)
         self._check_decider(x, gate, user, approving=True, choice=choice)
         self._refuse_stale(x, gate)
-        self._resume_request(x, gate)  # a changed pipeline is refused before anything is recorded
+        req = self._resume_request(x, gate)  # a changed pipeline: refused, nothing recorded
         store = self.store()
         decision = store.decide(
             dep_id, "approve", user=user, comment=comment, choice=choice, source=source,
@@ -399,8 +408,9 @@ class DeploymentService:
         store.add_audit("approve", dep_id, user=user, reason=comment)
         if decision.outcome != "resume":
             return decision, None
-        gate = store.gate(dep_id) or gate  # with this approval among the decisions
-        return decision, self._resume_request(x, gate)
+        # The decisions now include this approval (and any made meanwhile).
+        req.approvals = _approvals(store.gate(dep_id) or gate)
+        return decision, req
 
     def _refuse_stale(self, x: DeploymentRow, gate: GateRow) -> None:
         """With ``lock="release"``, another deployment may have succeeded there while this one
@@ -471,8 +481,7 @@ class DeploymentService:
             approve = gate["spec"].get("on_timeout") == "approve"
             why = f"the approval expired at {gate['expires_at']} (default: {gate['spec'].get('on_timeout')})"
             try:
-                if approve:
-                    self._resume_request(x, gate)
+                req = self._resume_request(x, gate) if approve else None
                 decision = store.decide(
                     x["id"], "expire", user="shipyard", comment=why, source="expire",
                     owner=this_process(), is_dead=dead_after(self.session.config.lock_lease),
@@ -481,8 +490,9 @@ class DeploymentService:
                 out.append((x, f"left waiting: {exc}", None))
                 continue
             store.add_audit("expire", x["id"], user="shipyard", reason=why)
-            if decision.outcome == "resume":
-                out.append((x, "approved", self._resume_request(x, store.gate(x["id"]) or gate)))
+            if decision.outcome == "resume" and req is not None:
+                req.approvals = _approvals(store.gate(x["id"]) or gate)
+                out.append((x, "approved", req))
                 continue
             store.finish(x["id"], Status.FAILED, f"rejected: {why}")
             rollback = None

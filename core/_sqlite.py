@@ -55,6 +55,8 @@ from ._store import ProcessRef
 from ._store import StagePlan
 from ._store import StageRow
 from ._store import StoreNotFound
+from ._store import decode_deployment as _decode
+from ._store import process_ref as _ref
 
 if TYPE_CHECKING:
     from ._events import Event
@@ -725,6 +727,9 @@ class SQLiteStore:
     @staticmethod
     def _audit(c: sqlite3.Connection, action: str, dep: Mapping[str, Any] | None, user: str,
                reason: str, pipeline: str | None = None, environment: str | None = None) -> None:  # fmt: skip
+        from ._secrets import mask  # a reason may quote a secret, as the PostgreSQL store's
+
+        reason = mask(reason)
         c.execute(
             "INSERT INTO audit (ts, action, deployment_id, pipeline, environment, user, host, "
             "reason) VALUES (?,?,?,?,?,?,?,?)",
@@ -1216,23 +1221,6 @@ if TYPE_CHECKING:  # the row types of stats_rows (issue #19)
     from ._store import StatsRows as _StatsRows
 
 
-def _decode(row: dict[str, Any]) -> DeploymentRow:
-    for key in ("vars", "args"):
-        if row.get(key):
-            row[key] = json.loads(row[key])
-    row["vars"] = row.get("vars") or {}
-    return cast("DeploymentRow", row)
-
-
-def _ref(row: Mapping[str, Any]) -> ProcessRef:
-    return {
-        "pid": row.get("pid"),
-        "host": row.get("host"),
-        "proc_start": row.get("proc_start"),
-        "heartbeat_at": row.get("heartbeat_at"),
-    }
-
-
 def _step_started(e: Any) -> tuple[str, tuple[Any, ...]]:
     return (
         "UPDATE steps SET status='running', started_at=? "
@@ -1247,7 +1235,7 @@ def _step_finished(e: Any) -> tuple[str, tuple[Any, ...]]:
         "UPDATE steps SET status=?, attempts=?, exit_code=?, error=?, warning=?, "
         "started_at=coalesce(started_at, ?), finished_at=? "
         "WHERE deployment_id=? AND stage_idx=? AND idx=?",
-        (r.status.value, r.attempts, r.exit_code, r.error, int(r.warning), r.started_at,
+        (r.status.value, r.attempts, r.exit_code, r.error, bool(r.warning), r.started_at,
          r.finished_at, e.deployment.id, e.stage_index, e.index),
     )  # fmt: skip
 

@@ -15,6 +15,7 @@ the JSON documents of ``show --json`` and the dashboard are built from them dire
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from collections.abc import Mapping
 from collections.abc import Sequence
@@ -23,6 +24,7 @@ from typing import Any
 from typing import NamedTuple
 from typing import Protocol
 from typing import TypedDict
+from typing import cast
 from typing import runtime_checkable
 
 from ._exceptions import HistoryError
@@ -547,6 +549,25 @@ def decided_message(dep_id: int, status: str | None, last: Sequence[Any] | None)
 
 class StoreNotFound(HistoryError):
     """There is no store at that URL yet, and it was opened only to read."""
+
+
+def decode_deployment(row: dict[str, Any]) -> DeploymentRow:
+    """A deployments row as the port returns it: ``vars`` and ``args`` decoded from JSON."""
+    for key in ("vars", "args"):
+        if row.get(key):
+            row[key] = json.loads(row[key])
+    row["vars"] = row.get("vars") or {}
+    return cast("DeploymentRow", row)
+
+
+def process_ref(row: Mapping[str, Any]) -> ProcessRef:
+    """The process recorded in a deployments, locks or queue row."""
+    return {
+        "pid": row.get("pid"),
+        "host": row.get("host"),
+        "proc_start": row.get("proc_start"),
+        "heartbeat_at": row.get("heartbeat_at"),
+    }
 
 
 # -- choosing a store ------------------------------------------------------------------------------

@@ -58,8 +58,11 @@ def test_history_and_rollback_are_seen_from_another_runner(fleet: Fleet, pg: Any
     latest = a.json("history")[0]
     assert (latest["version"], latest["status"], latest["rollback_of"]) == (
         "1.0", "succeeded", seen[0]["id"])  # fmt: skip
-    # The password never shows, even where the URL is printed.
-    shown = a.run("--store", fleet.url.replace("shipyard@", "x@"), "history")
+    # The password never shows, even where the URL is printed: in an error naming the store.
+    unreachable = fleet.url.replace(f":{pg.port}/", ":1/")
+    shown = a.run("--store", unreachable, "history")
+    assert shown.returncode == 2, _out(shown)
+    assert "postgresql://shipyard:***@127.0.0.1:1/" in shown.stderr
     assert pg.password not in _out(shown)
     audit = b.json("show", str(latest["id"]))
     assert pg.password not in json.dumps(audit)
