@@ -81,6 +81,8 @@ from typing import Final
 
 import pytest
 
+from ._store import CI_VARIABLES
+
 if TYPE_CHECKING:
     from ._manager import DeploymentManager
     from ._pipeline import Stage
@@ -573,8 +575,9 @@ class Shipyarder:
         monkeypatch.setenv("SHIPYARD_DISABLE_PLUGIN_AUTOLOAD", "1")
         monkeypatch.setenv("NO_COLOR", "1")
         monkeypatch.setenv("SHIPYARD_RETRY_BACKOFF", RETRY_BACKOFF)
-        # A test's deployments are not a CI job's: no CI-native output, no job summary.
-        for var in ("GITHUB_ACTIONS", "GITLAB_CI", "GITHUB_STEP_SUMMARY"):
+        # A test's deployments are not a CI job's: no CI-native output, no job summary, no
+        # warning that the test's history file dies with the runner.
+        for var in (*CI_VARIABLES, "GITHUB_STEP_SUMMARY"):
             monkeypatch.delenv(var, raising=False)
         monkeypatch.setenv("SHIPYARD_HISTORY", str(self.history_path))
         monkeypatch.chdir(path)

@@ -52,6 +52,8 @@ from pathlib import Path
 
 import pytest
 
+from shipyard._store import CI_VARIABLES
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 BIN = Path(sys.executable).parent
@@ -233,7 +235,13 @@ class PageRunner:
         self.written: dict[str, str] = {}
         self.failures: list[str] = []
         self.updates: list[tuple[Block, str]] = []
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("SHIPYARD_")}
+        # The samples show a developer's terminal, not a CI job's: no CI variable reaches them
+        # (a CI run of this suite would otherwise add the ephemeral-history warning).
+        self.env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("SHIPYARD_") and k not in CI_VARIABLES
+        }
         self.env.update(
             PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", HOME=str(self.home),
             SHIPYARD_USER="alice", NO_COLOR="1", TERM="dumb", PYTHONDONTWRITEBYTECODE="1",
