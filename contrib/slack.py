@@ -74,6 +74,8 @@ def message(payload: dict[str, Any]) -> str | None:
     event = payload.get("event")
     if event == "deployment_started":
         verb = "Rollback started" if d.get("rollback_of") else "Deploying"
+        if payload.get("resumed"):
+            verb = "Resumed after approval"
         return f"{_ICONS['started']} {verb}: {what} ({ident}{rollback})"
     if event == "deployment_finished":
         status = str(payload.get("status") or "finished")
@@ -97,6 +99,37 @@ def message(payload: dict[str, Any]) -> str | None:
             f"*{escape(str(payload.get('stage')))}*, until {expires}\n"
             f"> approve: `{escape(str(cmds.get('approve')))}`\n"
             f"> reject: `{escape(str(cmds.get('reject')))}`"
+        )
+    if event == "approval_reminder":
+        cmds = payload.get("commands") or {}
+        return (
+            f":alarm_clock: Still awaiting approval: {what} ({ident}) at stage "
+            f"*{escape(str(payload.get('stage')))}*, since "
+            f"{escape(str(payload.get('requested_at')))}, until "
+            f"{escape(str(payload.get('expires_at')))} ({payload.get('approvals', 0)} of "
+            f"{payload.get('required', 1)} approvals)\n"
+            f"> approve: `{escape(str(cmds.get('approve')))}`\n"
+            f"> reject: `{escape(str(cmds.get('reject')))}`"
+        )
+    if event == "approval_decided":
+        verb = {"approve": "Approved", "reject": "Rejected", "cancel": "Cancelled",
+                "supersede": "Superseded"}.get(str(payload.get("decision")), "Decided")  # fmt: skip
+        text = (
+            f":white_check_mark: {verb} by {escape(str(payload.get('user')))}: {what} "
+            f"({ident}) at stage *{escape(str(payload.get('stage')))}*"
+        )
+        if payload.get("decision") != "approve":
+            text = ":no_entry: " + text.split(" ", 1)[1]
+        if payload.get("outcome") == "recorded":
+            text += f" ({payload.get('approvals')} of {payload.get('required')} approvals)"
+        if payload.get("comment"):
+            text += "\n> " + escape(str(payload["comment"])).replace("\n", "\n> ")
+        return text
+    if event == "approval_expired":
+        return (
+            f":hourglass: Approval expired: {what} ({ident}) at stage "
+            f"*{escape(str(payload.get('stage')))}*; default outcome: "
+            f"*{escape(str(payload.get('outcome')))}*"
         )
     if event == "rollback_started":
         target = escape(str(payload.get("target_version") or "?"))

@@ -662,11 +662,9 @@ def deploy(state: _State, pipeline: str, version: str, environment: str, vars_: 
 def _before_deploying(state: _State, pipeline: str, environment: str, *, supersede: bool) -> None:
     """Gates that hold the lock there: expired ones get their default outcome now, and with
     --supersede a waiting one is given up for this deployment."""
-    from ._identity import actor
-
     _apply_expired(state, pipeline, environment)
     if supersede:
-        gone = state.service.supersede(pipeline, environment, user=actor())
+        gone = state.service.supersede(pipeline, environment, user=state.session.identify("act"))
         if gone is not None:
             click.echo(f"deployment #{gone['id']} ({gone['version']}) superseded: {gone['error']}",
                        err=True)  # fmt: skip
@@ -698,8 +696,13 @@ def expire(state: _State, pipeline: str | None, environment: str | None) -> None
 
     For a scheduled CI job: a default approve resumes the deployment here, a default reject
     ends it failed (and rolls back if its gate or pipeline says so). Reading commands never do
-    this; `deploy` does it for the gates holding its own lock."""
-    sys.exit(_apply_expired(state, pipeline, environment))
+    this; `deploy` does it for the gates holding its own lock. It also sends the reminders due
+    (gates with remind_every) to the pipelines' notification sinks."""
+    code = _apply_expired(state, pipeline, environment)
+    for x in state.service.remind(pipeline=pipeline, environment=environment):
+        click.echo(f"deployment #{x['id']} ({x['pipeline']} {x['version']} to "
+                   f"{x['environment']}): still awaiting approval, reminder sent", err=True)  # fmt: skip
+    sys.exit(code)
 
 
 def _without_report_fd(args: list[str]) -> list[str]:
@@ -811,28 +814,72 @@ def retry(
 @click.option("--comment", default="", help="Why; recorded with the decision.")
 @click.option("--choice", default=None, metavar="OPTION", help="One of the gate's options.")
 @click.option("--json", "as_json", is_flag=True, help="Print the resumed deployment as JSON.")
+@click.option(
+    "--detach", is_flag=True,
+    help="Decide here, then run the rest in the background; print the id once it resumed.",
+)  # fmt: skip
+@click.option("--report-fd", type=int, hidden=True)
 @ci_option
 @pass_state
 def approve(state: _State, deployment_id: int, comment: str, choice: str | None, as_json: bool,
-            ci: str | None) -> None:  # fmt: skip
+            detach: bool, report_fd: int | None, ci: str | None) -> None:  # fmt: skip
     """Approve the gate deployment ID waits at; with enough approvals, resume it here.
 
     Exits 4 while more approvals are needed, 2 when the approval is not allowed (already
-    decided, expired, not an approver, self-approval) or the pipeline changed."""
+    decided, expired, not an approver, self-approval) or the pipeline changed. The decision
+    is recorded with the source SHIPYARD_SOURCE names (default: cli)."""
     from ._exceptions import ExitCode
-    from ._identity import decider
+    from ._exceptions import ShipyardError
 
-    user = decider()
-    decision, req = state.service.approve(deployment_id, user=user, comment=comment, choice=choice)
+    if detach:
+        argv = list(_Group.argv)
+        argv.remove("--detach")
+        state.session.load()
+        _detach(state, argv)
+    pipe = os.fdopen(report_fd, "wb") if report_fd is not None else None
+    try:
+        user = state.session.identify("decide")
+        decision, req = state.service.approve(
+            deployment_id, user=user, comment=comment, choice=choice, source=_source()
+        )
+    except ShipyardError as exc:
+        if pipe is not None:
+            from ._secrets import mask
+
+            pipe.write(f"{exc.exit_code} {mask(exc.show())}".encode())
+            pipe.close()
+            sys.exit(exc.exit_code)
+        raise
     if req is None:
-        click.echo(
+        text = (
             f"approval {decision.approvals} of {decision.required} recorded for deployment "
             f"#{deployment_id} ({user}); it waits for {decision.required - decision.approvals} more"
         )
+        if pipe is not None:
+            pipe.write(f"{int(ExitCode.AWAITING_APPROVAL)} {text}".encode())
+            pipe.close()
+        click.echo(text)
         sys.exit(ExitCode.AWAITING_APPROVAL)
     click.echo(f"deployment #{deployment_id} approved by {user}; resuming it here")
-    req.args = list(_Group.argv)
+    req.args = _without_report_fd(list(_Group.argv))
+    if pipe is not None:
+        pipe.write(f"ID {deployment_id}\n".encode())
+        pipe.close()
     _run(state, req, as_json=as_json, ci=ci)
+
+
+def _source() -> str:
+    """Where a decision comes from, for the approvals record: SHIPYARD_SOURCE (a dashboard
+    running the CLI says ``web``), else ``cli``."""
+    import re
+
+    value = os.environ.get("SHIPYARD_SOURCE", "").strip() or "cli"
+    if not re.fullmatch(r"[a-z][a-z0-9_-]{0,31}", value):
+        raise click.UsageError(
+            f"SHIPYARD_SOURCE={value!r} is not a source name: use lower-case letters, digits, "
+            "'-' and '_' (at most 32), e.g. SHIPYARD_SOURCE=web"
+        )
+    return value
 
 
 @cli.command()
@@ -844,10 +891,11 @@ def reject(state: _State, deployment_id: int, comment: str, ci: str | None) -> N
     """Reject the gate deployment ID waits at: it ends failed (exit 1), and rolls back if its
     gate's on_reject (or the pipeline's rollback="auto") says so."""
     from ._exceptions import ExitCode
-    from ._identity import decider
 
-    user = decider()
-    dep, rollback_req = state.service.reject(deployment_id, user=user, comment=comment)
+    user = state.session.identify("decide")
+    dep, rollback_req = state.service.reject(
+        deployment_id, user=user, comment=comment, source=_source()
+    )
     click.echo(f"deployment #{deployment_id} {dep['status']}: {dep['error']}")
     if rollback_req is not None:
         rollback_req.args = list(_Group.argv)
@@ -873,10 +921,13 @@ def reject(state: _State, deployment_id: int, comment: str, ci: str | None) -> N
 def cancel(state: _State, deployment_id: int, reason: str, wait_s: float) -> None:
     """Stop a running deployment (also one started by another process or --detach)."""
     from ._exceptions import ExitCode
-    from ._identity import actor
 
     service = state.service
-    service.request_cancel(deployment_id, user=actor(), reason=reason)
+    source = _source()
+    service.request_cancel(
+        deployment_id, user=state.session.identify("act"), reason=reason,
+        source="cancel" if source == "cli" else source,
+    )  # fmt: skip
     status = service.wait_finished(deployment_id, wait_s)
     if status is not None:
         click.echo(f"deployment #{deployment_id} {status}")
@@ -892,9 +943,9 @@ def cancel(state: _State, deployment_id: int, reason: str, wait_s: float) -> Non
 @pass_state
 def unlock(state: _State, pipeline: str, environment: str, reason: str) -> None:
     """Break the lock of PIPELINE in an environment by hand (recorded)."""
-    from ._identity import actor
-
-    holder = state.service.unlock(pipeline, environment, user=actor(), reason=reason)
+    holder = state.service.unlock(
+        pipeline, environment, user=state.session.identify("act"), reason=reason
+    )
     if holder is None:
         click.echo(f"{pipeline!r} in {environment!r} was not locked; recorded anyway")
     else:

@@ -35,7 +35,6 @@ from ._exceptions import SecretMissing
 from ._exceptions import ShipyardError
 from ._identity import actor
 from ._identity import ci_actor
-from ._identity import current_user
 from ._notify import NotifierDispatcher
 from ._pipeline import Deployment
 from ._reports import Status
@@ -302,7 +301,7 @@ class _Deployment:
 
         req, cfg = self.req, self.session.config
         info: DeploymentInfo = {
-            "user": current_user(),
+            "user": self.session.identify("deploy"),
             "ci_actor": ci_actor(),
             "pipelines_file": str(cfg.pipelines_file),
             "file_hash": file_hash(cfg.pipelines_file),
@@ -586,3 +585,29 @@ async def _heartbeat(
             closed = True
             for store in stores:
                 store.close()
+
+
+def announce(session: Session, x: DeploymentRow, make: Callable[[Deployment], Event]) -> None:
+    """Send an event no run carries (a gate decided, expired, a reminder) to the sinks of
+    ``x``'s pipeline and ``[tool.shipyard] notify``, and to the plugin hooks; waits for the sinks
+    at most their timeouts. A sink that cannot be set up or fails only warns: the decision it
+    reports is already recorded."""
+    from ._secrets import mask
+    from ._secrets import names_in
+
+    deployment = Deployment(
+        id=x["id"], pipeline=x["pipeline"], version=x["version"], environment=x["environment"],
+        vars=dict(x.get("vars") or {}), rollback_of=x["rollback_of"],
+    )  # fmt: skip
+    sinks: list[Any] = []
+    resolve = None
+    try:
+        pipe = session.pipeline(x["pipeline"])
+        sinks = list(pipe.notify) + [session.pm.notifiers.create(s) for s in session.config.notify]
+        resolve = _load_secrets(session, names_in(sinks), pipe.name).resolve
+    except ShipyardError as exc:
+        print(f"shipyard: warning: notifications not sent: {mask(str(exc))}", file=sys.stderr)
+        sinks = []
+    dispatcher = NotifierDispatcher(sinks, resolve=resolve)
+    EventBus([dispatcher], session.pm).emit(make(deployment))
+    dispatcher.close()

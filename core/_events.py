@@ -80,6 +80,8 @@ class DeploymentStarted(Event):
         out = super().to_dict()
         out["status"] = Status.RUNNING.value
         out["stages"] = [s.name for s in self.stages]
+        if self.resumed:
+            out["resumed"] = True
         return out
 
 
@@ -211,9 +213,82 @@ class DeploymentSuspended(Event):
         out.update(
             status=Status.AWAITING_APPROVAL.value, stage=self.stage.name, stage_index=self.index,
             requested_at=self.requested_at, expires_at=self.expires_at,
-            gate=self.gate.spec(),
-            commands={"approve": f"shipyard approve {d.id}",
-                      "reject": f"shipyard reject {d.id} --comment TEXT"},
+            gate=self.gate.spec(), commands=_decide_commands(d.id),
+        )  # fmt: skip
+        return out
+
+
+def _decide_commands(dep_id: int) -> dict[str, str]:
+    return {"approve": f"shipyard approve {dep_id}",
+            "reject": f"shipyard reject {dep_id} --comment TEXT"}  # fmt: skip
+
+
+@dataclass(kw_only=True, eq=False)
+class ApprovalDecided(Event):
+    """Someone decided the gate a deployment waits at (sent by the deciding process)."""
+
+    hook = "shipyard_approval_decided"
+    #: The gate's stage name.
+    stage: str
+    #: ``approve``, ``reject``, ``cancel``, ``supersede``.
+    decision: str
+    user: str
+    comment: str = ""
+    choice: str | None = None
+    #: ``resume``, ``recorded`` (more approvals needed), ``rejected``, ``cancelled``,
+    #: ``superseded``.
+    outcome: str = ""
+    approvals: int = 0
+    required: int = 1
+    source: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out.update(
+            stage=self.stage, decision=self.decision, user=self.user, comment=self.comment,
+            choice=self.choice, outcome=self.outcome, approvals=self.approvals,
+            required=self.required, source=self.source,
+        )  # fmt: skip
+        if self.outcome == "recorded":
+            out["commands"] = _decide_commands(self.deployment.id)
+        return out
+
+
+@dataclass(kw_only=True, eq=False)
+class ApprovalExpired(Event):
+    """A gate's time ran out; its default outcome was applied."""
+
+    hook = "shipyard_approval_expired"
+    stage: str
+    expires_at: str
+    #: ``approved`` or ``rejected``.
+    outcome: str
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out.update(stage=self.stage, expires_at=self.expires_at, outcome=self.outcome)
+        return out
+
+
+@dataclass(kw_only=True, eq=False)
+class ApprovalReminder(Event):
+    """A gate with ``remind_every`` still waits for a decision."""
+
+    hook = "shipyard_approval_reminder"
+    stage: str
+    requested_at: str
+    expires_at: str
+    #: Approvals so far and how many are required.
+    approvals: int = 0
+    required: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out.update(
+            status=Status.AWAITING_APPROVAL.value, stage=self.stage,
+            requested_at=self.requested_at, expires_at=self.expires_at,
+            approvals=self.approvals, required=self.required,
+            commands=_decide_commands(self.deployment.id),
         )  # fmt: skip
         return out
 

@@ -101,20 +101,17 @@ class DeploymentManager:
 
         :raises ApprovalRefused, PipelineChanged, EnvironmentLocked: nothing was resumed.
         """
-        from ._identity import decider
-
         _, req = self.service.approve(
-            deployment_id, user=decider(), comment=comment, choice=choice, source="api"
-        )
+            deployment_id, user=self.session.identify("decide"), comment=comment,
+            choice=choice, source="api",
+        )  # fmt: skip
         return None if req is None else self._start(req)
 
     def reject(self, deployment_id: int, *, comment: str) -> int | None:
         """Reject the gate ``deployment_id`` waits at: it ends ``failed``. Returns the id of
         the rollback started in the background when the gate or the pipeline asks for one."""
-        from ._identity import decider
-
         _, rollback = self.service.reject(
-            deployment_id, user=decider(), comment=comment, source="api"
+            deployment_id, user=self.session.identify("decide"), comment=comment, source="api"
         )
         return None if rollback is None else self._start(rollback)
 

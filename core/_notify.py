@@ -37,6 +37,9 @@ SINK_EVENTS = frozenset(
         "shipyard_step_finished",
         "shipyard_rollback_started",
         "shipyard_deployment_suspended",
+        "shipyard_approval_decided",
+        "shipyard_approval_expired",
+        "shipyard_approval_reminder",
     }
 )
 

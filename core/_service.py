@@ -22,7 +22,10 @@ from ._pipeline import Deployment
 from ._reports import Status
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from ._deploy import DeployRequest
+    from ._events import Event
     from ._pipeline import Pipeline
     from ._pipeline import Stage
     from ._session import Session
@@ -280,14 +283,19 @@ class DeploymentService:
 
     # -- control ----------------------------------------------------------------------------------
 
-    def request_cancel(self, dep_id: int, *, user: str, reason: str = "") -> DeploymentRow:
+    def request_cancel(
+        self, dep_id: int, *, user: str, reason: str = "", source: str = "cancel"
+    ) -> DeploymentRow:
         """Ask a running deployment (of any process) to stop; audited. A deployment awaiting
         approval is cancelled at once (no process runs it) and its lock freed."""
         store = self.store()
         dep = store.get(dep_id)
         if dep["status"] == Status.AWAITING_APPROVAL:
-            store.decide(dep_id, "cancel", user=user, comment=reason, source="cancel")
+            gate = store.gate(dep_id)
+            d = store.decide(dep_id, "cancel", user=user, comment=reason, source=source)
             store.add_audit("cancel", dep_id, user=user, reason=reason)
+            self._announce_decided(dep, gate, "cancel", user=user, comment=reason, decision=d,
+                                   outcome="cancelled", source=source)  # fmt: skip
             return dep
         if dep["status"] not in ACTIVE:
             raise UsageError(f"deployment {dep_id} is not running (it is {dep['status']})")
@@ -406,11 +414,72 @@ class DeploymentService:
             owner=this_process(), is_dead=dead_after(self.session.config.lock_lease),
         )  # fmt: skip
         store.add_audit("approve", dep_id, user=user, reason=comment)
+        self._announce_decided(x, gate, "approve", user=user, comment=comment, choice=choice,
+                               decision=decision, source=source)  # fmt: skip
         if decision.outcome != "resume":
             return decision, None
         # The decisions now include this approval (and any made meanwhile).
         req.approvals = _approvals(store.gate(dep_id) or gate)
         return decision, req
+
+    def _announce(self, x: DeploymentRow, make: Callable[[Deployment], Event]) -> None:
+        from ._deploy import announce
+
+        announce(self.session, x, make)
+
+    def _announce_decided(
+        self, x: DeploymentRow, gate: GateRow | None, what: str, *, user: str, comment: str,
+        decision: Decision, choice: str | None = None, outcome: str | None = None,
+        source: str | None = None,
+    ) -> None:  # fmt: skip
+        """Tell the sinks and plugins that ``user`` decided ``x``'s gate."""
+        from ._events import ApprovalDecided
+
+        self._announce(x, lambda d: ApprovalDecided(
+            deployment=d, stage=gate["stage"] if gate else "?", decision=what, user=user,
+            comment=comment, choice=choice, outcome=outcome or decision.outcome,
+            approvals=decision.approvals, required=decision.required, source=source,
+        ))  # fmt: skip
+
+    def remind(
+        self, *, pipeline: str | None = None, environment: str | None = None
+    ) -> list[DeploymentRow]:
+        """Send a reminder for every waiting gate with ``remind_every`` whose last reminder (or
+        request) is at least that long ago and that has not expired; each is audited
+        (``remind``), so the next ``shipyard expire`` counts from it. Returns those reminded."""
+        from ._events import ApprovalReminder
+        from ._reports import parse_ts
+
+        store = self.read_store()
+        if store is None:
+            return []
+        out: list[DeploymentRow] = []
+        waiting = store.deployments(pipeline=pipeline, environment=environment,
+                                    statuses=(Status.AWAITING_APPROVAL.value,), limit=10_000)  # fmt: skip
+        now = time.time()
+        for x in waiting:
+            gate = store.gate(x["id"])
+            every = (gate or {}).get("spec", {}).get("remind_every")
+            if gate is None or gate["status"] != "waiting" or not every:
+                continue
+            if now > parse_ts(gate["expires_at"]):
+                continue  # expiry applies the default outcome instead
+            last = max(
+                [parse_ts(gate["requested_at"])]
+                + [parse_ts(a["ts"]) for a in store.audit_trail(deployment_id=x["id"], limit=1000)
+                   if a["action"] == "remind" and a["ts"] >= gate["requested_at"]]
+            )  # fmt: skip
+            if now - last < float(every):
+                continue
+            approvals = len({a["user"] for a in gate["decisions"] if a["decision"] == "approve"})
+            store.add_audit("remind", x["id"], user="shipyard",
+                            reason=f"reminder: waiting since {gate['requested_at']}")  # fmt: skip
+            self._announce(x, lambda d, gate=gate, n=approvals: ApprovalReminder(
+                deployment=d, stage=gate["stage"], requested_at=gate["requested_at"],
+                expires_at=gate["expires_at"], approvals=n,
+                required=int(gate["spec"].get("required") or 1)))  # fmt: skip
+            out.append(x)
+        return out
 
     def _refuse_stale(self, x: DeploymentRow, gate: GateRow) -> None:
         """With ``lock="release"``, another deployment may have succeeded there while this one
@@ -446,9 +515,12 @@ class DeploymentService:
             x = store.get(lock["deployment_id"])
             if x["status"] != Status.AWAITING_APPROVAL:
                 return None
-            store.decide(x["id"], "supersede", user=user, comment="deploy --supersede",
-                         source="supersede")  # fmt: skip
+            gate = store.gate(x["id"])
+            d = store.decide(x["id"], "supersede", user=user, comment="deploy --supersede",
+                             source="supersede")  # fmt: skip
             store.add_audit("supersede", x["id"], user=user, reason="deploy --supersede")
+            self._announce_decided(x, gate, "supersede", user=user, comment="deploy --supersede",
+                                   decision=d, outcome="superseded", source="supersede")  # fmt: skip
             return store.get(x["id"])
         return None
 
@@ -458,6 +530,7 @@ class DeploymentService:
         """Apply the default outcome of every gate whose time is up (of ``pipeline`` in
         ``environment`` when given): ``(deployment, outcome, request)``, where the request is
         the resume (default approve) or the rollback (default reject) to run now, if any."""
+        from ._events import ApprovalExpired
         from ._exceptions import ApprovalRefused
         from ._exceptions import EnvironmentLocked
         from ._exceptions import NoPreviousDeployment
@@ -490,6 +563,9 @@ class DeploymentService:
                 out.append((x, f"left waiting: {exc}", None))
                 continue
             store.add_audit("expire", x["id"], user="shipyard", reason=why)
+            self._announce(x, lambda d, gate=gate, approve=approve: ApprovalExpired(
+                deployment=d, stage=gate["stage"], expires_at=gate["expires_at"],
+                outcome="approved" if approve else "rejected"))  # fmt: skip
             if decision.outcome == "resume" and req is not None:
                 req.approvals = _approvals(store.gate(x["id"]) or gate)
                 out.append((x, "approved", req))
@@ -519,13 +595,15 @@ class DeploymentService:
         x, gate = self._waiting_gate(dep_id)
         self._check_decider(x, gate, user, approving=False, choice=None)
         store = self.store()
-        store.decide(dep_id, "reject", user=user, comment=comment, source=source,
-                     owner=this_process())  # fmt: skip
+        d = store.decide(dep_id, "reject", user=user, comment=comment, source=source,
+                         owner=this_process())  # fmt: skip
         error = f"rejected by {user} at gate {gate['stage']!r}" + (
             f": {comment}" if comment else ""
         )
         store.finish(dep_id, Status.FAILED, error)
         store.add_audit("reject", dep_id, user=user, reason=comment)
+        self._announce_decided(x, gate, "reject", user=user, comment=comment, decision=d,
+                               outcome="rejected", source=source)  # fmt: skip
         on_reject = gate["spec"].get("on_reject")
         pipe = self.session.pipeline(x["pipeline"])
         if on_reject == "fail" or (on_reject is None and pipe.rollback != "auto"):

@@ -127,3 +127,30 @@ class Session:
     def close(self) -> None:
         if self._pm is not None:
             self._pm.unconfigure(self.config)
+
+    def identify(self, purpose: str) -> str:
+        """Who runs this command, for ``purpose`` (``deploy``, ``decide``, ``act``): Shipyard's
+        answer (see :mod:`shipyard._identity`), unless a ``shipyard_identify`` hook renames it.
+        For ``act`` (cancel, unlock, supersede) the answer carries the CI identity, as the
+        audit trail shows it, and hooks in pipelines.py are asked only when it is loaded: a
+        broken pipelines file must not stop a cancel."""
+        from ._exceptions import UsageError
+        from ._identity import ci_actor
+        from ._identity import current_user
+        from ._identity import decider
+
+        if purpose in ("deploy", "decide"):
+            self.load()
+        user = decider() if purpose == "decide" else current_user()
+        named = self.pm.hook.shipyard_identify(user=user, purpose=purpose)
+        if named is not None:
+            if not isinstance(named, str) or not named.strip():
+                raise UsageError(
+                    f"a shipyard_identify hook returned {named!r} for {purpose!r}; it must "
+                    "return a non-empty name (str) or None"
+                )
+            user = named.strip()
+        if purpose == "act":
+            ci = ci_actor()
+            return f"{user} ({ci})" if ci else user
+        return user

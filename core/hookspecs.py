@@ -31,6 +31,9 @@ if TYPE_CHECKING:
     import click
 
     from ._config import Config
+    from ._events import ApprovalDecided
+    from ._events import ApprovalExpired
+    from ._events import ApprovalReminder
     from ._events import DeploymentFinished
     from ._events import DeploymentStarted
     from ._events import DeploymentSuspended
@@ -264,6 +267,41 @@ def shipyard_approval_check(
     :param user: who decides (``SHIPYARD_USER``, the CI identity, or the OS user).
     :param decision: ``"approve"`` or ``"reject"``.
     """
+
+
+@hookspec(firstresult=True)
+def shipyard_identify(user: str, purpose: str) -> str | None:
+    """Who the person running this command is, in your organisation's names.
+
+    Shipyard's own answer, ``user``, is ``SHIPYARD_USER``, then the CI identity variables
+    (``GITHUB_ACTOR``, ``GITLAB_USER_LOGIN``, ...), then the OS user. Return another name to
+    record instead (for example an SSO login mapped from a CI variable), or None to keep it.
+    Stops at the first non-None result. The name is what approver lists are compared with.
+
+    :param user: Shipyard's answer.
+    :param purpose: ``"deploy"`` (recorded with a new deployment), ``"decide"`` (approving or
+        rejecting a gate) or ``"act"`` (cancel, unlock, supersede: recorded in the audit).
+    """
+
+
+@hookspec
+def shipyard_approval_decided(event: ApprovalDecided) -> None:
+    """Someone decided an approval gate (``event.decision``: ``approve``, ``reject``,
+    ``cancel`` or ``supersede``), in the process that decided it. ``event.outcome`` says what
+    follows: ``resume`` (it runs on here), ``recorded`` (more approvals are needed),
+    ``rejected``, ``cancelled``, ``superseded``."""
+
+
+@hookspec
+def shipyard_approval_expired(event: ApprovalExpired) -> None:
+    """An approval gate's time ran out and ``shipyard expire`` (or a deploy meeting it) applied
+    its default outcome (``event.outcome``: ``approved`` or ``rejected``)."""
+
+
+@hookspec
+def shipyard_approval_reminder(event: ApprovalReminder) -> None:
+    """A gate with ``remind_every`` still waits: sent by ``shipyard expire`` when a reminder
+    is due (run it on a schedule); ``event.to_dict()["commands"]`` says how to decide."""
 
 
 @hookspec

@@ -15,6 +15,8 @@ webhook POSTs exactly that object as the request body. Keys present in every eve
 
     event        "deployment_started" | "stage_started" | "step_started" | "step_finished"
                  | "stage_finished" | "deployment_finished" | "rollback_started"
+                 | "deployment_suspended" | "approval_decided" | "approval_expired"
+                 | "approval_reminder"
     ts           when the event happened, ISO 8601 UTC ("2024-05-01T12:00:00.123456Z")
     deployment   {"id": 42, "pipeline": "webapp", "version": "1.4.2",
                   "environment": "production", "rollback_of": null | <id>}
@@ -31,7 +33,22 @@ stage_finished         ``stage``, ``stage_index``, ``status``
 deployment_finished    ``status`` ("succeeded", "failed", "cancelled"), ``error`` (null or text),
                        ``started_at``, ``finished_at``
 rollback_started       ``target_version``, ``reason``
+deployment_suspended   ``status`` ("awaiting_approval"), ``stage``, ``stage_index``,
+                       ``requested_at``, ``expires_at``, ``gate`` (approvers, required, timeout,
+                       ...), ``commands`` (``approve``, ``reject``: the commands to decide it)
+approval_decided       ``stage``, ``decision`` ("approve", "reject", "cancel", "supersede"),
+                       ``user``, ``comment``, ``choice``, ``outcome`` ("resume", "recorded",
+                       "rejected", "cancelled", "superseded"), ``approvals``, ``required``,
+                       ``source``; ``commands`` while more approvals are needed
+approval_expired       ``stage``, ``expires_at``, ``outcome`` ("approved", "rejected")
+approval_reminder      ``status`` ("awaiting_approval"), ``stage``, ``requested_at``,
+                       ``expires_at``, ``approvals``, ``required``, ``commands``
 =====================  ============================================================================
+
+A deployment resumed after an approval sends ``deployment_started`` again with ``"resumed":
+true``. The approval events are sent by the process that decided (``approve``, ``reject``,
+``cancel``, ``deploy --supersede``) or applied the timeout and the reminders (``expire``), to
+the sinks of the pipeline and of ``[tool.shipyard] notify``.
 
 New keys may be added; none is removed or renamed.
 
@@ -95,6 +112,12 @@ class ConsoleNotifier:
         what = payload["event"]
         subject = payload.get("step") or payload.get("stage") or ""
         status = payload.get("status") or ""
+        if "decision" in payload:  # approval_decided
+            status = f"{payload['decision']} by {payload['user']}: {payload['outcome']}"
+        elif what == "approval_expired":
+            status = f"expired: {payload['outcome']}"
+        elif payload.get("resumed"):
+            status = "resumed"
         print(
             f"[notify] {what} {d['pipeline']} {d['version']} -> {d['environment']} "
             f"#{d['id']} {subject} {status}".rstrip(),

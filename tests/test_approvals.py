@@ -36,7 +36,10 @@ PIPELINES = textwrap.dedent(
         GATE = eval(os.environ["GATE"])
 
 
-    @sy.pipeline(rollback=os.environ.get("ROLLBACK", "manual"))
+    SINKS = [sy.jsonl(os.environ["EVENTS"])] if os.environ.get("EVENTS") else []
+
+
+    @sy.pipeline(rollback=os.environ.get("ROLLBACK", "manual"), notify=SINKS)
     def web(d):
         release = [sy.python(mark, "release", d, name="release")]
         if os.environ.get("NEEDS_SECRET"):
@@ -472,3 +475,170 @@ def test_wait_approval_follows_the_gate_and_ctrl_c_leaves_it_waiting(fleet: _App
     assert rc == 130, out
     assert "still awaits its approval" in out
     assert fleet.runner().json("show", "2")["status"] == "awaiting_approval"
+
+
+# -- decisions reach the sinks; reminders; who decides ---------------------------------------------
+
+
+def _events(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_every_decision_reaches_the_sinks_in_order(fleet: _Approvals) -> None:
+    events = fleet.root / "events.jsonl"
+    gate = "dict(timeout='4h', required=2)"
+    _deploy_to_the_gate(fleet, GATE=gate, EVENTS=str(events))
+    bob = fleet.runner(user="bob", GATE=gate, EVENTS=str(events))
+    assert bob.run("approve", "1", "--comment", "looks fine").returncode == 4
+    carol = fleet.runner(user="carol", GATE=gate, EVENTS=str(events))
+    out = carol.run("approve", "1")
+    assert out.returncode == 0, out_of(out)
+    seen = _events(events)
+    names = [e["event"] for e in seen]
+    assert names == [
+        "deployment_started", "stage_started", "step_started", "step_finished", "stage_finished",
+        "deployment_suspended",
+        "approval_decided",  # bob: 1 of 2
+        "approval_decided",  # carol: resumes it
+        "deployment_started", "stage_started", "step_started", "step_finished", "stage_finished",
+        "deployment_finished",
+    ]  # fmt: skip
+    first, second = seen[6], seen[7]
+    assert (first["decision"], first["user"], first["outcome"], first["approvals"],
+            first["required"], first["comment"], first["source"]) == (
+        "approve", "bob", "recorded", 1, 2, "looks fine", "cli")  # fmt: skip
+    assert first["commands"]["approve"] == "shipyard approve 1"
+    assert (second["user"], second["outcome"], second["approvals"]) == ("carol", "resume", 2)
+    assert "commands" not in second
+    assert seen[8].get("resumed") is True
+    assert "resumed" not in seen[0]
+    assert seen[-1]["status"] == "succeeded"
+    from shipyard.contrib.slack import message
+
+    assert "Approved by bob" in (message(first) or "")
+    assert "1 of 2 approvals" in (message(first) or "")
+    assert "Resumed after approval" in (message(seen[8]) or "")
+
+
+def test_reject_cancel_and_supersede_reach_the_sinks(fleet: _Approvals) -> None:
+    events = fleet.root / "events.jsonl"
+    _deploy_to_the_gate(fleet, EVENTS=str(events))
+    bob = fleet.runner(user="bob", EVENTS=str(events))
+    assert bob.run("reject", "1", "--comment", "not today").returncode == 1
+    r = _deploy_to_the_gate(fleet, "2.0", EVENTS=str(events))
+    assert r.run("cancel", "2", "--reason", "wrong branch").returncode == 0
+    _deploy_to_the_gate(fleet, "3.0", EVENTS=str(events))
+    out = bob.run("deploy", "web", "4.0", "-e", "prod", "--supersede")
+    assert out.returncode == 4, out_of(out)
+    decided = [(e["deployment"]["id"], e["decision"], e["outcome"], e["user"])
+               for e in _events(events) if e["event"] == "approval_decided"]  # fmt: skip
+    assert decided == [
+        (1, "reject", "rejected", "bob"),
+        (2, "cancel", "cancelled", "alice"),
+        (3, "supersede", "superseded", "bob"),
+    ]
+    from shipyard.contrib.slack import message
+
+    rejected = next(e for e in _events(events) if e.get("decision") == "reject")
+    assert "Rejected by bob" in (message(rejected) or "")
+    assert "not today" in (message(rejected) or "")
+
+
+def test_expiry_reaches_the_sinks(fleet: _Approvals) -> None:
+    import time
+
+    events = fleet.root / "events.jsonl"
+    gate = "dict(timeout=1)"
+    _deploy_to_the_gate(fleet, GATE=gate, EVENTS=str(events))
+    time.sleep(1.2)  # the gate's own timeout (1 s, its minimum) must pass
+    out = fleet.runner(GATE=gate, EVENTS=str(events)).run("expire")
+    assert out.returncode == 0, out_of(out)
+    expired = [e for e in _events(events) if e["event"] == "approval_expired"]
+    assert [(e["stage"], e["outcome"]) for e in expired] == [("approve", "rejected")]
+
+
+def test_expire_sends_the_reminders_due_once_per_period(fleet: _Approvals) -> None:
+    import time
+
+    events = fleet.root / "events.jsonl"
+    gate = "dict(timeout='1h', remind_every=1)"
+    _deploy_to_the_gate(fleet, GATE=gate, EVENTS=str(events))
+    cron = fleet.runner(user="cron", GATE=gate, EVENTS=str(events))
+
+    def reminders() -> list[dict[str, Any]]:
+        return [e for e in _events(events) if e["event"] == "approval_reminder"]
+
+    time.sleep(1.1)
+    out = cron.run("expire")
+    assert out.returncode == 0, out_of(out)
+    assert "reminder sent" in out.stderr
+    assert cron.run("expire").returncode == 0  # at once again: not due yet
+    assert len(reminders()) == 1
+    first = reminders()[0]
+    assert (first["stage"], first["approvals"], first["required"]) == ("approve", 0, 1)
+    assert first["commands"]["approve"] == "shipyard approve 1"
+    assert cron.run("show", "1").stdout.count(" remind by shipyard") == 1
+    time.sleep(1.1)
+    assert cron.run("expire").returncode == 0
+    assert len(reminders()) == 2
+    # Nothing was decided by reminding: it still waits.
+    assert cron.json("show", "1")["status"] == "awaiting_approval"
+    from shipyard.contrib.slack import message
+
+    assert "Still awaiting approval" in (message(first) or "")
+
+
+IDENTIFY = """
+
+@sy.hookimpl
+def shipyard_identify(user, purpose):
+    return {"alice": "alice@example.org", "bob": "bob@example.org"}.get(user)
+"""
+
+
+def test_an_identify_hook_renames_who_decides_and_who_deploys(fleet: _Approvals) -> None:
+    gate = "dict(timeout='4h', approvers=['bob@example.org'])"
+    r = fleet.runner(GATE=gate)
+    (r.dir / "pipelines.py").write_text(PIPELINES + IDENTIFY)
+    assert r.run("deploy", "web", "1.0", "-e", "prod").returncode == 4
+    bob = fleet.runner(user="bob", GATE=gate)
+    (bob.dir / "pipelines.py").write_text(PIPELINES + IDENTIFY)
+    out = bob.run("approve", "1")
+    assert out.returncode == 0, out_of(out)
+    doc = bob.json("show", "1")
+    assert doc["user"] == "alice@example.org"
+    assert [(d["user"], d["decision"]) for d in doc["gate"]["decisions"]] == [
+        ("bob@example.org", "approve")]  # fmt: skip
+    # Without the hook, bob is not among the approvers.
+    _deploy_to_the_gate(fleet, "2.0", GATE=gate)
+    refused = fleet.runner(user="bob", GATE=gate).run("approve", "2")
+    assert refused.returncode == 2, out_of(refused)
+    assert "bob may not decide deployment 2" in refused.stderr
+
+
+def test_shipyard_source_is_recorded_and_checked(fleet: _Approvals) -> None:
+    _deploy_to_the_gate(fleet)
+    bad = fleet.runner(user="bob", SHIPYARD_SOURCE="Web Page").run("approve", "1")
+    assert bad.returncode == 2, out_of(bad)
+    assert "SHIPYARD_SOURCE='Web Page'" in bad.stderr
+    bob = fleet.runner(user="bob", SHIPYARD_SOURCE="web")
+    assert bob.run("approve", "1").returncode == 0
+    decisions = bob.json("show", "1")["gate"]["decisions"]
+    assert [(d["user"], d["source"]) for d in decisions] == [("bob", "web")]
+
+
+def test_approve_detach_prints_the_id_and_resumes_in_the_background(fleet: _Approvals) -> None:
+    _deploy_to_the_gate(fleet)
+    bob = fleet.runner(user="bob")
+    out = bob.run("approve", "1", "--detach")
+    assert out.returncode == 0, out_of(out)
+    assert out.stdout.strip() == "1"
+    from polling import wait_for
+
+    wait_for(lambda: bob.json("show", "1")["status"] == "succeeded" or None, timeout=30,
+             what="the detached resume to succeed")  # fmt: skip
+    assert [m.split()[0] for m in fleet.marks()] == ["build", "release"]
+    # A refused approval is reported by the parent with its exit code.
+    again = bob.run("approve", "1", "--detach")
+    assert again.returncode == 2, out_of(again)
+    assert "already" in again.stderr
