@@ -14,6 +14,8 @@ from ._version import __version__ as __version__
 if TYPE_CHECKING:
     from . import plugins as _plugins_pkg
     from ._deploy import DeployRequest as DeployRequest
+    from ._environments import Environment as Environment
+    from ._environments import environment as environment
     from ._events import Event as Event
     from ._events import LogLine as LogLine
     from ._exceptions import ApprovalRefused as ApprovalRefused
@@ -28,6 +30,7 @@ if TYPE_CHECKING:
     from ._exceptions import PipelineDefinitionError as PipelineDefinitionError
     from ._exceptions import PipelineFileError as PipelineFileError
     from ._exceptions import PipelineNotFound as PipelineNotFound
+    from ._exceptions import PromotionRefused as PromotionRefused
     from ._exceptions import RollbackRefused as RollbackRefused
     from ._exceptions import SecretMissing as SecretMissing
     from ._exceptions import ShipyardError as ShipyardError
@@ -64,6 +67,9 @@ if TYPE_CHECKING:
     from .plugins.wait import wait as wait
 
 _LAZY: dict[str, str] = {
+    "environment": "shipyard._environments",
+    "Environment": "shipyard._environments",
+    "PromotionRefused": "shipyard._exceptions",
     "approval": "shipyard.plugins.approval",
     "ApprovalRefused": "shipyard._exceptions",
     "PipelineChanged": "shipyard._exceptions",

@@ -223,6 +223,10 @@ def _duration(doc: Mapping[str, Any]) -> str:
 
 
 env_option = click.option("-e", "--env", "environment", required=True, help="Target environment.")
+yes_option = click.option(
+    "--yes", is_flag=True, envvar="SHIPYARD_YES",
+    help="Confirm a deployment to a protected environment (or SHIPYARD_YES=1).",
+)  # fmt: skip
 ci_option = click.option(
     "--ci", type=click.Choice(["github", "gitlab", "none"]), default=None,
     help="CI-native output: folded stages, failure annotations, a summary [default: detected "
@@ -346,7 +350,12 @@ def plan(state: _State, pipeline: str, version: str, environment: str, vars_: tu
     from ._exceptions import UsageError
     from ._secrets import mask
 
-    pipe, d, stages = state.service.plan(pipeline, version, environment, _parse_vars(vars_))
+    given = _parse_vars(vars_)
+    pipe, d, stages = state.service.plan(pipeline, version, environment, given)
+    from ._environments import provenance
+
+    env = state.service.environment(pipeline, environment)
+    origin = provenance(env, given)
     rootdir = state.session.config.rootdir  # steps' relative paths (e.g. manifests) start here
     problems: list[str] = []
 
@@ -369,6 +378,13 @@ def plan(state: _State, pipeline: str, version: str, environment: str, vars_: tu
         _echo_json(
             {
                 "pipeline": pipe.name, "version": version, "environment": environment,
+                "vars": [{"name": k, "value": mask(v), "from": origin.get(k, "--var")}
+                         for k, v in d.vars.items()],
+                "environment_settings": None if env is None else {
+                    "source": env.source, "secrets": list(env.secrets),
+                    "requires": list(env.requires), "lock": env.lock,
+                    "protected": env.protected,
+                },
                 "stages": [
                     {"name": s.name, "parallel": s.parallel,
                      "continue_on_failure": s.continue_on_failure,
@@ -379,6 +395,14 @@ def plan(state: _State, pipeline: str, version: str, environment: str, vars_: tu
         )  # fmt: skip
         return done()
     click.echo(f"plan: {pipe.name} {version} -> {environment}")
+    if env is not None:
+        rules = [f"requires {', '.join(env.requires)} first"] if env.requires else []
+        rules += [f"secrets {', '.join(env.secrets)}"] if env.secrets else []
+        rules += ["protected (--yes)"] if env.protected else []
+        click.echo(f"environment {env.name} ({env.source})" + (
+            ": " + "; ".join(rules) if rules else ""))  # fmt: skip
+    for k, v in d.vars.items():
+        click.echo(mask(f"var {k}={v}  ({origin.get(k, '--var')})"))
     for i, s in enumerate(stages, 1):
         flags = [
             f
@@ -623,13 +647,14 @@ def _detach(state: _State, argv: list[str]) -> NoReturn:
     "--supersede", is_flag=True,
     help="Give up a deployment awaiting approval that holds the lock (recorded superseded).",
 )  # fmt: skip
+@yes_option
 @click.option("--report-fd", type=int, hidden=True)
 @pass_state
 def deploy(state: _State, pipeline: str, version: str, environment: str, vars_: tuple[str, ...],
            detach: bool, no_rollback: bool, wait_lock: float, notify: tuple[str, ...],
            secret_files: tuple[str, ...], as_json: bool, ci: str | None, junit: str | None,
            report_json: str | None, exit_zero_when_awaiting: bool,
-           wait_approval: float | None, supersede: bool,
+           wait_approval: float | None, supersede: bool, yes: bool,
            report_fd: int | None) -> None:  # fmt: skip
     """Deploy VERSION of PIPELINE to an environment.
 
@@ -649,7 +674,7 @@ def deploy(state: _State, pipeline: str, version: str, environment: str, vars_: 
     req = DeployRequest(
         pipeline=pipeline, version=version, environment=environment, vars=variables,
         auto_rollback=not no_rollback, wait_lock=wait_lock, notify=list(notify),
-        args=list(_Group.argv),
+        args=list(_Group.argv), yes=yes,
     )  # fmt: skip
     if report_fd is None:
         _before_deploying(state, pipeline, environment, supersede=supersede)
@@ -765,15 +790,22 @@ def _run_reporting(
     "--wait-lock", type=float, default=0.0, metavar="SECONDS", help="Wait for a held lock."
 )
 @click.option("--reason", default="", help="Why; recorded.")
+@click.option(
+    "--to", "to", default=None, metavar="VERSION|ID",
+    help="Redeploy this earlier succeeded version (or deployment) instead of the previous one.",
+)  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print the rollback deployment as JSON.")
+@yes_option
 @ci_option
 @pass_state
 def rollback(state: _State, target: str, environment: str | None, wait_lock: float, reason: str,
-             as_json: bool, ci: str | None) -> None:  # fmt: skip
-    """Redeploy the previous successful version (before deployment ID, or the latest one)."""
+             to: str | None, as_json: bool, yes: bool, ci: str | None) -> None:  # fmt: skip
+    """Redeploy the previous successful version (before deployment ID, or the latest one), or
+    with --to an earlier one that succeeded there (refused, with the candidates, otherwise)."""
     req, x, goal = state.service.rollback(
-        target, environment, wait_lock=wait_lock, reason=reason, args=list(_Group.argv)
-    )
+        target, environment, wait_lock=wait_lock, reason=reason, args=list(_Group.argv), to=to,
+        yes=yes,
+    )  # fmt: skip
     click.echo(
         f"rolling back deployment #{x['id']} ({x['version']}) to version {goal['version']} "
         f"(from deployment #{goal['id']})",
@@ -792,11 +824,12 @@ def rollback(state: _State, target: str, environment: str | None, wait_lock: flo
     help="Run every stage again (needed once another deployment ran there since ID).",
 )  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print the new deployment as JSON.")
+@yes_option
 @ci_option
 @pass_state
 def retry(
     state: _State, deployment_id: int, wait_lock: float, from_start: bool, as_json: bool,
-    ci: str | None,
+    yes: bool, ci: str | None,
 ) -> None:  # fmt: skip
     """Run a failed, cancelled or interrupted deployment again from its first unfinished stage.
 
@@ -806,6 +839,40 @@ def retry(
     req = state.service.retry(
         deployment_id, wait_lock=wait_lock, args=list(_Group.argv), from_start=from_start
     )
+    req.yes = yes
+    _run(state, req, as_json=as_json, ci=ci)
+
+
+@cli.command()
+@click.argument("pipeline")
+@click.option("--from", "source", required=True, metavar="ENV", help="Where it succeeded.")
+@click.option("--to", "target", required=True, metavar="ENV", help="Where it goes now.")
+@click.option("--var", "vars_", multiple=True, metavar="K=V", help="A variable for the pipeline.")
+@click.option(
+    "--wait-lock", type=float, default=0.0, metavar="SECONDS", help="Wait for a held lock."
+)
+@click.option("--notify", multiple=True, metavar="URL|NAME:VALUE", help="Add a notification sink.")
+@click.option("--json", "as_json", is_flag=True, help="Print the new deployment as JSON.")
+@yes_option
+@ci_option
+@pass_state
+def promote(state: _State, pipeline: str, source: str, target: str, vars_: tuple[str, ...],
+            wait_lock: float, notify: tuple[str, ...], as_json: bool, yes: bool,
+            ci: str | None) -> None:  # fmt: skip
+    """Deploy to --to the version of PIPELINE currently succeeded in --from (its latest
+    succeeded deployment there); recorded as promoted from that deployment.
+
+    Exits 2 when nothing succeeded there yet, 4 when it stops at an approval gate."""
+    req, found = state.service.promote(
+        pipeline, source, target, vars=_parse_vars(vars_), wait_lock=wait_lock,
+        args=list(_Group.argv), yes=yes, notify=list(notify),
+    )  # fmt: skip
+    click.echo(
+        f"promoting {pipeline} {found['version']} from {source} (deployment #{found['id']}) "
+        f"to {target}",
+        err=as_json,
+    )
+    _before_deploying(state, pipeline, target, supersede=False)
     _run(state, req, as_json=as_json, ci=ci)
 
 
@@ -1017,16 +1084,28 @@ def history(
     docs = state.service.history(
         pipeline=pipeline, environment=environment, limit=limit, statuses=statuses
     )
+    # With one pipeline and environment, the deployment whose version runs there is marked.
+    current = state.service.current_id(pipeline, environment) if pipeline and environment else None
     if as_json:
-        _echo_json([{k: d.get(k) for k in HISTORY_KEYS} for d in docs])
+        _echo_json([{**{k: d.get(k) for k in HISTORY_KEYS},
+                     **({"current": d["id"] == current} if pipeline and environment else {})}
+                    for d in docs])  # fmt: skip
         return
     if not docs:
         click.echo("no deployments yet")
         return
+
+    def note(d: Mapping[str, Any]) -> str:
+        parts = ["current"] if d["id"] == current else []
+        if d["rollback_of"]:
+            parts.append(f"rollback of #{d['rollback_of']}")
+        elif d["retry_of"]:
+            parts.append(f"retry of #{d['retry_of']}")
+        return ", ".join(parts)
+
     rows = [
         [f"#{d['id']}", d["pipeline"], d["version"], d["environment"], d["status"],
-         _when(d["started_at"]), _duration(d), d["user"] or "",
-         f"rollback of #{d['rollback_of']}" if d["rollback_of"] else (f"retry of #{d['retry_of']}" if d["retry_of"] else "")]
+         _when(d["started_at"]), _duration(d), d["user"] or "", note(d)]
         for d in docs
     ]  # fmt: skip
     _table(rows, ["id", "pipeline", "version", "env", "status", "started", "took", "by", "note"])
@@ -1093,6 +1172,8 @@ def show(state: _State, deployment_id: int, as_json: bool) -> None:
         click.echo(f"  rollback of #{doc['rollback_of']}")
     if doc["retry_of"]:
         click.echo(f"  retry of  #{doc['retry_of']}")
+    if doc.get("promoted_from"):
+        click.echo(f"  promoted from #{doc['promoted_from']}")
     if doc["error"]:
         click.echo(mask(f"  error     {doc['error']}"))
     if doc.get("gate"):

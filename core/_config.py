@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 DEFAULT_FILE = "pipelines.py"
 DEFAULT_HISTORY = ".shipyard/history.db"
 _KNOWN_SETTINGS = {"history", "store", "plugins", "notify", "file", "secret_files", "lock_lease"}
+#: ``[tool.shipyard.environments.NAME]``: read by ``shipyard._environments``.
+_KNOWN_SETTINGS.add("environments")
 
 
 @dataclass

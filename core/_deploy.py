@@ -75,6 +75,10 @@ class DeployRequest:
     #: For a resume: the recorded context and the gates' decisions.
     previous_version: str | None = None
     approvals: dict[str, Any] = field(default_factory=dict)
+    #: ``--yes``: meant for a protected environment.
+    yes: bool = False
+    #: ``shipyard promote``: the deployment whose version this one takes further.
+    promoted_from: int | None = None
 
 
 DeployRequest.__module__ = "shipyard"
@@ -214,6 +218,13 @@ class _Deployment:
         _warn_if_ephemeral(session)
         store = session.open_store()
         try:
+            if req.rollback_of is None and req.retry_of is None and req.resume_of is None:
+                from ._environments import check_requires
+                from ._environments import resolve
+
+                env = resolve(pipe, session.config, req.environment)
+                if env is not None and env.requires:
+                    check_requires(store, pipe.name, env, req.version, await commit)
             previous = (
                 req.previous_version if req.resume_of is not None
                 else store.previous_version(pipe.name, req.environment)
@@ -240,6 +251,8 @@ class _Deployment:
                     "rollback", dep_id, user=actor(),
                     reason=req.reason or f"rollback of deployment {req.rollback_of}",
                 )  # fmt: skip
+            if req.promoted_from is not None:
+                store.add_audit("promote", dep_id, user=actor(), reason=req.reason)
             if self.on_begin is not None:
                 self.on_begin(dep_id)
             if draft.id_was_read:  # the stages depend on the id: built again with the real one
@@ -363,6 +376,11 @@ class _Deployment:
                 pm.notifiers.create(s) for s in session.config.notify + self.req.notify
             ]
             names = names_in([st.steps for st in stages]) | names_in(sinks)
+            if self.req.resume_of is None:
+                from ._environments import resolve
+
+                env = resolve(pipe, session.config, deployment.environment)
+                names |= set(env.secrets if env else ())
             secrets = _load_secrets(session, names, pipe.name)
         except ShipyardError as exc:
             recorder.handle(

@@ -13,6 +13,7 @@ uses for it and how to show itself::
         ├── DeploymentNotFound
         ├── NoPreviousDeployment
         ├── RollbackRefused
+        ├── PromotionRefused            a version that did not pass where it must first
         ├── EnvironmentLocked           exit 3
         ├── SecretMissing               exit 1
         └── StepFailed                  exit 1
@@ -167,6 +168,11 @@ class NoPreviousDeployment(DeploymentError):
 
 class RollbackRefused(DeploymentError):
     """The pipeline does not allow rollback (``rollback=False``)."""
+
+
+class PromotionRefused(DeploymentError):
+    """A version may not deploy to an environment before it succeeded in those it
+    ``requires``, or ``promote`` found nothing succeeded to take further."""
 
 
 class EnvironmentLocked(DeploymentError):

@@ -65,23 +65,44 @@ class DeploymentManager:
         wait_lock: float = 0.0,
         rollback: bool = True,
         notify: Sequence[str] = (),
+        yes: bool = False,
     ) -> int:
         """Start a deployment in the background and return its id.
 
-        :raises PipelineNotFound, EnvironmentLocked, UsageError: before anything runs.
+        :param yes: meant for a protected environment (as ``--yes``).
+        :raises PipelineNotFound, EnvironmentLocked, UsageError, PromotionRefused: before
+            anything runs.
         """
         req = DeployRequest(
             pipeline=pipeline, version=version, environment=environment, vars=dict(vars or {}),
-            wait_lock=wait_lock, auto_rollback=rollback, notify=list(notify),
+            wait_lock=wait_lock, auto_rollback=rollback, notify=list(notify), yes=yes,
         )  # fmt: skip
         return self._start(req)
 
-    def rollback(self, deployment_id: int, *, wait_lock: float = 0.0) -> int:
-        """Start a rollback of ``deployment_id`` (DESIGN §4) and return the new id.
+    def promote(
+        self, pipeline: str, source: str, target: str, *, vars: Mapping[str, str] | None = None,
+        wait_lock: float = 0.0, yes: bool = False,
+    ) -> int:  # fmt: skip
+        """Deploy to ``target`` the version currently succeeded in ``source`` (as ``shipyard
+        promote``) in the background; return the new id.
+
+        :raises PromotionRefused: nothing succeeded in ``source``.
+        """
+        req, _ = self.service.promote(
+            pipeline, source, target, vars=vars, wait_lock=wait_lock, yes=yes
+        )
+        return self._start(req)
+
+    def rollback(
+        self, deployment_id: int, *, wait_lock: float = 0.0, to: str | None = None,
+        yes: bool = False,
+    ) -> int:  # fmt: skip
+        """Start a rollback of ``deployment_id`` (DESIGN §4; ``to``: an earlier succeeded
+        version or deployment id, as ``--to``) and return the new id.
 
         :raises RollbackRefused, NoPreviousDeployment, DeploymentNotFound: before anything runs.
         """
-        req, _, _ = self.service.rollback(deployment_id, wait_lock=wait_lock)
+        req, _, _ = self.service.rollback(deployment_id, wait_lock=wait_lock, to=to, yes=yes)
         return self._start(req)
 
     def retry(self, deployment_id: int, *, wait_lock: float = 0.0, from_start: bool = False) -> int:

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
     from typing_extensions import ParamSpec
 
+    from ._environments import Environment
     from ._reports import StepResult
     from ._runner import StepContext
 
@@ -233,7 +234,7 @@ class Pipeline(Generic[P]):
         func: Callable[..., Any],
         *,
         name: str | None = None,
-        environments: Sequence[str] | None = None,
+        environments: Sequence[str | Environment] | None = None,
         rollback: _RollbackMode = "manual",
         notify: Sequence[Any] = (),
     ) -> None:
@@ -246,9 +247,24 @@ class Pipeline(Generic[P]):
             environments = [environments]
         self.func = func
         self.name: str = name or func.__name__
-        self.environments: list[str] | None = (
-            list(environments) if environments is not None else None
-        )
+        #: Environments declared with ``shipyard.environment(...)``, by name.
+        self.environment_specs: dict[str, Any] = {}
+        names: list[str] | None = None
+        if environments is not None:
+            names = []
+            for e in environments:
+                if not isinstance(e, str):
+                    from ._environments import Environment
+
+                    if not isinstance(e, Environment):
+                        raise PipelineDefinitionError(
+                            f"pipeline {self.name!r}: environments holds {e!r}; give names or "
+                            "shipyard.environment(...) objects"
+                        )
+                    self.environment_specs[e.name] = e
+                    e = e.name
+                names.append(e)
+        self.environments: list[str] | None = names
         self.rollback: _RollbackMode = rollback
         self.notify = list(notify)
         self.description: str = inspect.cleandoc(func.__doc__ or "")
@@ -339,7 +355,7 @@ def pipeline(func: Callable[P, R], /) -> Pipeline[P]: ...
 def pipeline(
     *,
     name: str | None = None,
-    environments: Sequence[str] | None = None,
+    environments: Sequence[str | Environment] | None = None,
     rollback: _RollbackMode = "manual",
     notify: Sequence[Any] = (),
 ) -> Callable[[Callable[P, R]], Pipeline[P]]: ...
@@ -350,7 +366,7 @@ def pipeline(
     /,
     *,
     name: str | None = None,
-    environments: Sequence[str] | None = None,
+    environments: Sequence[str | Environment] | None = None,
     rollback: _RollbackMode = "manual",
     notify: Sequence[Any] = (),
 ) -> Pipeline[P] | Callable[[Callable[P, R]], Pipeline[P]]:

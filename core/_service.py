@@ -102,13 +102,24 @@ def check_request(session: Session, req: DeployRequest) -> Pipeline[Any]:
     check_environment(pipe, req.environment)
     if req.rollback_of is not None:
         check_rollback_allowed(pipe)
+    from ._environments import check_protected
+    from ._environments import merged_vars
+    from ._environments import resolve
+
+    env = resolve(pipe, session.config, req.environment)
+    if req.resume_of is None:
+        what = "a rollback" if req.rollback_of is not None else (
+            "a promotion" if req.promoted_from is not None else "a deploy")  # fmt: skip
+        check_protected(env, req.yes, what)
+    if req.rollback_of is None and req.retry_of is None and req.resume_of is None:
+        req.vars = merged_vars(env, req.vars)
     return pipe
 
 
 def rollback_request(
     of: DeployRequest | DeploymentRow, of_id: int, target: DeploymentRow, *,
     wait_lock: float = 0.0, notify: list[str] | None = None, args: list[str] | None = None,
-    reason: str = "",
+    reason: str = "", yes: bool = False,
 ) -> DeployRequest:  # fmt: skip
     """The deployment that rolls back deployment ``of_id`` (of ``of``'s pipeline and
     environment) to ``target``'s version, with the variables ``target`` ran with."""
@@ -120,7 +131,7 @@ def rollback_request(
         pipeline=pipeline, version=target["version"], environment=environment,
         vars=dict(target.get("vars") or {}), rollback_of=of_id, restores=target["id"],
         auto_rollback=False,
-        wait_lock=wait_lock, notify=list(notify or []), args=args, reason=reason,
+        wait_lock=wait_lock, notify=list(notify or []), args=args, reason=reason, yes=yes,
     )  # fmt: skip
 
 
@@ -129,7 +140,7 @@ def automatic_rollback(failed: DeployRequest, dep_id: int, target: DeploymentRow
     little for the lock, which the failed deployment has only just released."""
     return rollback_request(
         failed, dep_id, target, wait_lock=max(failed.wait_lock, 5.0), notify=failed.notify,
-        args=failed.args,
+        args=failed.args, yes=True,
     )  # fmt: skip
 
 
@@ -194,17 +205,63 @@ class DeploymentService:
         self, pipeline: str, version: str, environment: str, vars: Mapping[str, str] | None = None
     ) -> Plan:
         """The stages ``deploy`` would run; changes nothing."""
+        from ._environments import merged_vars
+        from ._environments import resolve
+
         check_version(version)
         pipe = self.session.pipeline(pipeline)
         check_environment(pipe, environment)
-        d = Deployment(0, pipe.name, version, environment, dict(vars or {}))
+        env = resolve(pipe, self.session.config, environment)
+        d = Deployment(0, pipe.name, version, environment, merged_vars(env, vars or {}))
         return Plan(pipe, d, self.session.build(pipe, d))
+
+    def environment(self, pipeline: str, environment: str) -> Any:
+        """The settings of ``environment`` for ``pipeline`` (``shipyard.Environment``), or None."""
+        from ._environments import resolve
+
+        return resolve(self.session.pipeline(pipeline), self.session.config, environment)
+
+    def promote(
+        self, pipeline: str, source: str, target: str, *, vars: Mapping[str, str] | None = None,
+        wait_lock: float = 0.0, args: list[str] | None = None, yes: bool = False,
+        notify: list[str] | None = None,
+    ) -> tuple[DeployRequest, DeploymentRow]:  # fmt: skip
+        """The deployment to ``target`` of the version currently succeeded in ``source`` (the
+        latest succeeded deployment there), and that deployment.
+
+        :raises PromotionRefused: nothing succeeded in ``source``.
+        """
+        from ._deploy import DeployRequest
+        from ._environments import succeeded
+        from ._exceptions import PromotionRefused
+
+        pipe = self.session.pipeline(pipeline)
+        check_environment(pipe, source)
+        check_environment(pipe, target)
+        if source == target:
+            raise UsageError(f"--from and --to are both {source!r}; promote to another environment")
+        store = self.read_store()
+        found = succeeded(store, pipe.name, source) if store is not None else None
+        if found is None:
+            raise PromotionRefused(
+                f"nothing of {pipe.name!r} has succeeded in {source!r} yet, so there is nothing "
+                f"to promote to {target!r}; deploy there first (`shipyard deploy {pipe.name} "
+                f"VERSION -e {source}`)"
+            )
+        reason = f"promoted from deployment {found['id']} ({found['version']} in {source})"
+        req = DeployRequest(
+            pipeline=pipe.name, version=found["version"], environment=target,
+            vars=dict(vars or {}), wait_lock=wait_lock, args=args, yes=yes,
+            promoted_from=found["id"], reason=reason, notify=list(notify or []),
+        )  # fmt: skip
+        return req, found
 
     # -- requests ---------------------------------------------------------------------------------
 
     def rollback(
         self, target: int | str, environment: str | None = None, *, wait_lock: float = 0.0,
-        reason: str = "", args: list[str] | None = None,
+        reason: str = "", args: list[str] | None = None, to: str | None = None,
+        yes: bool = False,
     ) -> tuple[DeployRequest, DeploymentRow, DeploymentRow]:  # fmt: skip
         """The rollback of deployment ``target`` (an id), or of the latest deployment of
         pipeline ``target`` in ``environment``: the request, the deployment rolled back and the
@@ -221,9 +278,43 @@ class DeploymentService:
         else:
             raise UsageError(f"{target!r} is not a deployment id; to name a pipeline, add -e ENV")
         check_rollback_allowed(self.session.pipeline(x["pipeline"]))
-        goal = store.rollback_target(x["id"])
-        req = rollback_request(x, x["id"], goal, wait_lock=wait_lock, args=args, reason=reason)
+        goal = store.rollback_target(x["id"]) if to is None else self._chosen_target(store, x, to)
+        req = rollback_request(x, x["id"], goal, wait_lock=wait_lock, args=args, reason=reason,
+                               yes=yes)  # fmt: skip
         return req, x, goal
+
+    def _chosen_target(self, store: HistoryStore, x: DeploymentRow, to: str) -> DeploymentRow:
+        """``rollback --to VERSION|ID``: a deployment that succeeded in ``x``'s pipeline and
+        environment, of that version (the latest such) or with that id."""
+        from ._exceptions import DeploymentNotFound
+        from ._exceptions import NoPreviousDeployment
+
+        done = store.deployments(pipeline=x["pipeline"], environment=x["environment"],
+                                 statuses=("succeeded",), limit=10_000)  # fmt: skip
+        if to.isdigit():
+            chosen = next((d for d in done if d["id"] == int(to)), None)
+            if chosen is None:
+                try:
+                    other = store.get(int(to))
+                    why = (f"deployment {to} is {other['pipeline']} {other['version']} in "
+                           f"{other['environment']!r}, {other['status']}")  # fmt: skip
+                except DeploymentNotFound:
+                    why = f"there is no deployment {to}"
+        else:
+            chosen = next((d for d in done if d["version"] == to), None)
+            why = f"version {to} never succeeded in {x['environment']!r}"
+        if chosen is not None:
+            return chosen
+        seen: list[str] = []
+        for d in done:
+            label = f"{d['version']} (#{d['id']})"
+            if d["version"] not in {s.split(" ")[0] for s in seen}:
+                seen.append(label)
+        candidates = ", ".join(seen[:10]) or "none"
+        raise NoPreviousDeployment(
+            f"cannot roll {x['pipeline']!r} in {x['environment']!r} back to {to}: {why}; the "
+            f"versions that succeeded there, newest first: {candidates}"
+        )
 
     def retry(
         self, dep_id: int, *, wait_lock: float = 0.0, args: list[str] | None = None,
@@ -578,7 +669,7 @@ class DeploymentService:
             ):
                 try:
                     target = store.rollback_target(x["id"])
-                    rollback = rollback_request(x, x["id"], target, wait_lock=5.0,
+                    rollback = rollback_request(x, x["id"], target, wait_lock=5.0, yes=True,
                                                 reason=f"deployment #{x['id']}: {why}")  # fmt: skip
                 except NoPreviousDeployment:
                     pass
@@ -615,7 +706,7 @@ class DeploymentService:
         except NoPreviousDeployment:
             return store.get(dep_id), None
         return store.get(dep_id), rollback_request(
-            x, dep_id, target, wait_lock=5.0, reason=f"deployment #{dep_id} was rejected"
+            x, dep_id, target, wait_lock=5.0, reason=f"deployment #{dep_id} was rejected", yes=True
         )
 
     def wait_finished(self, dep_id: int, timeout: float | None) -> str | None:
@@ -678,7 +769,25 @@ class DeploymentService:
                 }
                 for s in store.stages(dep_id)
             ]
+        doc["promoted_from"] = self.promoted_from(store, dep_id)
         return doc
+
+    @staticmethod
+    def promoted_from(store: HistoryStore, dep_id: int) -> int | None:
+        """The deployment ``dep_id`` was promoted from (``shipyard promote``), if it was."""
+        for a in store.audit_trail(deployment_id=dep_id, limit=100):
+            m = re.match(r"promoted from deployment (\d+) ", a["reason"] or "")
+            if a["action"] == "promote" and m:
+                return int(m.group(1))
+        return None
+
+    def current_id(self, pipeline: str, environment: str) -> int | None:
+        """The latest succeeded deployment of ``pipeline`` in ``environment``: what runs there."""
+        from ._environments import succeeded
+
+        store = self.read_store()
+        found = succeeded(store, pipeline, environment) if store is not None else None
+        return found["id"] if found else None
 
     def history(
         self, *, pipeline: str | None = None, environment: str | None = None, limit: int = 20,

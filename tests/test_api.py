@@ -149,6 +149,7 @@ TREE = [
     ("DeploymentNotFound", "DeploymentError", 2),
     ("NoPreviousDeployment", "DeploymentError", 2),
     ("RollbackRefused", "DeploymentError", 2),
+    ("PromotionRefused", "DeploymentError", 2),
     ("ApprovalRefused", "DeploymentError", 2),
     ("PipelineChanged", "DeploymentError", 2),
     ("EnvironmentLocked", "DeploymentError", 3),
