@@ -43,6 +43,9 @@ class Environment:
     protected: bool = False
     #: Where it was declared, for ``plan`` and messages.
     source: str = "pipelines.py"
+    #: A ``shipyard.approval(...)`` gate every deployment there stops at before its first
+    #: stage (rollbacks excepted), or None.
+    approval: Any = None
 
     def __str__(self) -> str:
         return self.name
@@ -54,6 +57,7 @@ Environment.__module__ = "shipyard"
 def environment(
     name: str, *, vars: Mapping[str, Any] | None = None, secrets: Iterable[str] = (),
     requires: Iterable[str] = (), lock: str = "pipeline", protected: bool = False,
+    approval: Any = None,
 ) -> Environment:  # fmt: skip
     """Declare an environment for ``@pipeline(environments=[...])``.
 
@@ -66,13 +70,16 @@ def environment(
         available yet.
     :param protected: ``deploy``, ``rollback`` and ``promote`` here need ``--yes`` (or
         ``SHIPYARD_YES=1``).
+    :param approval: ``shipyard.approval(...)``: every deployment here (but a rollback) stops
+        at this gate, a stage of its own named ``approval for NAME``, before its first stage.
     """
-    return _make(name, vars, secrets, requires, lock, protected, "pipelines.py")
+    return _make(name, vars, secrets, requires, lock, protected, "pipelines.py", approval)
 
 
 def _make(
-    name: Any, vars: Any, secrets: Any, requires: Any, lock: Any, protected: Any, source: str
-) -> Environment:
+    name: Any, vars: Any, secrets: Any, requires: Any, lock: Any, protected: Any, source: str,
+    approval: Any = None,
+) -> Environment:  # fmt: skip
     where = f"environment {name!r} ({source})"
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise PipelineDefinitionError(
@@ -111,7 +118,11 @@ def _make(
         raise PipelineDefinitionError(f"{where}: lock must be 'pipeline', got {lock!r}")
     if not isinstance(protected, bool):
         raise PipelineDefinitionError(f"{where}: protected must be True or False")
-    return Environment(name, out_vars, names[0], names[1], lock, protected, source)
+    if approval is not None and getattr(approval, "kind", None) != "approval":
+        raise PipelineDefinitionError(
+            f"{where}: approval must be shipyard.approval(...), got {approval!r}"
+        )
+    return Environment(name, out_vars, names[0], names[1], lock, protected, source, approval)
 
 
 def from_settings(table: Any) -> dict[str, Environment]:
@@ -122,7 +133,7 @@ def from_settings(table: Any) -> dict[str, Environment]:
     if not isinstance(table, Mapping):
         raise UsageError(f"{where} must be a table of environments")
     out = {}
-    known = {"vars", "secrets", "requires", "lock", "protected"}
+    known = {"vars", "secrets", "requires", "lock", "protected", "approval"}
     for name, spec in table.items():
         source = f"pyproject.toml [tool.shipyard.environments.{name}]"
         if not isinstance(spec, Mapping):
@@ -133,9 +144,22 @@ def from_settings(table: Any) -> dict[str, Environment]:
                 f"{source}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
             )
         try:
+            gate = None
+            if spec.get("approval") is not None:
+                if not isinstance(spec["approval"], Mapping):
+                    raise PipelineDefinitionError(
+                        f"{source}: approval must be a table of shipyard.approval's arguments, "
+                        'e.g. approval = { timeout = "4h", approvers = ["alice"] }'
+                    )
+                import shipyard
+
+                try:
+                    gate = shipyard.approval(**spec["approval"])
+                except (TypeError, shipyard.ShipyardError) as exc:
+                    raise PipelineDefinitionError(f"{source}: approval: {exc}") from None
             out[name] = _make(
                 name, spec.get("vars"), spec.get("secrets", ()), spec.get("requires", ()),
-                spec.get("lock", "pipeline"), spec.get("protected", False), source,
+                spec.get("lock", "pipeline"), spec.get("protected", False), source, gate,
             )  # fmt: skip
         except PipelineDefinitionError as exc:
             raise UsageError(str(exc)) from None
@@ -149,6 +173,21 @@ def resolve(pipe: Pipeline[Any], config: Config, name: str) -> Environment | Non
     if own is not None:
         return own
     return from_settings(config.settings.get("environments")).get(name)
+
+
+def gated(stages: list[Any], env: Environment | None, rollback: bool) -> list[Any]:
+    """``stages`` behind the environment's approval gate, if it has one (not for a rollback)."""
+    if env is None or env.approval is None or rollback:
+        return stages
+    from ._pipeline import stage
+
+    name = f"approval for {env.name}"
+    if any(s.name == name for s in stages):
+        raise PipelineDefinitionError(
+            f"environment {env.name!r} ({env.source}) adds a stage {name!r} for its approval, "
+            "and the pipeline has a stage of that name already; rename that stage"
+        )
+    return [stage(name, env.approval), *stages]
 
 
 def merged_vars(env: Environment | None, given: Mapping[str, str]) -> dict[str, str]:

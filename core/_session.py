@@ -103,7 +103,12 @@ class Session:
 
     def build(self, pipeline: Pipeline[Any], deployment: Deployment) -> list[Stage]:
         """The stages of ``pipeline`` for ``deployment``; every step kind must be available."""
+        from ._environments import gated
+        from ._environments import resolve
+
         stages = pipeline.build(deployment)
+        env = resolve(pipeline, self.config, deployment.environment)
+        stages = gated(stages, env, rollback=deployment.rollback_of is not None)
         registry = self.pm.step_types
         for st in stages:
             for step in st.steps:

@@ -259,3 +259,54 @@ def test_a_bad_environment_declaration_names_what_to_fix(
     assert message in out.stderr
     assert "pipelines.py" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+GATED = textwrap.dedent(
+    """
+    import os
+
+    import shipyard as sy
+
+    PROD = sy.environment("production", approval=sy.approval(timeout="1h", approvers=["bob"]))
+
+
+    @sy.pipeline(environments=["staging", PROD])
+    def web(d):
+        return [sy.stage("release", sy.command("sh", "-c", "echo released >> $LOG", name="rel",
+                                               env={"LOG": os.environ["RACE_LOG"]}))]
+    """
+)
+
+
+def test_an_environment_can_require_an_approval_before_its_first_stage(project: Runner) -> None:
+    (project.dir / "pipelines.py").write_text(GATED)
+    plan = _ok(project, "plan", "web", "1.0", "-e", "production").stdout
+    assert "[1/2] approval for production" in plan
+    assert "[1/1] release" in _ok(project, "plan", "web", "1.0", "-e", "staging").stdout
+    out = project.run("deploy", "web", "1.0", "-e", "production")
+    assert out.returncode == 4, out_of(out)
+    assert Path(project.env["RACE_LOG"]).read_text() == ""  # nothing ran before the gate
+    doc = project.json("show", "1")
+    assert [s["status"] for s in doc["stages"]] == ["waiting", "pending"]
+    assert doc["gate"]["approvers"] == ["bob"]
+    project.env["SHIPYARD_USER"] = "bob"
+    _ok(project, "approve", "1")
+    assert Path(project.env["RACE_LOG"]).read_text() == "released\n"
+    assert project.json("show", "1")["status"] == "succeeded"
+
+
+def test_pyproject_can_give_an_environment_its_approval(project: Runner) -> None:
+    (project.dir / "pipelines.py").write_text(GATED.replace(", PROD]", ', "qa"]'))
+    (project.dir / "pyproject.toml").write_text(
+        '[tool.shipyard.environments.qa]\napproval = { timeout = "2h", required = 2 }\n'
+    )
+    assert "[1/2] approval for qa" in _ok(project, "plan", "web", "1.0", "-e", "qa").stdout
+    assert project.run("deploy", "web", "1.0", "-e", "qa").returncode == 4
+    assert project.json("show", "1")["gate"]["required"] == 2
+    (project.dir / "pyproject.toml").write_text(
+        '[tool.shipyard.environments.qa]\napproval = { timeout = "2h", approver = "x" }\n'
+    )
+    bad = project.run("plan", "web", "1.0", "-e", "qa")
+    assert bad.returncode == 2, out_of(bad)
+    assert "[tool.shipyard.environments.qa]: approval:" in bad.stderr
+    assert "approver" in bad.stderr
