@@ -324,6 +324,10 @@ class _Deployment:
             "shipyard_version": __version__,
         }
         is_dead = dead_after(cfg.lock_lease)
+        from ._environments import lock_key
+
+        key = lock_key(self.session, req.pipeline, req.environment)
+        keyed: dict[str, Any] = {"lock_key": key} if key != req.pipeline else {}
         # How often a waiter asks again: a server store answers without contending for a file.
         poll = float(getattr(store, "lock_poll_interval", 0.1))
         loop = asyncio.get_running_loop()
@@ -337,6 +341,7 @@ class _Deployment:
                         pipeline=req.pipeline, version=req.version, environment=req.environment,
                         owner=this_process(), is_dead=is_dead, info=info,
                         rollback_of=req.rollback_of, retry_of=req.retry_of, ticket=ticket,
+                        **keyed,
                     )  # fmt: skip
                     ticket = None  # begin() removed it from the queue
                     stop_orphans(store, begun.interrupted)
@@ -349,7 +354,7 @@ class _Deployment:
                     if loop.time() >= deadline:
                         raise
                     if ticket is None:
-                        ticket = store.enqueue(req.pipeline, req.environment, this_process())
+                        ticket = store.enqueue(key, req.environment, this_process())
                         print(f"waiting for the lock: {exc}", file=sys.stderr)
                     elif loop.time() - last_touch > 5:
                         store.touch_ticket(ticket)

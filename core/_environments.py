@@ -66,8 +66,10 @@ def environment(
         checked before any step runs and masked as every secret is.
     :param requires: environments the exact version must have succeeded in (for that pipeline)
         before it may deploy here; ``shipyard promote`` deploys what succeeded there.
-    :param lock: ``"pipeline"`` (today's per-pipeline lock); environment-wide locks are not
-        available yet.
+    :param lock: ``"pipeline"`` (one lock per pipeline here, the default) or
+        ``"environment"``: one lock shared by every pipeline deploying here with this setting
+        (declare it in ``[tool.shipyard.environments]`` to give it to every pipeline), so that a
+        migration and an app deploy never interleave.
     :param protected: ``deploy``, ``rollback`` and ``promote`` here need ``--yes`` (or
         ``SHIPYARD_YES=1``).
     :param approval: ``shipyard.approval(...)``: every deployment here (but a rollback) stops
@@ -109,13 +111,10 @@ def _make(
         names.append(tuple(items))
     if name in names[1]:
         raise PipelineDefinitionError(f"{where}: it cannot require itself")
-    if lock == "environment":
+    if lock not in ("pipeline", "environment"):
         raise PipelineDefinitionError(
-            f"{where}: lock='environment' (one lock for every pipeline deploying there) is not "
-            "available yet; use lock='pipeline' (the default) and deploy with --wait-lock"
+            f"{where}: lock must be 'pipeline' or 'environment', got {lock!r}"
         )
-    if lock != "pipeline":
-        raise PipelineDefinitionError(f"{where}: lock must be 'pipeline', got {lock!r}")
     if not isinstance(protected, bool):
         raise PipelineDefinitionError(f"{where}: protected must be True or False")
     if approval is not None and getattr(approval, "kind", None) != "approval":
@@ -177,6 +176,15 @@ def resolve(pipe: Pipeline[Any], config: Config, name: str) -> Environment | Non
 
 def gated(stages: list[Any], env: Environment | None, rollback: bool) -> list[Any]:
     """``stages`` behind the environment's approval gate, if it has one (not for a rollback)."""
+    if env is not None and env.lock == "environment":
+        for st in stages:
+            for step in st.steps:
+                if step.kind == "approval" and getattr(step, "lock", None) == "release":
+                    raise PipelineDefinitionError(
+                        f"stage {st.name!r}: an approval gate with lock='release' cannot run in "
+                        f"environment {env.name!r}, whose lock is shared by every pipeline "
+                        f"(lock='environment', {env.source}); give the gate lock='hold'"
+                    )
     if env is None or env.approval is None or rollback:
         return stages
     from ._pipeline import stage
@@ -255,3 +263,17 @@ def succeeded(
         if version is None or x["version"] == version:
             return x
     return None
+
+
+def lock_key(session: Any, pipeline: str, environment: str) -> str:
+    """The name a deployment of ``pipeline`` to ``environment`` takes its lock under: the
+    pipeline, or :data:`~shipyard._store.ENVIRONMENT_LOCK` with ``lock="environment"``. A
+    pipelines file that cannot be loaded (``unlock`` of a broken project) gives the pipeline."""
+    from ._exceptions import ShipyardError
+    from ._store import ENVIRONMENT_LOCK
+
+    try:
+        env = resolve(session.pipeline(pipeline), session.config, environment)
+    except ShipyardError:
+        return pipeline
+    return ENVIRONMENT_LOCK if env is not None and env.lock == "environment" else pipeline

@@ -58,6 +58,7 @@ from ._exceptions import NoPreviousDeployment
 from ._reports import Status
 from ._reports import utcnow
 from ._sqlite import _TRANSITIONS as _SQLITE_TRANSITIONS
+from ._store import ENVIRONMENT_LOCK
 from ._store import ArtifactRow
 from ._store import AuditRow
 from ._store import Begun
@@ -506,7 +507,11 @@ class PostgresStore:
         row = cur.fetchone()
         if row is None:
             return None
-        return dict(zip([d.name for d in cur.description], row, strict=True))
+        out = dict(zip([d.name for d in cur.description], row, strict=True))
+        if pipeline == ENVIRONMENT_LOCK:  # name the pipeline whose deployment holds it
+            of = c.execute("SELECT pipeline FROM deployments WHERE id=%s", (out["deployment_id"],))
+            out["holder_pipeline"] = (of.fetchone() or [None])[0]
+        return out
 
     def _session_holds(self, c: Any, key: int, backend_pid: int | None) -> bool:
         return bool(backend_pid) and _holds(c, key, backend_pid)
@@ -549,6 +554,7 @@ class PostgresStore:
         retry_of: int | None = None,
         lock: bool = True,
         ticket: int | None = None,
+        lock_key: str | None = None,
     ) -> Begun:
         pg = self._psycopg
         try:
@@ -558,7 +564,7 @@ class PostgresStore:
                 return self._begin(pipeline=pipeline, version=version, environment=environment,
                                    owner=owner, is_dead=is_dead, info=info or {},
                                    rollback_of=rollback_of, retry_of=retry_of, lock=lock,
-                                   ticket=ticket)  # fmt: skip
+                                   ticket=ticket, lock_key=lock_key)  # fmt: skip
         except pg.Error as exc:
             raise HistoryError(
                 f"cannot record the deployment in the history store {self.url} (host "
@@ -567,20 +573,22 @@ class PostgresStore:
 
     def _begin(self, *, pipeline: str, version: str, environment: str, owner: ProcessRef,
                is_dead: Liveness, info: DeploymentInfo, rollback_of: int | None,
-               retry_of: int | None, lock: bool, ticket: int | None) -> Begun:  # fmt: skip
+               retry_of: int | None, lock: bool, ticket: int | None,
+               lock_key: str | None = None) -> Begun:  # fmt: skip
 
         interrupted: list[int] = []
         now = utcnow()
         user = info.get("user")
-        key, serial = self._lock_keys(pipeline, environment)
+        lk = lock_key or pipeline
+        key, serial = self._lock_keys(lk, environment)
         lc: Any = self._lock_session() if lock else None
         try:
             with self._tx() as c:
                 if lock:
                     c.execute("SET LOCAL lock_timeout = '30s'")
                     c.execute("SELECT pg_advisory_xact_lock(%s)", (serial,))
-                    self._check_queue(c, pipeline, environment, ticket, is_dead)
-                    self._acquire(c, lc, key, pipeline, environment, is_dead, interrupted)
+                    self._check_queue(c, lk, environment, ticket, is_dead)
+                    self._acquire(c, lc, key, lk, environment, is_dead, interrupted)
                 args = info.get("args")
                 dep_id = c.execute(
                     'INSERT INTO deployments (pipeline, version, environment, status, created_at, '
@@ -601,7 +609,7 @@ class PostgresStore:
                     c.execute("DELETE FROM lock_queue WHERE id=%s", (ticket,))
                 generation = 0
                 if lock:
-                    generation = self._insert_lock(c, lc, pipeline, environment, dep_id, owner,
+                    generation = self._insert_lock(c, lc, lk, environment, dep_id, owner,
                                                    user, version, now)  # fmt: skip
         except BaseException:
             if lc is not None:

@@ -599,9 +599,12 @@ class DeploymentService:
     def supersede(self, pipeline: str, environment: str, *, user: str) -> DeploymentRow | None:
         """End the deployment awaiting approval that holds the lock of ``pipeline`` in
         ``environment`` as ``superseded`` (audited), so that a new one may start."""
+        from ._environments import lock_key
+
         store = self.store(create=True)
+        key = lock_key(self.session, pipeline, environment)
         for lock in store.locks():
-            if (lock["pipeline"], lock["environment"]) != (pipeline, environment):
+            if (lock["pipeline"], lock["environment"]) != (key, environment):
                 continue
             x = store.get(lock["deployment_id"])
             if x["status"] != Status.AWAITING_APPROVAL:
@@ -721,8 +724,12 @@ class DeploymentService:
             time.sleep(0.1)
 
     def unlock(self, pipeline: str, environment: str, *, user: str, reason: str) -> LockRow | None:
-        """Break a lock by hand (its deployment becomes ``interrupted``); audited."""
-        return self.store(create=True).unlock(pipeline, environment, user=user, reason=reason)
+        """Break a lock by hand (its deployment becomes ``interrupted``); audited. With
+        ``lock="environment"``, the environment's shared lock."""
+        from ._environments import lock_key
+
+        key = lock_key(self.session, pipeline, environment)
+        return self.store(create=True).unlock(key, environment, user=user, reason=reason)
 
     # -- reading ----------------------------------------------------------------------------------
 

@@ -39,6 +39,7 @@ from ._exceptions import NoPreviousDeployment
 from ._identity import runner_identity
 from ._reports import Status
 from ._reports import utcnow
+from ._store import ENVIRONMENT_LOCK
 from ._store import ArtifactRow
 from ._store import AuditRow
 from ._store import Begun
@@ -448,6 +449,7 @@ class SQLiteStore:
         retry_of: int | None = None,
         lock: bool = True,
         ticket: int | None = None,
+        lock_key: str | None = None,
     ) -> Begun:
         """Record a new running deployment and take the lock of its pipeline and environment.
 
@@ -460,10 +462,11 @@ class SQLiteStore:
         info = info or {}
         now = utcnow()
         user = info.get("user")
+        key = lock_key or pipeline
         with self._tx(durable=True) as c:
             if lock:
-                self._check_queue(c, pipeline, environment, ticket, is_dead)
-                holder = self._lock(c, pipeline, environment)
+                self._check_queue(c, key, environment, ticket, is_dead)
+                holder = self._lock(c, key, environment)
                 if holder is not None:
                     self._refuse_if_gate(c, holder)
                     if is_dead(_ref(holder)):
@@ -495,7 +498,7 @@ class SQLiteStore:
                     "proc_start, user, version, acquired_at, heartbeat_at, runner) "
                     "VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                     (
-                        pipeline, environment, dep_id, owner["pid"], owner["host"],
+                        key, environment, dep_id, owner["pid"], owner["host"],
                         owner["proc_start"], user, version, now, now, runner_identity(),
                     ),
                 )  # fmt: skip
@@ -563,7 +566,11 @@ class SQLiteStore:
         if row is None:
             return None
         cols = [d[0] for d in cur.description]
-        return cast("LockRow", dict(zip(cols, row, strict=True)))
+        out = dict(zip(cols, row, strict=True))
+        if pipeline == ENVIRONMENT_LOCK:  # name the pipeline whose deployment holds it
+            of = c.execute("SELECT pipeline FROM deployments WHERE id=?", (out["deployment_id"],))
+            out["holder_pipeline"] = (of.fetchone() or [None])[0]
+        return cast("LockRow", out)
 
     @staticmethod
     def _refuse_if_gate(c: sqlite3.Connection, holder: LockRow) -> None:

@@ -344,12 +344,19 @@ class HistoryStore(Protocol):
         retry_of: int | None = None,
         lock: bool = True,
         ticket: int | None = None,
+        lock_key: str | None = None,
     ) -> Begun:
         """Record a new ``running`` deployment and take its pipeline and environment's lock.
 
         Both or neither: when another live deployment holds the lock (or a live waiter queued
         before ``ticket``), nothing is recorded and :class:`~shipyard.EnvironmentLocked` names the
         holder. A holder that ``is_dead`` is marked ``interrupted`` and its lock taken over.
+
+        ``lock_key``: the name the lock is taken under instead of the pipeline's, with the
+        environment: :data:`ENVIRONMENT_LOCK` for one lock shared by every pipeline there (the
+        lock row's ``pipeline`` is then that key; the queue of ``enqueue`` uses it too). The
+        engine passes it only for such environments, so a store that predates it still works
+        for every other.
         """
         ...
 
@@ -511,14 +518,29 @@ class HistoryStore(Protocol):
         ...
 
 
+#: The lock key of an environment-wide lock (``shipyard.environment(lock="environment")``):
+#: every pipeline deploying there with that setting takes this one lock.
+ENVIRONMENT_LOCK = "*"
+
+
+def _locked(h: Mapping[str, Any]) -> tuple[str, str, str]:
+    """What is locked, whose deployment holds it, and the pipeline to name to unlock it."""
+    if h["pipeline"] == ENVIRONMENT_LOCK:
+        of = h.get("holder_pipeline") or "?"
+        return (f"{h['environment']!r} (one lock for every pipeline, lock='environment')",
+                f" of pipeline {of!r}", of)  # fmt: skip
+    return f"{h['pipeline']!r} in {h['environment']!r}", "", h["pipeline"]
+
+
 def locked_message(h: Mapping[str, Any]) -> str:
     """Why a deployment may not start: who holds the lock, and what to do (every store)."""
     runner = f", runner {h['runner']}" if h.get("runner") else ""
+    what, of, name = _locked(h)
     return (
-        f"{h['pipeline']!r} in {h['environment']!r} is locked by deployment {h['deployment_id']} "
+        f"{what} is locked by deployment {h['deployment_id']}{of} "
         f"(version {h['version']}, by {h['user']} on {h['host']}, pid {h['pid']}{runner}, since "
         f"{h['acquired_at']}); wait with --wait-lock SECONDS, or if it is stuck run "
-        f"`shipyard unlock {h['pipeline']} -e {h['environment']} --reason TEXT`"
+        f"`shipyard unlock {name} -e {h['environment']} --reason TEXT`"
     )
 
 
@@ -527,8 +549,9 @@ def gate_locked_message(
 ) -> str:
     """Why a deployment may not start: the lock is held by one awaiting approval."""
     dep = h["deployment_id"]
+    what, of, _ = _locked(h)
     return (
-        f"{h['pipeline']!r} in {h['environment']!r} is held by deployment {dep} (version "
+        f"{what} is held by deployment {dep}{of} (version "
         f"{h['version']}), awaiting approval at stage {stage!r} since {requested_at} (expires "
         f"{expires_at}); decide it first: `shipyard approve {dep}`, `shipyard reject {dep} "
         f"--comment TEXT` or `shipyard cancel {dep}`"

@@ -381,6 +381,33 @@ def test_the_lock_is_per_pipeline_and_environment(store_factory):
     ]  # fmt: skip  (ordered by pipeline, then environment)
 
 
+def test_an_environment_lock_is_shared_by_the_pipelines_that_take_it(store_factory):
+    from shipyard._store import ENVIRONMENT_LOCK
+
+    store = store_factory()
+    migrate = begin(store, pipeline="migrations", lock_key=ENVIRONMENT_LOCK)
+    with pytest.raises(EnvironmentLocked) as info:
+        begin(store_factory.reopen(store), pipeline="web", lock_key=ENVIRONMENT_LOCK)
+    text = str(info.value)
+    assert "'prod' (one lock for every pipeline, lock='environment') is locked by deployment " in (
+        text)  # fmt: skip
+    assert f"deployment {migrate} of pipeline 'migrations'" in text
+    assert "`shipyard unlock migrations -e prod --reason TEXT`" in text
+    assert info.value.holder["deployment_id"] == migrate
+    # Another environment, or a pipeline with a lock of its own, is not held by it.
+    staging = begin(store, pipeline="web", environment="staging", lock_key=ENVIRONMENT_LOCK)
+    own = begin(store, pipeline="api")
+    assert [(lk["pipeline"], lk["environment"], lk["deployment_id"]) for lk in store.locks()] == [
+        (ENVIRONMENT_LOCK, "prod", migrate), (ENVIRONMENT_LOCK, "staging", staging),
+        ("api", "prod", own)]  # fmt: skip
+    assert store.get(migrate)["pipeline"] == "migrations"  # the deployment keeps its pipeline
+    store.finish(migrate, Status.SUCCEEDED, None)
+    web = begin(store, pipeline="web", lock_key=ENVIRONMENT_LOCK)
+    assert (store.locks()[0]["deployment_id"], store.get(web)["pipeline"]) == (web, "web")
+    assert store.unlock(ENVIRONMENT_LOCK, "prod", user="u", reason="r")["deployment_id"] == web
+    assert store.get(web)["status"] == "interrupted"
+
+
 def test_begin_without_the_lock_neither_takes_nor_respects_it(store_factory):
     store = store_factory()
     holder = begin(store, "v1")

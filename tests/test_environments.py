@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from runners import Fleet
 from runners import Runner
+from runners import done
 from runners import out_of
 
 PIPELINES = textwrap.dedent(
@@ -237,7 +238,7 @@ def test_pyproject_declares_environments_and_bad_declarations_are_clear(
 @pytest.mark.parametrize(
     ("declaration", "message"),
     [
-        ('sy.environment("prod", lock="environment")', "lock='environment'"),
+        ('sy.environment("prod", lock="region")', "lock must be 'pipeline' or 'environment'"),
         ('sy.environment("prod", requires=["prod"])', "cannot require itself"),
         ('sy.environment("prod", vars={"a b": 1})', "'a b' is not a variable name"),
         ('sy.environment("prod", secrets="TOKEN")', "secrets must be a list of names"),
@@ -310,3 +311,77 @@ def test_pyproject_can_give_an_environment_its_approval(project: Runner) -> None
     assert bad.returncode == 2, out_of(bad)
     assert "[tool.shipyard.environments.qa]: approval:" in bad.stderr
     assert "approver" in bad.stderr
+
+
+SHARED = textwrap.dedent(
+    """
+    import os
+    import time
+
+    import shipyard as sy
+
+
+    def hold(name):
+        log = os.environ["RACE_LOG"]
+        with open(log, "a") as f:
+            f.write(f"start {name}\\n")
+        end = time.monotonic() + 60
+        while not os.path.exists(os.environ["RELEASE"]) and time.monotonic() < end:
+            time.sleep(0.02)
+        with open(log, "a") as f:
+            f.write(f"end {name}\\n")
+
+
+    @sy.pipeline
+    def migrations(d):
+        return [sy.stage("migrate", sy.python(hold, "migrations", name="migrate"))]
+
+
+    @sy.pipeline
+    def app(d):
+        return [sy.stage("release", sy.python(hold, "app", name="release"))]
+    """
+)
+
+
+def test_two_pipelines_share_an_environment_lock(project: Runner) -> None:
+    from polling import wait_for
+
+    (project.dir / "pipelines.py").write_text(SHARED)
+    (project.dir / "pyproject.toml").write_text(
+        '[tool.shipyard.environments.prod]\nlock = "environment"\n'
+    )
+    release = project.dir / "release"
+    project.env["RELEASE"] = str(release)
+    log = Path(project.env["RACE_LOG"])
+    first = project.start("deploy", "migrations", "1", "-e", "prod")
+    wait_for(lambda: "start migrations" in log.read_text() or None, timeout=30)
+    refused = project.run("deploy", "app", "1", "-e", "prod")
+    assert refused.returncode == 3, out_of(refused)
+    assert "one lock for every pipeline, lock='environment'" in refused.stderr
+    assert "of pipeline 'migrations'" in refused.stderr
+    # Another environment is not held; --wait-lock queues behind the holder.
+    waiter = project.start("deploy", "app", "2", "-e", "prod", "--wait-lock", "60")
+    wait_for(lambda: "waiting for the lock" in "".join(_peek(waiter)) or None, timeout=30)
+    release.touch()
+    assert done(first, 60)[0] == 0
+    code, text = done(waiter, 60)
+    assert code == 0, text
+    assert log.read_text().splitlines() == [
+        "start migrations", "end migrations", "start app", "end app"]  # fmt: skip
+
+
+def _peek(p: subprocess.Popen[str]) -> list[str]:
+    """What a background runner printed on stderr so far (read without blocking)."""
+    import os
+    import select
+
+    seen: list[str] = getattr(p, "_seen", [])
+    assert p.stderr is not None
+    while select.select([p.stderr], [], [], 0)[0]:
+        chunk = os.read(p.stderr.fileno(), 65536).decode()
+        if not chunk:
+            break
+        seen.append(chunk)
+    p._seen = seen  # type: ignore[attr-defined]
+    return seen
