@@ -10,7 +10,7 @@ nox.options.sessions = ["lint", "tests"]
 nox.options.reuse_existing_virtualenvs = True
 
 PYTHON = "3.11"
-EXTRAS = ".[test,docker,kubernetes,postgres]"
+EXTRAS = ".[test,docker,kubernetes,postgres,serve,otel,ssh]"
 
 
 @nox.session(python=PYTHON)

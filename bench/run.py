@@ -29,6 +29,7 @@ import bench_docker
 import bench_history
 import bench_http
 import bench_memory
+import bench_otel
 import bench_postgres
 import bench_startup
 import bench_stats
@@ -96,6 +97,7 @@ BENCHMARKS: dict[str, tuple[str, Callable[[Options], dict[str, Any]]]] = {
     "docker-run": ("9", bench_docker.run),
     "postgres": ("11", bench_postgres.postgres),
     "stats": ("12", bench_stats.stats_1m),
+    "otel-steps": ("13", bench_otel.otel_steps),
 }
 
 

@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 DEFAULT_FILE = "pipelines.py"
 DEFAULT_HISTORY = ".shipyard/history.db"
 _KNOWN_SETTINGS = {"history", "store", "plugins", "notify", "file", "secret_files", "lock_lease"}
+#: Read by the tracing plugin (``shipyard.plugins.otel``, issue #19).
+_KNOWN_SETTINGS.add("otel")
 #: ``[tool.shipyard.environments.NAME]``: read by ``shipyard._environments``.
 _KNOWN_SETTINGS.add("environments")
 

@@ -75,7 +75,7 @@ class ConsoleReporter:
 
     def __init__(
         self, stream: IO[str] | None = None, *, color: bool | None = None, show_output: bool = True,
-        ci: CiFormat | None = None,
+        ci: CiFormat | None = None, live: bool | None = None,
     ) -> None:  # fmt: skip
         self.stream = stream or sys.stdout
         #: Colours on; and the steps' output passed as it is (else :func:`sanitize`-d).
@@ -92,6 +92,10 @@ class ConsoleReporter:
         self._folded = False
         self._annotations: list[str] = []
         self._annotated = False
+        #: On a terminal (not a CI log): a live view of the running steps under the lines.
+        self.live: LiveView | None = LiveView(self.stream, self.color) if (
+            live if live is not None else ci is None and is_interactive(self.stream)
+        ) else None  # fmt: skip
 
     def _c(self, text: str, key: Any) -> str:
         if not self.color or key not in _COLORS:
@@ -99,6 +103,9 @@ class ConsoleReporter:
         return f"\x1b[{_COLORS[key]}m{text}\x1b[0m"
 
     def write(self, text: str) -> None:
+        if self.live is not None:
+            self.live.write(text)
+            return
         try:
             self.stream.write(text + "\n")
             self.stream.flush()
@@ -118,6 +125,8 @@ class ConsoleReporter:
 
     def close(self) -> None:
         """End the CI fold still open (a deployment stopped inside a stage)."""
+        if self.live is not None:
+            self.live.stop()
         if self.ci is None:
             return
         if self._folded:
@@ -131,6 +140,8 @@ class ConsoleReporter:
         e: Any = event
         d = event.deployment
         name = event.hook
+        if self.live is not None:
+            self.live.handle(e, name)
         if name == "shipyard_step_output":
             if self.show_output:
                 prefix = f"{e.step.name} | " if self._parallel else ""
@@ -216,3 +227,126 @@ class ConsoleReporter:
             self.write(f"deployment #{d.id} {status} in {fmt_duration(took)}")
             if e.error:
                 self.write(f"  {e.error}")
+
+
+def is_interactive(stream: IO[str], environ: Any = None) -> bool:
+    """Whether ``stream`` is a person's terminal: a TTY, not ``TERM=dumb``, and no CI variable
+    set (a CI log may be a pseudo-terminal, and a live view there is noise)."""
+    from ._store import CI_VARIABLES
+
+    env = os.environ if environ is None else environ
+    isatty = getattr(stream, "isatty", None)
+    if not (isatty and isatty()) or env.get("TERM") == "dumb":
+        return False
+    return not any(env.get(v) not in (None, "", "0", "false") for v in CI_VARIABLES)
+
+
+_SPINNER = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
+
+
+class LiveView:
+    """The running steps, one line each (spinner, name, elapsed time, last output line), drawn
+    under the progress lines of a terminal and redrawn ten times a second (issue #19).
+
+    Every line the reporter writes goes through :meth:`write`: the view is erased, the line
+    written, the view drawn again below it, so the lines scroll as without a view and the view
+    stays at the bottom. Its lines are cut to the terminal's width, so that none wraps.
+    """
+
+    #: Seconds between redraws.
+    INTERVAL = 0.1
+
+    def __init__(self, stream: IO[str], color: bool) -> None:
+        import threading
+
+        self.stream = stream
+        self.color = color
+        #: Running steps by (stage index, step index): [name, start (monotonic), last line].
+        self.running: dict[Any, list[Any]] = {}
+        self._drawn = 0
+        self._frame = 0
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def handle(self, e: Any, name: str) -> None:
+        if name == "shipyard_step_started":
+            with self._lock:
+                self.running[(e.stage_index, e.index)] = [e.step.name, time.monotonic(), ""]
+            self._start()
+        elif name == "shipyard_step_output":
+            entry = self.running.get((e.stage_index, e.index))
+            if entry is not None:
+                for ln in reversed(e.lines):
+                    text = sanitize(ln.text).strip()
+                    if text:
+                        entry[2] = text
+                        break
+        elif name == "shipyard_step_finished":
+            with self._lock:
+                self.running.pop((e.stage_index, e.index), None)
+
+    def _start(self) -> None:
+        import threading
+
+        if self._thread is None:
+            self._wake.clear()
+            self._thread = threading.Thread(target=self._tick, name="shipyard-live", daemon=True)
+            self._thread.start()
+
+    def _tick(self) -> None:
+        while not self._wake.wait(self.INTERVAL):
+            with self._lock:
+                self._frame += 1
+                self._emit(self._erase() + self._draw())
+
+    def stop(self) -> None:
+        """Stop redrawing and erase the view (the deployment, or its stage, ended)."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._wake.set()
+            thread.join()
+        with self._lock:
+            self._emit(self._erase())
+
+    def write(self, text: str) -> None:
+        with self._lock:
+            self._emit(self._erase() + text + "\n" + self._draw())
+
+    def _erase(self) -> str:
+        n, self._drawn = self._drawn, 0
+        # Up to the view's first line, then clear to the end of the screen.
+        return f"\r\x1b[{n}A\x1b[J" if n else ""
+
+    def _draw(self) -> str:
+        if not self.running:
+            return ""
+        width = self._width()
+        now = time.monotonic()
+        spin = _SPINNER[self._frame % len(_SPINNER)]
+        lines = []
+        for step, started, last in list(self.running.values()):
+            head = f"  {spin} {step}  {fmt_duration(now - started)}"
+            room = width - len(head) - 4
+            tail = f"  {last[:room]}" if last and room > 8 else ""
+            line = (head + tail)[: width - 1]
+            lines.append(f"\x1b[2m{line}\x1b[0m" if self.color else line)
+        self._drawn = len(lines)
+        return "".join(line + "\n" for line in lines)
+
+    def _width(self) -> int:
+        try:
+            return os.get_terminal_size(self.stream.fileno()).columns
+        except (AttributeError, OSError, ValueError):
+            import shutil
+
+            return shutil.get_terminal_size().columns
+
+    def _emit(self, text: str) -> None:
+        if not text:
+            return
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except (BrokenPipeError, ValueError):  # a closed terminal must not fail a deployment
+            pass

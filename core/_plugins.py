@@ -46,6 +46,7 @@ DEFAULT_PLUGINS: Final[dict[str, str]] = {
     "nginx": "shipyard.plugins.nginx",
     "healthcheck": "shipyard.plugins.healthcheck",
     "kubernetes": "shipyard.plugins.kubernetes",
+    "otel": "shipyard.plugins.otel",
 }
 
 #: Plugins that cannot be disabled with ``-p no:NAME``.

@@ -83,6 +83,12 @@ class StepContext:
         self.grace: float = runner.grace
         #: The plugin manager, for steps that call hooks themselves (``docker.service`` routers).
         self.pluginmanager: ShipyardPluginManager = runner.pm
+        #: Variables for every process this step starts, besides ``DEPLOYMENT_*`` and before the
+        #: step's own ``env=``: plugins add to it before the step runs (tracing sets
+        #: ``TRACEPARENT`` from a ``shipyard_step_call`` wrapper, per attempt). :meth:`environ`
+        #: and :meth:`environb` include it; a step that starts processes elsewhere (a one-shot
+        #: container, a Job's pod) passes it too.
+        self.process_env: dict[str, str] = {}
 
     @property
     def deployment_env(self) -> dict[str, str]:
@@ -102,6 +108,8 @@ class StepContext:
         env.update(self.deployment_env)
         if self._runner.process_tag:
             env["SHIPYARD_DEPLOYMENT_TAG"] = self._runner.process_tag
+        if self.process_env:
+            env.update(self.process_env)
         if extra:
             env.update({str(k): str(v) for k, v in self.resolve(dict(extra)).items()})
         return env
@@ -115,6 +123,8 @@ class StepContext:
             env[os.fsencode(k)] = os.fsencode(v)
         if self._runner.process_tag:
             env[b"SHIPYARD_DEPLOYMENT_TAG"] = os.fsencode(self._runner.process_tag)
+        for k, v in self.process_env.items():
+            env[os.fsencode(k)] = os.fsencode(v)
         if extra:
             for k, v in self.resolve(dict(extra)).items():
                 env[os.fsencode(str(k))] = os.fsencode(str(v))

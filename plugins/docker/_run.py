@@ -133,7 +133,7 @@ class DockerRunStep(Step):
             "shipyard-run", d.pipeline, str(d.id), f"{context.stage_index}.{context.index}",
             secrets.token_hex(3),
         )  # fmt: skip
-        env = {**context.deployment_env, **context.resolve(self.env)}
+        env = {**context.deployment_env, **context.process_env, **context.resolve(self.env)}
         labels = {**self.labels, **base_labels(context), "shipyard.step": self.name}
         host_config = engine.api.create_host_config(
             network_mode=self.network, binds=resolve_binds(self.volumes, context) or None

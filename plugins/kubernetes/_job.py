@@ -226,7 +226,7 @@ class KubernetesJobStep(Step):
 
     def _pod_spec(self, context: StepContext) -> Obj:
         """The pod's spec: the ``main`` container with the ``DEPLOYMENT_*`` and step env."""
-        env = {**context.deployment_env, **context.resolve(self.env)}
+        env = {**context.deployment_env, **context.process_env, **context.resolve(self.env)}
         container: Obj = {
             "name": "main",
             "image": self.image,
