@@ -25,12 +25,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import bench_analysis
 import bench_docker
 import bench_history
 import bench_http
 import bench_memory
 import bench_otel
 import bench_postgres
+import bench_serve
 import bench_startup
 import bench_stats
 import bench_steps
@@ -98,6 +100,8 @@ BENCHMARKS: dict[str, tuple[str, Callable[[Options], dict[str, Any]]]] = {
     "postgres": ("11", bench_postgres.postgres),
     "stats": ("12", bench_stats.stats_1m),
     "otel-steps": ("13", bench_otel.otel_steps),
+    "analysis": ("14", lambda opts: {"figures": bench_analysis.figures(opts)}),
+    "serve": ("15", lambda opts: {"figures": bench_serve.run()}),
 }
 
 

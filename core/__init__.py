@@ -54,6 +54,15 @@ if TYPE_CHECKING:
     from ._secrets import secret as secret
     from ._store import HistoryStore as HistoryStore
     from .hookspecs import hookspec as hookspec
+    from .plugins.analysis import above as above
+    from .plugins.analysis import analysis as analysis
+    from .plugins.analysis import below as below
+    from .plugins.analysis import between as between
+    from .plugins.analysis import equals as equals
+    from .plugins.analysis import http_json as http_json
+    from .plugins.analysis import metric as metric
+    from .plugins.analysis import prometheus as prometheus
+    from .plugins.analysis import python_metric as python_metric
     from .plugins.approval import approval as approval
     from .plugins.command import command as command
     from .plugins.docker import docker as docker
@@ -71,6 +80,15 @@ _LAZY: dict[str, str] = {
     "Environment": "shipyard._environments",
     "PromotionRefused": "shipyard._exceptions",
     "approval": "shipyard.plugins.approval",
+    "above": "shipyard.plugins.analysis",
+    "analysis": "shipyard.plugins.analysis",
+    "below": "shipyard.plugins.analysis",
+    "between": "shipyard.plugins.analysis",
+    "equals": "shipyard.plugins.analysis",
+    "http_json": "shipyard.plugins.analysis",
+    "metric": "shipyard.plugins.analysis",
+    "prometheus": "shipyard.plugins.analysis",
+    "python_metric": "shipyard.plugins.analysis",
     "ApprovalRefused": "shipyard._exceptions",
     "PipelineChanged": "shipyard._exceptions",
     "Deployment": "shipyard._pipeline",

@@ -46,7 +46,9 @@ DEFAULT_PLUGINS: Final[dict[str, str]] = {
     "nginx": "shipyard.plugins.nginx",
     "healthcheck": "shipyard.plugins.healthcheck",
     "kubernetes": "shipyard.plugins.kubernetes",
+    "analysis": "shipyard.plugins.analysis",
     "otel": "shipyard.plugins.otel",
+    "serve": "shipyard.contrib.serve",
 }
 
 #: Plugins that cannot be disabled with ``-p no:NAME``.
@@ -316,6 +318,11 @@ class ShipyardPluginManager(pluggy.PluginManager):
         result: Awaitable[bool] | bool | None = self.hook.shipyard_router_switch(
             router=router, service=service, port=port, context=context
         )
+        return result
+
+    def analysis_measure(self, metric: Any, context: Any) -> Awaitable[Any]:
+        """Ask the measurement plugins for one measurement of ``metric`` (an awaitable)."""
+        result: Awaitable[Any] = self.hook.shipyard_analysis_measure(metric=metric, context=context)
         return result
 
     def open_store(self, url: str, *, create: bool) -> HistoryStore | None:

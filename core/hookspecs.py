@@ -247,6 +247,22 @@ def shipyard_router_switch(
     """
 
 
+@hookspec(firstresult=True)
+def shipyard_analysis_measure(metric: Any, context: Any) -> Awaitable[Any] | None:
+    """Take one measurement of ``metric`` for an ``analysis`` step; return an awaitable of the value.
+
+    The built-in implementation (``trylast``) calls ``metric.provider.measure(context)``. Return
+    an awaitable of your own to replace the measurement of some metrics, or wrap it with
+    ``hookwrapper=True``. The value may be anything (``None`` is a value: "no data"); raise to
+    make the measurement an error. Stops at first non-None result.
+
+    :param metric: the ``shipyard.metric(...)`` measured (``name``, ``provider``, conditions).
+    :param context: the measurement's context: ``deployment``, ``n``, ``resolve()``, ``log()``,
+        ``warn()``, ``http_client()``.
+    :returns: an awaitable of the measured value, or None to let others try.
+    """
+
+
 # -------------------------------------------------------------------------------------------------
 # Deployment events (notification sinks listen here)
 # -------------------------------------------------------------------------------------------------
