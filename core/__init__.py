@@ -73,6 +73,9 @@ if TYPE_CHECKING:
     from .plugins.notify import jsonl as jsonl
     from .plugins.notify import webhook as webhook
     from .plugins.python import python as python
+    from .plugins.ssh import hosts as hosts
+    from .plugins.ssh import ssh as ssh
+    from .plugins.ssh import upload as upload
     from .plugins.wait import wait as wait
 
 _LAZY: dict[str, str] = {
@@ -131,6 +134,9 @@ _LAZY: dict[str, str] = {
     "nginx": "shipyard.plugins.nginx",
     "pipeline": "shipyard._pipeline",
     "python": "shipyard.plugins.python",
+    "hosts": "shipyard.plugins.ssh",
+    "ssh": "shipyard.plugins.ssh",
+    "upload": "shipyard.plugins.ssh",
     "skip": "shipyard._exceptions",
     "fail": "shipyard._exceptions",
     "secret": "shipyard._secrets",

@@ -47,6 +47,7 @@ DEFAULT_PLUGINS: Final[dict[str, str]] = {
     "healthcheck": "shipyard.plugins.healthcheck",
     "kubernetes": "shipyard.plugins.kubernetes",
     "analysis": "shipyard.plugins.analysis",
+    "ssh": "shipyard.plugins.ssh",
     "otel": "shipyard.plugins.otel",
     "serve": "shipyard.contrib.serve",
 }

@@ -57,6 +57,7 @@ EXPECTED = [
     "health_check",
     "hookimpl",
     "hookspec",
+    "hosts",
     "http_json",
     "jsonl",
     "kubernetes",
@@ -68,7 +69,9 @@ EXPECTED = [
     "python_metric",
     "secret",
     "skip",
+    "ssh",
     "stage",
+    "upload",
     "wait",
     "webhook",
 ]
