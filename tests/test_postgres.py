@@ -15,7 +15,6 @@ import signal
 import socket
 import subprocess
 import textwrap
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -28,6 +27,7 @@ from runners import SHIPYARD
 from runners import Fleet
 from runners import done
 from runners import out_of as _out
+from tcp_relay import Relay
 
 
 @pytest.fixture
@@ -223,83 +223,15 @@ def test_an_unreachable_database_before_a_deploy_is_exit_2_naming_the_host(fleet
     assert not fleet.events()
 
 
-class Proxy:
-    """A TCP proxy on loopback in front of the cluster, which the test can cut."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target = target_port
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.sockets: list[socket.socket] = []
-        self.lock = threading.Lock()
-        self.up = True
-        self.thread = threading.Thread(target=self._accept, daemon=True)
-        self.thread.start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            if not self.up:
-                client.close()
-                continue
-            server = socket.create_connection(("127.0.0.1", self.target))
-            with self.lock:
-                self.sockets += [client, server]
-            for a, b in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pump(a: socket.socket, b: socket.socket) -> None:
-        try:
-            while data := a.recv(65536):
-                b.sendall(data)
-        except OSError:
-            pass
-        for s in (a, b):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def cut(self) -> None:
-        """Every connection through it ends, and new ones are refused (the database is down)."""
-        self.up = False
-        with self.lock:
-            for s in self.sockets:
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def restore(self) -> None:
-        self.up = True
-
-    def close(self) -> None:
-        self.cut()
-        try:
-            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread
-        except OSError:
-            pass
-        self.listener.close()
-        self.thread.join(timeout=5)
-        time.sleep(0.1)  # the pumps see their sockets shut and return
-        with self.lock:
-            for s in self.sockets:
-                s.close()
-
-
 def test_the_database_going_down_during_a_deploy_stops_it_and_it_is_recorded_so(
     fleet: Fleet, pg: Any, store_url: str
 ) -> None:
-    proxy = Proxy(pg.port)
+    proxy = Relay(pg.port)
     try:
         url = store_url.replace(f":{pg.port}/", f":{proxy.port}/")
         holder = fleet.runner(url).start("deploy", "web", "1.0", "-e", "prod", "--var", "sleep=4")
         wait_for(lambda: fleet.started("1.0"), timeout=30, what="the holder's step to start")
-        proxy.cut()
+        proxy.cut(refuse=True)
         time.sleep(1.5)  # down for longer than a heartbeat: the lock's session ended with it
         proxy.restore()
         rc, out = done(holder)
@@ -316,14 +248,14 @@ def test_the_database_going_down_during_a_deploy_stops_it_and_it_is_recorded_so(
 def test_a_deploy_that_cannot_record_its_end_never_reports_success(
     fleet: Fleet, pg: Any, store_url: str
 ) -> None:
-    proxy = Proxy(pg.port)
+    proxy = Relay(pg.port)
     try:
         url = store_url.replace(f":{pg.port}/", f":{proxy.port}/")
         runner = fleet.runner(url)
         runner.env["SHIPYARD_STORE_RETRY"] = "2"
         holder = runner.start("deploy", "web", "1.0", "-e", "prod", "--var", "sleep=2")
         wait_for(lambda: fleet.started("1.0"), timeout=30, what="the holder's step to start")
-        proxy.cut()  # and it stays down
+        proxy.cut(refuse=True)  # and it stays down
         rc, out = done(holder)
     finally:
         proxy.close()

@@ -14,11 +14,11 @@ from typing import Any
 
 import httpx
 import pytest
-from browser import Relay
 from browser import browser_fixture  # noqa: F401  # the fixtures `browser`, `page`, `screenshot`
 from browser import page_fixture  # noqa: F401
 from browser import screenshot_fixture  # noqa: F401
 from polling import wait_for
+from tcp_relay import Relay
 
 PIPELINES = """
 import os
@@ -412,7 +412,7 @@ def test_live_log_in_chromium_survives_a_cut_connection(project: Any, page: Any,
     running = project.popen("deploy", "web", "1.0", "-e", "staging",
                             env={"LINES": "25", "PAUSE": "0.2"})  # fmt: skip
     wait_for(lambda: running_one(server), 30, "a running deployment")
-    relay = Relay(("127.0.0.1", server.port))
+    relay = Relay(server.port)
     try:
         page.goto(f"http://127.0.0.1:{relay.port}/deployments/1")
         page.wait_for_selector("#log .line", timeout=20_000)
