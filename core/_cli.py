@@ -1136,6 +1136,43 @@ def _ago(seconds: float) -> str:
     return f"{seconds:.0f} s"
 
 
+def _show_analysis(a: dict[str, Any]) -> None:
+    """One metric of an analysis step: verdict, counts, and the values measured."""
+    import json
+
+    from ._secrets import mask
+
+    counts = ", ".join(f"{v} {k}" for k, v in a["counts"].items() if v) or "no measurement"
+    dry = " [dry-run]" if a.get("dry_run") else ""
+    click.echo(f"  analysis  {a['step']}: {a['metric']}{dry}  {a['verdict'] or 'not decided'}"
+               f"  ({counts})")  # fmt: skip
+    values = [m["error"] if m["error"] else json.dumps(m["value"]) for m in a["measurements"][-10:]]
+    if values:
+        more = len(a["measurements"]) - len(values)
+        click.echo(
+            mask("            " + (f"... {more} more, " if more else "") + "; ".join(values))
+        )
+
+
+def _show_hosts(hosts: list[dict[str, Any]]) -> None:
+    """The host x step matrix of a fleet deployment: a row per host, a column per step."""
+    steps: list[str] = []
+    cells: dict[str, dict[str, str]] = {}
+    for h in hosts:
+        step = f"{h['stage']}/{h['step']}"
+        if step not in steps:
+            steps.append(step)
+        code = f" ({h['exit_code']})" if h.get("exit_code") not in (None, 0) else ""
+        cells.setdefault(h["host"], {})[step] = f"{h.get('status')}{code}"
+    width = max(len(h) for h in cells)
+    widths = [max([len(s)] + [len(c.get(s, "-")) for c in cells.values()]) for s in steps]
+    click.echo("  hosts     " + " " * width + "  " + "  ".join(
+        s.ljust(w) for s, w in zip(steps, widths, strict=True)))  # fmt: skip
+    for host, row in cells.items():
+        click.echo("            " + host.ljust(width) + "  " + "  ".join(
+            row.get(s, "-").ljust(w) for s, w in zip(steps, widths, strict=True)).rstrip())  # fmt: skip
+
+
 @cli.command()
 @click.argument("deployment_id", type=int, metavar="ID")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
@@ -1189,6 +1226,10 @@ def show(state: _State, deployment_id: int, as_json: bool) -> None:
             if st["error"] and st["status"] != Status.SUCCEEDED:
                 for line in st["error"].splitlines():
                     click.echo(mask(f"              {line}"))
+    for a in doc.get("analysis") or ():
+        _show_analysis(a)
+    if doc.get("hosts"):
+        _show_hosts(doc["hosts"])
     for a in state.service.audit_trail(deployment_id):
         click.echo(
             f"  audit     {_when(a['ts'])} {a['action']} by {a['user']}: {a['reason'] or '-'}"

@@ -157,6 +157,28 @@ class StepContext:
         store.record_artifact(self.deployment.id, self.stage_index, self.index, name, content)
         return True
 
+    def record_measurement(
+        self, metric: str, n: int, value: Any, outcome: str, *, error: str | None = None,
+        dry_run: bool = False, ts: str | None = None, warnings: Iterable[str] = (),
+    ) -> None:  # fmt: skip
+        """Keep one measurement of an analysis (metric ``metric``, the ``n``-th) in the history's
+        measurements table: ``value`` as JSON text (masked; the caller keeps it under 4 KiB),
+        ``outcome`` one of ``successful``, ``failed``, ``inconclusive``, ``error``; ``warnings``
+        what the provider warned of. Nothing is kept outside a recorded deployment."""
+        import json
+
+        store = self._runner.store
+        if store is None or self.deployment.id <= 0:
+            return
+        text = None if value is None else mask(json.dumps(value))
+        warned = list(warnings)
+        store.record_measurement(
+            self.deployment.id, self.stage_index, self.index,
+            {"metric": metric, "n": n, "ts": ts or utcnow(), "value": text, "outcome": outcome,
+             "error": mask(error) if error else None, "dry_run": dry_run,
+             "warnings": json.dumps([mask(w) for w in warned]) if warned else None},
+        )  # fmt: skip
+
     def restored_artifact(self, name: str) -> str | None:
         """In a rollback, the artifact ``name`` that the step of the same stage and name kept in
         the deployment being restored (:attr:`Deployment.restores`); else None."""

@@ -23,12 +23,14 @@ from ._reports import Status
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from collections.abc import Sequence
 
     from ._deploy import DeployRequest
     from ._events import Event
     from ._pipeline import Pipeline
     from ._pipeline import Stage
     from ._session import Session
+    from ._store import ArtifactRow
     from ._store import AuditRow
     from ._store import Decision
     from ._store import DeploymentRow
@@ -36,6 +38,7 @@ if TYPE_CHECKING:
     from ._store import HistoryStore
     from ._store import LockRow
     from ._store import LogRow
+    from ._store import MeasurementRow
 
 #: Deployments that are still going on.
 ACTIVE: frozenset[str] = frozenset({Status.PENDING, Status.RUNNING})
@@ -47,6 +50,61 @@ HISTORY_KEYS = ("id", "pipeline", "version", "environment", "status", "started_a
                 "rollback_of", "retry_of", "error", "user", "host")  # fmt: skip
 _STEP_KEYS = ("name", "kind", "status", "attempts", "exit_code", "error", "warning",
               "started_at", "finished_at")  # fmt: skip
+
+
+def _loads(text: str | None) -> Any:
+    import json
+
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def analysis_document(
+    artifacts: Sequence[ArtifactRow], measurements: Sequence[MeasurementRow]
+) -> list[dict[str, Any]]:
+    """``show --json``'s ``analysis``: per analysis step and metric, its settings and verdict
+    (the step's ``analysis:<metric>`` artifact), the counts of its outcomes and every measurement
+    (the measurements table). A metric whose step was stopped has no verdict."""
+    out: dict[tuple[int, int, str], dict[str, Any]] = {}
+    for a in artifacts:
+        if a["name"].startswith("analysis:"):
+            spec = _loads(a["content"])
+            if isinstance(spec, dict):
+                key = (a["stage_idx"], a["step_idx"], str(spec.get("metric")))
+                out[key] = {"stage": a["stage"], "step": a["step"], **spec, "measurements": []}
+    for m in measurements:
+        key = (m["stage_idx"], m["step_idx"], m["metric"])
+        entry = out.setdefault(key, {"stage": m["stage"], "step": m["step"], "metric": m["metric"],
+                                     "verdict": None, "dry_run": m["dry_run"], "measurements": []})  # fmt: skip
+        entry["measurements"].append({
+            "n": m["n"], "ts": m["ts"], "value": _loads(m["value"]), "outcome": m["outcome"],
+            "error": m["error"], "dry_run": m["dry_run"], "warnings": _loads(m["warnings"]) or [],
+        })  # fmt: skip
+    for entry in out.values():
+        counts = dict.fromkeys(("successful", "failed", "inconclusive", "error"), 0)
+        for m in entry["measurements"]:
+            counts[m["outcome"]] = counts.get(m["outcome"], 0) + 1
+        entry["counts"] = counts
+    return [out[k] for k in sorted(out)]
+
+
+def hosts_document(artifacts: Sequence[ArtifactRow]) -> list[dict[str, Any]]:
+    """``show --json``'s ``hosts``: one entry per fleet step and host (the step's ``hosts``
+    artifact), in step order: the host x step matrix."""
+    out = []
+    for a in artifacts:
+        if a["name"] != "hosts":
+            continue
+        hosts = _loads(a["content"])
+        if isinstance(hosts, dict):
+            for host, run in hosts.items():
+                fields = run if isinstance(run, dict) else {"status": run}
+                out.append({"stage": a["stage"], "step": a["step"], "host": host, **fields})
+    return out
 
 
 # -- the rules -------------------------------------------------------------------------------------
@@ -777,6 +835,10 @@ class DeploymentService:
                 for s in store.stages(dep_id)
             ]
         doc["promoted_from"] = self.promoted_from(store, dep_id)
+        if stages:
+            artifacts = store.artifacts(dep_id)
+            doc["analysis"] = analysis_document(artifacts, store.measurements(dep_id))
+            doc["hosts"] = hosts_document(artifacts)
         return doc
 
     @staticmethod

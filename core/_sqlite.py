@@ -44,6 +44,7 @@ from ._store import ArtifactRow
 from ._store import AuditRow
 from ._store import Begun
 from ._store import Decision
+from ._store import DeploymentCountRow
 from ._store import DeploymentInfo
 from ._store import DeploymentRow
 from ._store import GateRecord
@@ -52,6 +53,8 @@ from ._store import Liveness
 from ._store import LockRow
 from ._store import LogRecord
 from ._store import LogRow
+from ._store import MeasurementRecord
+from ._store import MeasurementRow
 from ._store import ProcessRef
 from ._store import StagePlan
 from ._store import StageRow
@@ -65,7 +68,7 @@ if TYPE_CHECKING:
 #: "SHYD" - marks a SQLite file as a Shipyard history.
 APPLICATION_ID = 0x53485944
 #: The schema version this code writes; migrations bring older files up to it.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 BUSY_TIMEOUT_MS = 30_000
 #: WAL pages between automatic checkpoints (see the docstring): about 32 MiB of WAL at most.
 WAL_CHECKPOINT_PAGES = 8192
@@ -265,8 +268,22 @@ def _add_gates_v4(db: Any) -> None:
     db.execute("CREATE INDEX ix_gates_status ON gates (status)")
 
 
+def _add_measurements_v5(db: Any) -> None:
+    """Version 5: every measurement of an analysis step, in its own table (issue #15)."""
+    db.execute(
+        "CREATE TABLE measurements (id INTEGER PRIMARY KEY, deployment_id INTEGER NOT NULL, "
+        "stage_idx INTEGER NOT NULL, step_idx INTEGER NOT NULL, metric TEXT NOT NULL, "
+        "n INTEGER NOT NULL, ts TEXT NOT NULL, value TEXT, outcome TEXT NOT NULL, error TEXT, "
+        "dry_run INTEGER NOT NULL DEFAULT 0, warnings TEXT)"
+    )
+    db.execute("CREATE INDEX ix_meas_dep ON measurements (deployment_id, id)")
+
+
 #: Migrations by the version they produce. Each runs inside one transaction.
-MIGRATIONS = {1: _create_v1, 2: _add_artifacts_v2, 3: _add_lock_runner_v3, 4: _add_gates_v4}
+MIGRATIONS = {
+    1: _create_v1, 2: _add_artifacts_v2, 3: _add_lock_runner_v3, 4: _add_gates_v4,
+    5: _add_measurements_v5,
+}  # fmt: skip
 
 
 class SQLiteStore:
@@ -777,6 +794,31 @@ class SQLiteStore:
             ),
         )
 
+    def record_measurement(
+        self, dep_id: int, stage_idx: int, step_idx: int, m: MeasurementRecord
+    ) -> None:
+        with self._tx() as c:
+            c.execute(
+                "INSERT INTO measurements (deployment_id, stage_idx, step_idx, metric, n, ts, "
+                "value, outcome, error, dry_run, warnings) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (dep_id, stage_idx, step_idx, m["metric"], m["n"], m["ts"], m["value"],
+                 m["outcome"], m["error"], bool(m["dry_run"]), m["warnings"]),
+            )  # fmt: skip
+
+    def measurements(self, dep_id: int) -> list[MeasurementRow]:
+        rows = self._query(
+            "SELECT m.stage_idx, m.step_idx, st.name AS stage, s.name AS step, m.metric, m.n, "
+            "m.ts, m.value, m.outcome, m.error, m.dry_run, m.warnings FROM measurements m "
+            "LEFT JOIN stages st ON st.deployment_id = m.deployment_id AND st.idx = m.stage_idx "
+            "LEFT JOIN steps s ON s.deployment_id = m.deployment_id "
+            "AND s.stage_idx = m.stage_idx AND s.idx = m.step_idx "
+            "WHERE m.deployment_id=? ORDER BY m.id",
+            (dep_id,),
+        )
+        for r in rows:
+            r["dry_run"] = bool(r["dry_run"])
+        return cast("list[MeasurementRow]", rows)
+
     def add_audit(self, action: str, dep_id: int, *, user: str, reason: str) -> None:
         """Record who did ``action`` to deployment ``dep_id`` and why."""
         dep = self.get(dep_id)
@@ -1282,7 +1324,8 @@ class _SQLiteBulk:
             yield
 
     def read(self, table: str, dep_ids: Sequence[int] | None = None) -> list[dict[str, Any]]:
-        order = {"stages": "deployment_id, idx", "steps": "deployment_id, stage_idx, idx"}
+        order = {"stages": "deployment_id, idx", "steps": "deployment_id, stage_idx, idx",
+                 "gates": "deployment_id, stage_idx"}  # fmt: skip
         sql = f"SELECT * FROM {table}"
         params: list[Any] = []
         if dep_ids is not None:

@@ -187,6 +187,34 @@ class ArtifactRow(TypedDict):
     created_at: str
 
 
+class MeasurementRecord(TypedDict):
+    """One measurement of an analysis metric (``StepContext.record_measurement``)."""
+
+    metric: str
+    #: 1 for the first measurement of the metric in this step.
+    n: int
+    ts: str
+    #: The value as JSON text (masked, at most 4 KiB), or None.
+    value: str | None
+    #: ``successful``, ``failed``, ``inconclusive`` or ``error``.
+    outcome: str
+    error: str | None
+    dry_run: bool
+    #: What the provider warned of (Prometheus ``warnings``, a value cut at 4 KiB), as a JSON
+    #: list; None when nothing.
+    warnings: str | None
+
+
+class MeasurementRow(MeasurementRecord):
+    """A recorded measurement, with the step it belongs to."""
+
+    stage_idx: int
+    step_idx: int
+    #: The names of the step and its stage in that deployment.
+    stage: str | None
+    step: str | None
+
+
 class GateRecord(TypedDict):
     """An approval gate a deployment stopped at (``HistoryStore.suspend``)."""
 
@@ -307,6 +335,22 @@ class StatsRows(TypedDict):
     commits: list[CommitRow]
 
 
+class DeploymentCountRow(TypedDict):
+    """The deployments of one pipeline, environment and status, with how long the finished ones
+    took (:meth:`HistoryStore.deployment_counts`; the dashboard's ``/metrics``)."""
+
+    pipeline: str
+    environment: str
+    status: str
+    count: int
+    #: Of them, those with a start and an end: how many, and their durations' sum (seconds).
+    timed: int
+    seconds: float
+    #: Per bound of the ``buckets`` asked for (seconds, ascending): how many of the timed ones
+    #: took at most that long (cumulative, as a Prometheus histogram counts).
+    le: list[int]
+
+
 # -- the port --------------------------------------------------------------------------------------
 
 
@@ -422,6 +466,16 @@ class HistoryStore(Protocol):
 
     def artifacts(self, dep_id: int) -> list[ArtifactRow]:
         """The artifacts steps of ``dep_id`` recorded, in the order recorded."""
+        ...
+
+    def record_measurement(
+        self, dep_id: int, stage_idx: int, step_idx: int, m: MeasurementRecord
+    ) -> None:
+        """Keep one measurement of an analysis step of ``dep_id``; durable at return."""
+        ...
+
+    def measurements(self, dep_id: int) -> list[MeasurementRow]:
+        """The measurements the analysis steps of ``dep_id`` recorded, in the order taken."""
         ...
 
     def add_audit(self, action: str, dep_id: int, *, user: str, reason: str) -> None:

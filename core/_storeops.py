@@ -17,12 +17,13 @@ from typing import Any
 from ._exceptions import HistoryError
 from ._store import HistoryStore
 
-#: Deployments copied per batch (their stages, steps, lines and artifacts go with them).
+#: Deployments copied per batch (their stages, steps, lines, artifacts, gates, decisions and
+#: measurements go with them).
 BATCH = 500
 
 _KEY = ("pipeline", "environment", "version", "created_at", "host", "pid")
 _AUDIT_KEY = ("ts", "action", "deployment_id", "pipeline", "environment", "user", "reason")
-_CHILDREN = ("stages", "steps", "logs", "artifacts")
+_CHILDREN = ("stages", "steps", "logs", "artifacts", "gates", "approvals", "measurements")
 
 
 @dataclass

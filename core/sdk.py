@@ -92,6 +92,8 @@ if TYPE_CHECKING:
     from ._store import LockRow as LockRow
     from ._store import LogRecord as LogRecord
     from ._store import LogRow as LogRow
+    from ._store import MeasurementRecord as MeasurementRecord
+    from ._store import MeasurementRow as MeasurementRow
     from ._store import ProcessRef as ProcessRef
     from ._store import StagePlan as StagePlan
     from ._store import StageRow as StageRow
@@ -144,6 +146,8 @@ _LAZY: dict[str, tuple[str, str]] = {
     "tail_text": ("shipyard._threads", "tail_text"),
     "utcnow": ("shipyard._reports", "utcnow"),
     "ArtifactRow": ("shipyard._store", "ArtifactRow"),
+    "MeasurementRecord": ("shipyard._store", "MeasurementRecord"),
+    "MeasurementRow": ("shipyard._store", "MeasurementRow"),
     "AuditRow": ("shipyard._store", "AuditRow"),
     "lazy_exports": ("shipyard._lazy", "lazy_exports"),
     "Begun": ("shipyard._store", "Begun"),

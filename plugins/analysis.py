@@ -16,8 +16,10 @@ are not numbers: such a measurement is inconclusive. A provider error, or a cond
 raises, is an *error*. :func:`verdict` turns the outcomes of one metric into its verdict;
 :func:`worst` combines the metrics. Both are pure functions (tested against a reference model).
 
-httpx is imported only when a provider measures. Each metric's measurements are kept in the
-history as the step's artifact ``analysis:<metric>`` (JSON, replaced as measurements arrive).
+httpx is imported only when a provider measures. Each measurement is kept in the history's
+measurements table as it is taken (:meth:`StepContext.record_measurement`); each metric's
+settings, counts and verdict as the step's artifact ``analysis:<metric>`` (JSON, written when the
+metric starts and when it is decided). ``show --json`` joins the two under ``analysis``.
 """
 
 from __future__ import annotations
@@ -636,7 +638,7 @@ class _Run:
             "initial_delay": m.initial_delay, "failure_limit": m.failure_limit,
             "inconclusive_limit": m.inconclusive_limit,
             "consecutive_error_limit": m.consecutive_error_limit, "dry_run": m.dry_run,
-            "verdict": self.verdict, "counts": self.counts(), "measurements": self.measurements,
+            "verdict": self.verdict, "counts": self.counts(),
         }  # fmt: skip
 
 
@@ -761,6 +763,7 @@ class AnalysisStep(sdk.Step):
         start = loop.time() + m.initial_delay
         pm: Any = context.pluginmanager
         name = f"analysis:{m.name}"
+        context.record_artifact(name, json.dumps(run.document()))
         for n in range(1, m.count + 1):
             delay = start + (n - 1) * m.interval - loop.time()
             if delay > 0:
@@ -779,20 +782,23 @@ class AnalysisStep(sdk.Step):
             else:
                 outcome, error = classify(value, m.success, m.failure)
             kept, cut = _kept(value)
-            record: dict[str, Any] = {"n": n, "time": sdk.utcnow(), "value": kept,
+            record: dict[str, Any] = {"n": n, "ts": sdk.utcnow(), "value": kept,
                                       "outcome": ERROR if outcome == FATAL else outcome,
                                       "error": error, "dry_run": m.dry_run}  # fmt: skip
+            warnings = list(ctx.warnings)
             if cut:
-                record["truncated"] = True
-            if ctx.warnings:
-                record["warnings"] = ctx.warnings
+                warnings.append(f"value cut at {MAX_VALUE} characters")
             run.measurements.append(record)
             run.outcomes.append(outcome)
             run.verdict = m.judge(run.outcomes)
             shown = error if error else f"{_show(value)} -> {outcome}"
             context.log(f"{m.name} #{n}/{m.count}: {shown}" + (" [dry-run]" if m.dry_run else ""))
-            context.record_artifact(name, json.dumps(run.document()))
+            context.record_measurement(
+                m.name, n, kept, record["outcome"], error=error, dry_run=m.dry_run,
+                ts=record["ts"], warnings=warnings,
+            )  # fmt: skip
             if run.verdict is not None:
+                context.record_artifact(name, json.dumps(run.document()))
                 return
 
 

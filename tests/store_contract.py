@@ -57,6 +57,7 @@ from shipyard.sdk import LockRow
 from shipyard.sdk import LogLine
 from shipyard.sdk import LogRecord
 from shipyard.sdk import LogRow
+from shipyard.sdk import MeasurementRow
 from shipyard.sdk import ProcessRef
 from shipyard.sdk import StageFinished
 from shipyard.sdk import StagePlan
@@ -760,6 +761,33 @@ def test_an_artifact_of_the_same_name_replaces_the_step_s_earlier_one(store_fact
     ]  # fmt: skip
     assert store.artifacts(other) == []
     assert store.artifacts(dep_id + 1000) == []
+
+
+def test_measurements_are_kept_in_order_with_the_names_of_step_and_stage(store_factory):
+    store = store_factory()
+    dep_id = begin(store)
+    other = begin(store, "v2", environment="staging")
+    store.record_plan(dep_id, _two_step_plan())
+    for n, (value, outcome) in enumerate((("0.01", "successful"), (None, "inconclusive")), 1):
+        store.record_measurement(dep_id, 1, 1, {
+            "metric": "error rate", "n": n, "ts": utcnow(), "value": value, "outcome": outcome,
+            "error": None, "dry_run": False, "warnings": None,
+        })  # fmt: skip
+    store.record_measurement(dep_id, 1, 1, {
+        "metric": "latency", "n": 1, "ts": utcnow(), "value": None, "outcome": "error",
+        "error": "provider down", "dry_run": True, "warnings": '["partial response"]',
+    })  # fmt: skip
+    rows = store_factory.reopen(store).measurements(dep_id)
+    assert [set(r) for r in rows] == [keys_of(MeasurementRow)] * 3
+    assert [(r["stage"], r["step"], r["metric"], r["n"], r["value"], r["outcome"]) for r in rows] == [
+        ("release", "smoke", "error rate", 1, "0.01", "successful"),
+        ("release", "smoke", "error rate", 2, None, "inconclusive"),
+        ("release", "smoke", "latency", 1, None, "error"),
+    ]  # fmt: skip
+    assert [(r["error"], r["dry_run"], r["warnings"]) for r in rows] == [
+        (None, False, None), (None, False, None), ("provider down", True, '["partial response"]'),
+    ]  # fmt: skip
+    assert store.measurements(other) == []
 
 
 # -- finish ---------------------------------------------------------------------------------------

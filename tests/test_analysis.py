@@ -197,12 +197,21 @@ def web(d):
 
 
 def artifacts(shipyarder: Any) -> dict[str, Any]:
+    """The latest deployment's analysis, by ``analysis:<metric>``, as ``show --json`` gives it."""
+    latest = shipyarder.history[0]["id"]
+    doc = shipyarder.run("show", str(latest), "--json").json()
+    return {f"analysis:{a['metric']}": a for a in doc["analysis"]}
+
+
+def measured(shipyarder: Any) -> int:
+    """How many measurements the history holds (0 while it is being created)."""
+    if not shipyarder.history_path.exists():
+        return 0
     with sqlite3.connect(shipyarder.history_path) as db:
         try:
-            rows = db.execute("SELECT name, content FROM artifacts ORDER BY id").fetchall()
+            return db.execute("SELECT count(*) FROM measurements").fetchone()[0]
         except sqlite3.OperationalError:  # the history is being created
-            return {}
-    return {name: json.loads(content) for name, content in rows}
+            return 0
 
 
 def test_healthy_analysis_succeeds_and_records_every_measurement(shipyarder):
@@ -214,6 +223,19 @@ def test_healthy_analysis_succeeds_and_records_every_measurement(shipyarder):
     assert doc["counts"] == {"successful": 3, "failed": 0, "inconclusive": 0, "error": 0}
     assert [m["value"] for m in doc["measurements"]] == [0.01, 0.02, 0.03]
     assert doc["conditions"] == {"success": "below(0.05)", "failure": "above(0.1)"}
+    assert (doc["stage"], doc["step"], [m["n"] for m in doc["measurements"]]) == (
+        "verify", "analysis", [1, 2, 3],
+    )  # fmt: skip
+    with sqlite3.connect(shipyarder.history_path) as db:  # one row per measurement, in its table
+        rows = db.execute(
+            "SELECT metric, n, value, outcome FROM measurements ORDER BY id"
+        ).fetchall()
+    assert rows == [
+        ("error rate", n, str(v), "successful") for n, v in ((1, 0.01), (2, 0.02), (3, 0.03))
+    ]
+    shown = shipyarder.run("show", "1").output
+    assert "  analysis  analysis: error rate  successful  (3 successful)" in shown
+    assert "0.01; 0.02; 0.03" in shown
     logs = shipyarder.run("logs", "1").output
     assert "analysis started: error rate" in logs
     assert "error rate #2/3: 0.02 -> successful" in logs
@@ -539,7 +561,7 @@ def test_measurements_follow_initial_delay_and_interval(shipyarder):
     took = time.monotonic() - start
     assert result.exit_code == 0, result.output
     assert took >= 0.2 + 2 * 0.3
-    times = [m["time"] for m in artifacts(shipyarder)["analysis:m"]["measurements"]]
+    times = [m["ts"] for m in artifacts(shipyarder)["analysis:m"]["measurements"]]
     from shipyard.sdk import parse_ts
 
     gaps = [parse_ts(b) - parse_ts(a) for a, b in itertools.pairwise(times)]
@@ -566,8 +588,7 @@ def test_ctrl_c_during_an_interval_exits_130_at_once(shipyarder):
 
     shipyarder.makepipelines(SLOW.replace("TIMEOUT", "None").replace("interval=0.3", "interval=60"))
     proc = shipyarder.popen("deploy", "web", "1", "-e", "x")
-    wait_for(lambda: "analysis:m" in artifacts(shipyarder) if shipyarder.history_path.exists() else None,
-             timeout=30, what="the first measurement")  # fmt: skip
+    wait_for(lambda: measured(shipyarder) > 0, timeout=30, what="the first measurement")
     start = time.monotonic()
     proc.send_signal(signal.SIGINT)
     assert proc.wait(10) == 130

@@ -37,6 +37,7 @@ SDK_NAMES = {
     # the store port
     "HistoryStore", "Begun", "DeploymentInfo", "DeploymentRow", "StageRow", "StepRow", "LogRow",
     "ArtifactRow", "AuditRow", "LockRow", "LogRecord", "ProcessRef", "Liveness", "StagePlan", "StepPlan",
+    "MeasurementRecord", "MeasurementRow",
     "StoreNotFound", "open_store", "plan_of", "HistoryError", "LockLost", "EnvironmentLocked",
     "DeploymentNotFound", "NoPreviousDeployment",
     # the events a store records
