@@ -223,6 +223,13 @@ def stage(
             f"stage {name!r}: an approval step must be alone in its stage (the deployment stops "
             "there); put it in a stage of its own, e.g. sy.stage('approve', sy.approval(...))"
         )
+    for i, s in enumerate(steps):
+        if getattr(s, "gate", None) is not None and (parallel or i != len(steps) - 1):
+            raise PipelineDefinitionError(
+                f"stage {name!r}: step {s.name!r} may stop the deployment for an approval "
+                f"({s.name} with on_inconclusive=sy.approval(...)), so it must be the last step "
+                "of a sequential stage; move the steps after it to the next stage"
+            )
     return Stage(name, list(steps), parallel, continue_on_failure, description)
 
 

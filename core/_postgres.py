@@ -1136,9 +1136,11 @@ class PostgresStore:
                     (si, dep_id),
                 )
                 for table, key in (("stages", "idx"), ("steps", "stage_idx")):
+                    # As in SQLiteStore.suspend: the gate's stage and its steps not done.
                     c.execute(
-                        f"UPDATE {table} SET status='waiting', started_at=%s "
-                        f"WHERE deployment_id=%s AND {key}=%s",
+                        f"UPDATE {table} SET status='waiting', started_at=coalesce(started_at, "
+                        f"%s) WHERE deployment_id=%s AND {key}=%s AND status IN ('pending', "
+                        "'running', 'waiting')",
                         (gate["requested_at"], dep_id, si),
                     )
                 if gate["spec"].get("lock") == "release":
@@ -1257,7 +1259,8 @@ class PostgresStore:
                     )  # fmt: skip
                     for table, k in (("stages", "idx"), ("steps", "stage_idx")):
                         c.execute(f"UPDATE {table} SET status='cancelled', finished_at=%s "
-                                  f"WHERE deployment_id=%s AND {k}=%s", (now, dep_id, si))  # fmt: skip
+                                  f"WHERE deployment_id=%s AND {k}=%s AND status='waiting'",
+                                  (now, dep_id, si))  # fmt: skip
                         c.execute(f"UPDATE {table} SET status='skipped' WHERE deployment_id=%s "
                                   "AND status='pending'", (dep_id,))  # fmt: skip
                     c.execute("DELETE FROM locks WHERE deployment_id=%s", (dep_id,))
@@ -1268,14 +1271,18 @@ class PostgresStore:
                 c.execute("UPDATE gates SET status=%s, decided_at=%s WHERE deployment_id=%s AND "
                           "stage_idx=%s", ("expired" if decision == "expire" else "approved" if approved
                                            else "rejected", now, dep_id, si))  # fmt: skip
+                if not approved:  # after what the step said, if it said something
+                    why = f"rejected by {user}" + (f": {comment}" if comment else "")
+                    c.execute(
+                        "UPDATE steps SET error=CASE WHEN error IS NULL THEN %s ELSE error || "
+                        "'; ' || %s END WHERE deployment_id=%s AND stage_idx=%s AND "
+                        "status='waiting'",
+                        (why, why, dep_id, si),
+                    )
                 for table, k in (("stages", "idx"), ("steps", "stage_idx")):
                     c.execute(f"UPDATE {table} SET status=%s, finished_at=%s WHERE "
-                              f"deployment_id=%s AND {k}=%s", (step_status, now, dep_id, si))  # fmt: skip
-                if not approved:
-                    c.execute(
-                        "UPDATE steps SET error=%s WHERE deployment_id=%s AND stage_idx=%s",
-                        (f"rejected by {user}" + (f": {comment}" if comment else ""), dep_id, si),
-                    )
+                              f"deployment_id=%s AND {k}=%s AND status='waiting'",
+                              (step_status, now, dep_id, si))  # fmt: skip
                 c.execute(
                     "UPDATE deployments SET status='running', pid=%s, host=%s, proc_start=%s, "
                     "heartbeat_at=%s WHERE id=%s",

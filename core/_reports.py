@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from dataclasses import field
 from datetime import UTC
 from datetime import datetime
+from typing import Any
 
 
 class Status(enum.StrEnum):
@@ -92,6 +93,10 @@ class StepResult:
     finished_at: str | None = None
     #: True when the step failed inside a ``continue_on_failure`` stage.
     warning: bool = False
+    #: An approval gate (``sy.approval(...)``) the deployment stops at after this step, whose
+    #: status is then ``waiting``: approving it accepts the step's result and goes on with the
+    #: next stage (an analysis step's ``on_inconclusive``).
+    gate: Any = None
 
     @property
     def ok(self) -> bool:

@@ -291,6 +291,11 @@ class Runner:
                     StageStarted(deployment=deployment, index=si, total=total, stage=stage)
                 )
                 results = await self._run_stage(deployment, stage, si)
+                gated = [r.gate for _, r in results if r.status is Status.WAITING and r.gate]
+                if gated:
+                    # A step stopped at a gate (the last of its stage): suspended like one.
+                    self._suspend(deployment, si, stage, gated[0])
+                    return Status.AWAITING_APPROVAL, None
                 failed = [(st, r) for st, r in results if r.status is Status.FAILED]
                 stage_status = Status.SUCCEEDED
                 if failed and not stage.continue_on_failure:
@@ -331,11 +336,11 @@ class Runner:
         self.result = (status, error)
         return status, error
 
-    def _suspend(self, deployment: Deployment, si: int, stage: Stage) -> None:
+    def _suspend(self, deployment: Deployment, si: int, stage: Stage, gate: Any = None) -> None:
         from ._events import DeploymentSuspended
         from ._reports import format_ts
 
-        gate: Any = stage.steps[0]
+        gate = gate if gate is not None else stage.steps[0]
         now = time.time()
         if self.control is not None:
             self.control.task = None  # nothing runs from now on: a cancel has nothing to stop

@@ -523,7 +523,11 @@ class DeploymentService:
         stages = self.session.build(pipe, d)
         si = gate["stage_idx"]
         now = fingerprint(stages[:si])
-        gate_there = len(stages) > si and [st.kind for st in stages[si].steps] == ["approval"]
+        # The gate is still there: an approval stage, or a last step that stops at a gate.
+        gate_there = len(stages) > si and (
+            [st.kind for st in stages[si].steps] == ["approval"]
+            or getattr(stages[si].steps[-1], "gate", None) is not None
+        )
         if now != gate["fingerprint"] or not gate_there:
             then = " -> ".join(f[0] for f in gate["fingerprint"]) or "(none)"
             shown = " -> ".join(s.name for s in stages)

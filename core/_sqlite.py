@@ -885,9 +885,12 @@ class SQLiteStore:
                 (si, dep_id),
             )
             for table, key in (("stages", "idx"), ("steps", "stage_idx")):
+                # The gate's stage, and its steps not done (a step that stopped at a gate is
+                # ``waiting`` already; the steps before it in its stage stay as they ended).
                 c.execute(
-                    f"UPDATE {table} SET status='waiting', started_at=? "
-                    f"WHERE deployment_id=? AND {key}=?",
+                    f"UPDATE {table} SET status='waiting', started_at=coalesce(started_at, ?) "
+                    f"WHERE deployment_id=? AND {key}=? AND status IN ('pending', 'running', "
+                    "'waiting')",
                     (gate["requested_at"], dep_id, si),
                 )
             if gate["spec"].get("lock") == "release":
@@ -974,7 +977,8 @@ class SQLiteStore:
                 )  # fmt: skip
                 for table, key in (("stages", "idx"), ("steps", "stage_idx")):
                     c.execute(f"UPDATE {table} SET status='cancelled', finished_at=? "
-                              f"WHERE deployment_id=? AND {key}=?", (now, dep_id, si))  # fmt: skip
+                              f"WHERE deployment_id=? AND {key}=? AND status='waiting'",
+                              (now, dep_id, si))  # fmt: skip
                     c.execute(f"UPDATE {table} SET status='skipped' WHERE deployment_id=? "
                               "AND status='pending'", (dep_id,))  # fmt: skip
                 c.execute("DELETE FROM locks WHERE deployment_id=?", (dep_id,))
@@ -987,14 +991,16 @@ class SQLiteStore:
             step_status = Status.SUCCEEDED.value if approved else Status.FAILED.value
             c.execute("UPDATE gates SET status=?, decided_at=? WHERE deployment_id=? AND "
                       "stage_idx=?", (gate_status, now, dep_id, si))  # fmt: skip
+            if not approved:  # after what the step said, if it said something (an analysis)
+                why = f"rejected by {user}" + (f": {comment}" if comment else "")
+                c.execute(
+                    "UPDATE steps SET error=CASE WHEN error IS NULL THEN ? ELSE error || '; ' || ? "
+                    "END WHERE deployment_id=? AND stage_idx=? AND status='waiting'",
+                    (why, why, dep_id, si),
+                )
             for table, key in (("stages", "idx"), ("steps", "stage_idx")):
                 c.execute(f"UPDATE {table} SET status=?, finished_at=? WHERE deployment_id=? "
-                          f"AND {key}=?", (step_status, now, dep_id, si))  # fmt: skip
-            if not approved:
-                c.execute(
-                    "UPDATE steps SET error=? WHERE deployment_id=? AND stage_idx=?",
-                    (f"rejected by {user}" + (f": {comment}" if comment else ""), dep_id, si),
-                )
+                          f"AND {key}=? AND status='waiting'", (step_status, now, dep_id, si))  # fmt: skip
             c.execute(
                 "UPDATE deployments SET status='running', pid=?, host=?, proc_start=?, "
                 "heartbeat_at=? WHERE id=?",

@@ -653,7 +653,9 @@ def _kept(value: Any) -> tuple[Any, bool]:
 
 class AnalysisStep(sdk.Step):
     """Measure each metric ``count`` times and decide: success continues, failure fails the step,
-    inconclusive does what ``on_inconclusive`` says (``"fail"`` or ``"succeed"``)."""
+    inconclusive does what ``on_inconclusive`` says: ``"fail"``, ``"succeed"``, or stop the
+    deployment at an approval gate (``sy.approval(...)``: approving accepts the result and goes on
+    with the next stage, without analysing again)."""
 
     kind = "analysis"
 
@@ -683,15 +685,14 @@ class AnalysisStep(sdk.Step):
                     "success=... and/or failure=... (e.g. failure=sy.above(0.05)), or "
                     "dry_run=True to only record it"
                 )
+        #: ``on_inconclusive=sy.approval(...)``: the gate an inconclusive analysis stops at.
+        self.gate: Any = None
         if getattr(on_inconclusive, "kind", None) == "approval":
+            self.gate, on_inconclusive = on_inconclusive, "approval"
+        elif on_inconclusive not in ("fail", "succeed"):
             raise sdk.PipelineDefinitionError(
-                f"analysis step {self.name!r}: on_inconclusive=sy.approval(...) is not supported "
-                "yet; use 'fail' or 'succeed'"
-            )
-        if on_inconclusive not in ("fail", "succeed"):
-            raise sdk.PipelineDefinitionError(
-                f"analysis step {self.name!r}: on_inconclusive must be 'fail' or 'succeed', "
-                f"got {on_inconclusive!r}"
+                f"analysis step {self.name!r}: on_inconclusive must be 'fail', 'succeed' or "
+                f"sy.approval(...), got {on_inconclusive!r}"
             )
         if on_failure != "fail":
             raise sdk.PipelineDefinitionError(
@@ -705,9 +706,8 @@ class AnalysisStep(sdk.Step):
 
     def describe(self) -> str:
         n = len(self.metrics)
-        return (
-            f"analysis of {n} metric{'s' if n > 1 else ''}; on inconclusive: {self.on_inconclusive}"
-        )
+        then = self.on_inconclusive if self.gate is None else f"wait for {self.gate.describe()}"
+        return f"analysis of {n} metric{'s' if n > 1 else ''}; on inconclusive: {then}"
 
     def plan_details(self, deployment: sdk.Deployment, rootdir: Any) -> list[str]:
         return [m.describe() for m in self.metrics]
@@ -753,7 +753,11 @@ class AnalysisStep(sdk.Step):
                 )
                 why = last.get("error") or f"last value {_show(last.get('value'))}"
                 reasons.append(f"{r.summary()}: {why}")
-        raise sdk.StepFailed(f"analysis {result}: " + "; ".join(reasons))
+        error = f"analysis {result}: " + "; ".join(reasons)
+        if result == INCONCLUSIVE and self.gate is not None:
+            context.log(f"{error}; waiting for a decision ({self.gate.describe()})")
+            return sdk.StepResult(sdk.Status.WAITING, error=error, gate=self.gate)
+        raise sdk.StepFailed(error)
 
     async def _measure(self, context: sdk.StepContext, run: _Run, clients: dict[Any, Any]) -> None:
         import asyncio

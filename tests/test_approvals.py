@@ -642,3 +642,96 @@ def test_approve_detach_prints_the_id_and_resumes_in_the_background(fleet: _Appr
     again = bob.run("approve", "1", "--detach")
     assert again.returncode == 2, out_of(again)
     assert "already" in again.stderr
+
+
+# -- an inconclusive analysis stops at a gate (issue #15) ------------------------------------------
+
+ANALYSED = """
+import os
+import shipyard as sy
+
+def measure():
+    return float(os.environ["VALUE"]) if os.environ.get("VALUE") else None  # none: no data
+
+GATE = sy.approval(timeout="1h", allow_self_approval=True)
+
+@sy.pipeline
+def web(d):
+    check = sy.analysis(
+        sy.metric("error rate", sy.python_metric(measure), success=sy.below(0.05),
+                  failure=sy.above(0.1), interval=0.01, count=2),
+        on_inconclusive=GATE)
+    verify = [sy.command("echo", "pre"), check]
+    if os.environ.get("AFTER"):
+        verify.append(sy.command("echo", "after"))
+    return [sy.stage("build", sy.command("echo", "build")),
+            sy.stage("verify", *verify),
+            sy.stage("release", sy.command("echo", "released"))]
+"""
+
+
+def _analysed(fleet: _Approvals, **env: str) -> Runner:
+    r = fleet.runner(**env)
+    (r.dir / "pipelines.py").write_text(ANALYSED)
+    return r
+
+
+def test_an_inconclusive_analysis_waits_and_approving_goes_on_without_analysing_again(
+    fleet: _Approvals,
+) -> None:
+    r = _analysed(fleet)
+    out = r.run("deploy", "web", "1.0", "-e", "prod", "--json")
+    assert out.returncode == 4, out_of(out)
+    doc = r.json("show", "1")
+    assert (doc["status"], doc["gate"]["stage"], doc["gate"]["status"]) == (
+        "awaiting_approval", "verify", "waiting")  # fmt: skip
+    assert [s["status"] for s in doc["stages"]] == ["succeeded", "waiting", "pending"]
+    pre, check = doc["stages"][1]["steps"]
+    assert (pre["status"], check["status"]) == ("succeeded", "waiting")
+    assert check["error"].startswith("analysis inconclusive: error rate inconclusive")
+    assert [a["verdict"] for a in doc["analysis"]] == ["inconclusive"]
+    assert "shipyard approve 1" in out.stderr + out.stdout
+    approved = r.run("approve", "1")
+    assert approved.returncode == 0, out_of(approved)
+    after = r.json("show", "1")
+    assert after["status"] == "succeeded"
+    assert [s["status"] for s in after["stages"]] == ["succeeded"] * 3
+    pre2, check2 = after["stages"][1]["steps"]
+    assert pre2 == pre  # the step before the analysis is as it ended
+    assert check2["status"] == "succeeded"
+    assert check2["error"] == check["error"]  # what the analysis found stays on record
+    assert len(after["analysis"][0]["measurements"]) == 1  # not analysed again
+    assert [d["decision"] for d in after["gate"]["decisions"]] == ["approve"]
+    assert "released" in r.run("logs", "1").stdout
+
+
+def test_rejecting_an_inconclusive_analysis_fails_the_deployment_saying_both(
+    fleet: _Approvals,
+) -> None:
+    r = _analysed(fleet)
+    assert r.run("deploy", "web", "1.0", "-e", "prod").returncode == 4
+    rejected = r.run("reject", "1", "--comment", "error rate unknown")
+    assert rejected.returncode == 1, out_of(rejected)  # the deployment failed
+    doc = r.json("show", "1")
+    assert doc["status"] == "failed"
+    check = doc["stages"][1]["steps"][1]
+    assert check["status"] == "failed"
+    assert check["error"].startswith("analysis inconclusive: ")
+    assert check["error"].endswith("; rejected by alice: error rate unknown")
+    assert doc["stages"][1]["steps"][0]["status"] == "succeeded"
+    assert "released" not in r.run("logs", "1").stdout
+
+
+def test_a_conclusive_analysis_does_not_stop_and_a_gate_must_end_its_stage(
+    fleet: _Approvals,
+) -> None:
+    r = _analysed(fleet, VALUE="0.01")
+    assert r.run("deploy", "web", "1.0", "-e", "prod").returncode == 0
+    doc = r.json("show", "1")
+    assert (doc["status"], doc["analysis"][0]["verdict"], "gate" in doc) == (
+        "succeeded", "successful", False)  # fmt: skip
+    bad = _analysed(fleet, AFTER="1")
+    out = bad.run("deploy", "web", "2.0", "-e", "prod")
+    assert out.returncode == 2, out_of(out)
+    assert "stage 'verify': step 'analysis' may stop the deployment for an approval" in out.stderr
+    assert "must be the last step of a sequential stage" in out.stderr
