@@ -1257,7 +1257,8 @@ def logs(state: _State, deployment_id: int, follow: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @pass_state
 def plugins(state: _State, as_json: bool) -> None:
-    """Loaded plugins with where they came from, their step types and notifiers."""
+    """Loaded plugins with where they came from, their step types, notifiers and metric
+    providers."""
     session = state.session
     session.load(require_file=False)
     rows = session.pm.plugin_rows()
@@ -1271,11 +1272,11 @@ def plugins(state: _State, as_json: bool) -> None:
             click.echo(f"    step types: {', '.join(r['step_types'])}")
         if r["notifiers"]:
             click.echo(f"    notifiers:  {', '.join(r['notifiers'])}")
-        hooks = [
-            h
-            for h in r["hooks"]
-            if h not in ("shipyard_register_step_types", "shipyard_register_notifiers")
-        ]
+        if r["metric_providers"]:
+            click.echo(f"    providers:  {', '.join(r['metric_providers'])}")
+        registering = ("shipyard_register_step_types", "shipyard_register_notifiers",
+                       "shipyard_register_metric_providers")  # fmt: skip
+        hooks = [h for h in r["hooks"] if h not in registering]
         if hooks:
             click.echo(f"    hooks:      {', '.join(hooks)}")
 

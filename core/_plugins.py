@@ -6,6 +6,7 @@ import importlib
 import os
 from collections.abc import Callable
 from collections.abc import Iterable
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from typing import Any
@@ -100,22 +101,39 @@ class StepTypeRegistry:
         self.owners[kind] = self._plugin
 
 
-class NotifierRegistry:
-    """Notifier factories by name, used by ``deploy --notify NAME:VALUE`` and ``--notify URL``."""
+class _Factories:
+    """Factories by name, each owned by the plugin that registered it; a second plugin
+    registering a name is refused, naming both."""
+
+    #: What the names are, in the refusal.
+    what = "factory"
 
     def __init__(self) -> None:
-        self.factories: dict[str, Callable[[str], Any]] = {}
+        self.factories: dict[str, Callable[..., Any]] = {}
         self.owners: dict[str, str] = {}
         self._plugin = "?"
 
-    def add(self, name: str, factory: Callable[[str], Any]) -> None:
+    def add(self, name: str, factory: Callable[..., Any]) -> None:
         if name in self.factories and self.factories[name] is not factory:
             raise UsageError(
-                f"notifier {name!r} is registered by plugin {self.owners[name]!r} and again by "
-                f"{self._plugin!r}; disable one with -p no:NAME"
+                f"{self.what} {name!r} is registered by plugin {self.owners[name]!r} and again "
+                f"by {self._plugin!r}; disable one with -p no:NAME"
             )
         self.factories[name] = factory
         self.owners[name] = self._plugin
+
+
+class ProviderRegistry(_Factories):
+    """Metric provider types by name (``registry.add("datadog", datadog_query)``): listed by
+    ``shipyard plugins``; a pipeline builds providers by calling the factories itself."""
+
+    what = "metric provider"
+
+
+class NotifierRegistry(_Factories):
+    """Notifier factories by name, used by ``deploy --notify NAME:VALUE`` and ``--notify URL``."""
+
+    what = "notifier"
 
     def create(self, spec: str) -> Any:
         """Build a notifier from ``NAME:VALUE``, or a webhook from a bare URL."""
@@ -143,6 +161,7 @@ class ShipyardPluginManager(pluggy.PluginManager):
         self.blocked: set[str] = set()
         self.step_types = StepTypeRegistry()
         self.notifiers = NotifierRegistry()
+        self.providers = ProviderRegistry()
         self._registries_built = False
         self.register(_CorePlugin(), "core")
         self.infos["core"] = PluginInfo("core", "builtin")
@@ -264,6 +283,7 @@ class ShipyardPluginManager(pluggy.PluginManager):
         for hookname, registry in (
             ("shipyard_register_step_types", self.step_types),
             ("shipyard_register_notifiers", self.notifiers),
+            ("shipyard_register_metric_providers", self.providers),
         ):
             hook = getattr(self.hook, hookname)
             for impl in hook.get_hookimpls():
@@ -353,6 +373,9 @@ class ShipyardPluginManager(pluggy.PluginManager):
                     "version": info.version,
                     "step_types": sorted(k for k, o in self.step_types.owners.items() if o == name),
                     "notifiers": sorted(k for k, o in self.notifiers.owners.items() if o == name),
+                    "metric_providers": sorted(
+                        k for k, o in self.providers.owners.items() if o == name
+                    ),
                     "hooks": hooks,
                 }
             )
@@ -364,6 +387,7 @@ class ShipyardPluginManager(pluggy.PluginManager):
                     "version": "",
                     "step_types": [],
                     "notifiers": [],
+                    "metric_providers": [],
                     "hooks": [],
                 }
             )

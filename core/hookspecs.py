@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable
 from collections.abc import Callable
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 from typing import Any
 
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
     from ._pipeline import Pipeline
     from ._pipeline import Step
     from ._plugins import NotifierRegistry
+    from ._plugins import ProviderRegistry
     from ._plugins import ShipyardPluginManager
     from ._plugins import StepTypeRegistry
     from ._reports import StepResult
@@ -91,6 +93,20 @@ def shipyard_register_notifiers(registry: NotifierRegistry) -> None:
     optional ``close()``.
 
     :param registry: the notifier registry.
+    """
+
+
+@hookspec
+def shipyard_register_metric_providers(registry: ProviderRegistry) -> None:
+    """Register metric provider types by name: ``registry.add("datadog", datadog_query)``, for
+    ``shipyard plugins`` to list.
+
+    A provider is any object with a ``name``, a ``description`` (shown in ``plan`` and the
+    history, masked) and ``measure(ctx)`` (sync or async) returning the value or raising;
+    pipelines build one by calling your factory (``sy.metric("m", datadog_query(...))``). The
+    built-in ones are ``prometheus``, ``http_json`` and ``python_metric``.
+
+    :param registry: the metric provider registry.
     """
 
 

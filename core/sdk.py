@@ -61,6 +61,7 @@ if TYPE_CHECKING:
     from ._pipeline import Step as Step
     from ._pipeline import reject_unknown_options as reject_unknown_options
     from ._plugins import NotifierRegistry as NotifierRegistry
+    from ._plugins import ProviderRegistry as ProviderRegistry
     from ._plugins import StepTypeRegistry as StepTypeRegistry
     from ._plugins import hookimpl as hookimpl
     from ._probe import HttpProbe as HttpProbe
@@ -118,6 +119,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "LogLine": ("shipyard._events", "LogLine"),
     "MAX_LINE": ("shipyard._output", "MAX_LINE"),
     "NotifierRegistry": ("shipyard._plugins", "NotifierRegistry"),
+    "ProviderRegistry": ("shipyard._plugins", "ProviderRegistry"),
     "PipelineDefinitionError": ("shipyard._exceptions", "PipelineDefinitionError"),
     "ProbeReport": ("shipyard._probe", "ProbeReport"),
     "Secret": ("shipyard._secrets", "Secret"),

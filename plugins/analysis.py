@@ -827,3 +827,10 @@ def shipyard_analysis_measure(metric: Metric, context: MeasureContext) -> Any:
 @sdk.hookimpl
 def shipyard_register_step_types(registry: sdk.StepTypeRegistry) -> None:
     registry.add(AnalysisStep)
+
+
+@sdk.hookimpl
+def shipyard_register_metric_providers(registry: sdk.ProviderRegistry) -> None:
+    registry.add("prometheus", prometheus)
+    registry.add("http_json", http_json)
+    registry.add("python_metric", python_metric)

@@ -432,6 +432,10 @@ class Constant:
         return 0.5
 
 @sy.hookimpl
+def shipyard_register_metric_providers(registry):
+    registry.add("constant", Constant)
+
+@sy.hookimpl
 def shipyard_analysis_measure(metric, context):
     if metric.name == "replaced":
         async def fixed():
@@ -461,6 +465,10 @@ def test_third_party_provider_and_the_hook(shipyarder):
     assert docs["analysis:plain"]["description"] == "the constant 0.5"
     assert docs["analysis:replaced"]["measurements"][0]["value"] == 42.0
     assert "measuring plain #1 of 2.0" in shipyarder.run("logs", "1").output
+    listed = {r["name"]: r for r in shipyarder.run("-p", "constplug", "plugins", "--json").json()}
+    assert listed["constplug"]["metric_providers"] == ["constant"]
+    assert listed["analysis"]["metric_providers"] == ["http_json", "prometheus", "python_metric"]
+    assert "    providers:  constant" in shipyarder.run("-p", "constplug", "plugins").output
 
 
 # -- a real Prometheus ------------------------------------------------------------------------------

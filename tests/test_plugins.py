@@ -148,6 +148,7 @@ def test_a_plugin_module_adds_a_step_type_and_a_notifier(shipyarder, how):
         "version": "2.5",
         "step_types": ["greet"],
         "notifiers": ["memo"],
+        "metric_providers": [],
         "hooks": ["shipyard_register_notifiers", "shipyard_register_step_types"],
     }
     result = shipyarder.run(*args, "deploy", "web", "1", "-e", "x", "--notify", "memo:memo.txt",
