@@ -70,6 +70,10 @@ APPLICATION_ID = 0x53485944
 #: The schema version this code writes; migrations bring older files up to it.
 SCHEMA_VERSION = 5
 BUSY_TIMEOUT_MS = 30_000
+#: Bytes of the file read through a memory map rather than read() calls: the pages are the
+#: kernel's page cache, shared by every process, and a large history's scans (``stats``) no longer
+#: copy each page into the connection's own small cache. Mapped only as far as the file goes.
+MMAP_BYTES = 1 << 30
 #: WAL pages between automatic checkpoints (see the docstring): about 32 MiB of WAL at most.
 WAL_CHECKPOINT_PAGES = 8192
 
@@ -133,7 +137,7 @@ def _create_v1(db: Any) -> None:
     d = db["deployments"]
     d.create_index(["pipeline", "environment", "status", "started_at"], index_name="ix_dep_pes")
     d.create_index(["pipeline", "environment", "started_at"], index_name="ix_dep_pe")
-    d.create_index(["started_at"], index_name="ix_dep_started")
+    d.create_index(["started_at"], index_name="ix_dep_started")  # replaced by ix_dep_window (v5)
     d.create_index(["status"], index_name="ix_dep_status")
     d.create_index(["rollback_of"], index_name="ix_dep_rollback_of")
     db["stages"].create(
@@ -269,7 +273,9 @@ def _add_gates_v4(db: Any) -> None:
 
 
 def _add_measurements_v5(db: Any) -> None:
-    """Version 5: every measurement of an analysis step, in its own table (issue #15)."""
+    """Version 5: every measurement of an analysis step, in its own table (issue #15); the
+    window index covers what ``stats`` counts, so a whole history is counted from the index
+    alone (issue #19)."""
     db.execute(
         "CREATE TABLE measurements (id INTEGER PRIMARY KEY, deployment_id INTEGER NOT NULL, "
         "stage_idx INTEGER NOT NULL, step_idx INTEGER NOT NULL, metric TEXT NOT NULL, "
@@ -277,6 +283,11 @@ def _add_measurements_v5(db: Any) -> None:
         "dry_run INTEGER NOT NULL DEFAULT 0, warnings TEXT)"
     )
     db.execute("CREATE INDEX ix_meas_dep ON measurements (deployment_id, id)")
+    db.execute("DROP INDEX IF EXISTS ix_dep_started")
+    db.execute(
+        "CREATE INDEX ix_dep_window ON deployments (started_at, status, rollback_of, pipeline, "
+        "environment)"
+    )
 
 
 #: Migrations by the version they produce. Each runs inside one transaction.
@@ -357,6 +368,7 @@ class SQLiteStore:
     def _check_and_migrate(self) -> None:
         c = self.conn
         c.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        c.execute(f"PRAGMA mmap_size={MMAP_BYTES}")
         # One read transaction: a process creating the file meanwhile must not be seen half done.
         c.execute("BEGIN")
         try:
@@ -1208,7 +1220,7 @@ class SQLiteStore:
                 params.append(value)
         w = " AND ".join(where)
         # Without ANALYZE, SQLite prefers ix_dep_status for ``status = ...`` even in a narrow
-        # window; there the window's index (ix_dep_started) is far better: ``+`` says so.
+        # window; there the window's index (ix_dep_window) is far better: ``+`` says so.
         st = "+d.status" if since is not None else "d.status"
         rb = "+d.rollback_of" if since is not None else "d.rollback_of"
         counts = self._query(
@@ -1231,15 +1243,12 @@ class SQLiteStore:
             "rb.environment AND p.started_at < rb.started_at ORDER BY p.started_at DESC, "
             "p.id DESC LIMIT 1) AS x FROM rb) WHERE x IS NOT NULL) "
         )
-        rolled_back = self._query(
-            hit + "SELECT count(*) AS n FROM deployments d WHERE d.id IN (SELECT id FROM hit) "
-            f"AND +d.rollback_of IS NULL AND {st} = 'succeeded' AND {w}",
-            params * 2,
-        )[0]["n"]
         # Each failure's restore: the next succeeded deployment there that was not rolled back
         # itself; failures restored by one deployment are one outage, from the first of them.
-        outages = self._query(
-            hit + ", f AS (SELECT d.pipeline, d.environment, d.started_at, "
+        # One statement with the rolled-back count (its first row), so ``hit`` is found once.
+        rows = self._query(
+            hit.replace("hit(id) AS (", "hit(id) AS MATERIALIZED (")
+            + ", f AS (SELECT d.pipeline, d.environment, d.started_at, "
             "coalesce(d.finished_at, d.started_at) AS at FROM deployments d "
             f"WHERE {st} = 'failed' AND {w} UNION SELECT d.pipeline, d.environment, "
             "d.started_at, coalesce(d.finished_at, d.started_at) FROM deployments d "
@@ -1249,10 +1258,16 @@ class SQLiteStore:
             "AND s.environment = f.environment AND s.status = 'succeeded' AND s.started_at > "
             "f.started_at AND s.id NOT IN (SELECT id FROM hit) ORDER BY s.started_at, s.id "
             "LIMIT 1) AS sid FROM f) "
-            "SELECT g.sid, count(*) AS n, (julianday(s.finished_at) - julianday(min(g.at))) "
-            "* 86400.0 AS seconds FROM g LEFT JOIN deployments s ON s.id = g.sid GROUP BY g.sid",
-            params * 3,
+            "SELECT 0 AS kind, NULL AS sid, count(*) AS n, NULL AS seconds FROM deployments d "
+            "WHERE d.id IN (SELECT id FROM hit) "
+            f"AND +d.rollback_of IS NULL AND {st} = 'succeeded' AND {w} "
+            "UNION ALL SELECT * FROM (SELECT 1, g.sid, count(*), (julianday(s.finished_at) - "
+            "julianday(min(g.at))) * 86400.0 FROM g LEFT JOIN deployments s ON s.id = g.sid "
+            "GROUP BY g.sid)",
+            params * 4,
         )
+        rolled_back = rows[0]["n"]
+        outages = [r for r in rows if r["kind"] == 1]
         found: list[CommitRow] = []
         if commits:
             found = self._query(  # type: ignore[assignment]
