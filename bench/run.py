@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import bench_analysis
+import bench_canary
 import bench_docker
 import bench_fleet
 import bench_history
@@ -86,17 +87,6 @@ def http_figures(opts: Options) -> dict[str, Any]:
     }
 
 
-def fleet_figures(opts: Options) -> dict[str, Any]:
-    """Figure 16: `true` on 20 SSH hosts (real sshd, as root) against a plain asyncssh loop."""
-    out = bench_fleet.run()
-    return {
-        "figures": [
-            figure("16", "ssh('true') on 20 hosts, batch=20, whole process",
-                   measured=out["ratio"], unit="x", max_value=out["target_ratio"], details=out),
-        ]
-    }  # fmt: skip
-
-
 #: name -> (figures, function); run in this order.
 BENCHMARKS: dict[str, tuple[str, Callable[[Options], dict[str, Any]]]] = {
     "startup": ("1", bench_startup.help_version),
@@ -114,7 +104,8 @@ BENCHMARKS: dict[str, tuple[str, Callable[[Options], dict[str, Any]]]] = {
     "otel-steps": ("13", bench_otel.otel_steps),
     "analysis": ("14", lambda opts: {"figures": bench_analysis.figures(opts)}),
     "serve": ("15", lambda opts: {"figures": bench_serve.run()}),
-    "fleet": ("16", fleet_figures),
+    "fleet": ("16", lambda opts: {"figures": bench_fleet.figures(opts)}),
+    "canary": ("17", bench_canary.run),
 }
 
 

@@ -131,6 +131,22 @@ def message(payload: dict[str, Any]) -> str | None:
             f"*{escape(str(payload.get('stage')))}*; default outcome: "
             f"*{escape(str(payload.get('outcome')))}*"
         )
+    if event == "analysis_started":
+        metrics = ", ".join(escape(str(m.get("metric"))) for m in payload.get("metrics") or [])
+        return (
+            f":mag: Analysis started: {what} ({ident}) at step "
+            f"*{escape(str(payload.get('step')))}*: {metrics}"
+        )
+    if event == "analysis_finished":
+        verdict = str(payload.get("verdict") or "stopped")
+        icon = {"successful": ":white_check_mark:", "inconclusive": ":grey_question:"}.get(
+            verdict, ":x:"
+        )
+        return (
+            f"{icon} Analysis *{escape(verdict)}* ({escape(str(payload.get('outcome')))}): "
+            f"{what} ({ident}) at step *{escape(str(payload.get('step')))}*\n"
+            f"> {escape(str(payload.get('summary')))}"
+        )
     if event == "rollback_started":
         target = escape(str(payload.get("target_version") or "?"))
         reason = payload.get("reason")

@@ -64,6 +64,8 @@ if TYPE_CHECKING:
     from .plugins.analysis import prometheus as prometheus
     from .plugins.analysis import python_metric as python_metric
     from .plugins.approval import approval as approval
+    from .plugins.canary import canary as canary
+    from .plugins.canary import route as route
     from .plugins.command import command as command
     from .plugins.docker import docker as docker
     from .plugins.healthcheck import health_check as health_check
@@ -76,6 +78,7 @@ if TYPE_CHECKING:
     from .plugins.ssh import hosts as hosts
     from .plugins.ssh import ssh as ssh
     from .plugins.ssh import upload as upload
+    from .plugins.ssh import waves as waves
     from .plugins.wait import wait as wait
 
 _LAZY: dict[str, str] = {
@@ -92,6 +95,8 @@ _LAZY: dict[str, str] = {
     "metric": "shipyard.plugins.analysis",
     "prometheus": "shipyard.plugins.analysis",
     "python_metric": "shipyard.plugins.analysis",
+    "canary": "shipyard.plugins.canary",
+    "route": "shipyard.plugins.canary",
     "ApprovalRefused": "shipyard._exceptions",
     "PipelineChanged": "shipyard._exceptions",
     "Deployment": "shipyard._pipeline",
@@ -137,6 +142,7 @@ _LAZY: dict[str, str] = {
     "hosts": "shipyard.plugins.ssh",
     "ssh": "shipyard.plugins.ssh",
     "upload": "shipyard.plugins.ssh",
+    "waves": "shipyard.plugins.ssh",
     "skip": "shipyard._exceptions",
     "fail": "shipyard._exceptions",
     "secret": "shipyard._secrets",

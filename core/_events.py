@@ -293,6 +293,54 @@ class ApprovalReminder(Event):
         return out
 
 
+@dataclass(kw_only=True, eq=False)
+class AnalysisStarted(Event):
+    """An analysis step starts measuring (``sy.analysis``): its metrics, as ``plan`` shows them.
+    Single measurements are no event: they go to the step's log and the history only."""
+
+    hook = "shipyard_analysis_started"
+    stage: str
+    stage_index: int
+    index: int
+    step: str
+    #: Per metric: ``metric``, ``provider``, ``description``, ``conditions``, ``count``,
+    #: ``interval``, ``dry_run``.
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out.update(stage=self.stage, stage_index=self.stage_index, step=self.step,
+                   metrics=self.metrics)  # fmt: skip
+        return out
+
+
+@dataclass(kw_only=True, eq=False)
+class AnalysisFinished(Event):
+    """An analysis step decided (or was stopped): the verdict, what it does about it, and a
+    summary per metric."""
+
+    hook = "shipyard_analysis_finished"
+    stage: str
+    stage_index: int
+    index: int
+    step: str
+    #: ``successful``, ``failed``, ``inconclusive``, ``error``, or None when stopped first.
+    verdict: str | None
+    #: What follows: ``continue``, ``fail``, ``wait for approval``, ``stopped``.
+    outcome: str
+    #: One line: each deciding metric's verdict and counts (and the dry-run ones).
+    summary: str
+    #: Per metric: ``metric``, ``verdict``, ``counts``, ``dry_run``.
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out.update(stage=self.stage, stage_index=self.stage_index, step=self.step,
+                   verdict=self.verdict, outcome=self.outcome, summary=self.summary,
+                   metrics=self.metrics)  # fmt: skip
+        return out
+
+
 class Listener(Protocol):
     """A core consumer of events (history, console, notifier dispatcher)."""
 

@@ -40,6 +40,8 @@ SINK_EVENTS = frozenset(
         "shipyard_approval_decided",
         "shipyard_approval_expired",
         "shipyard_approval_reminder",
+        "shipyard_analysis_started",
+        "shipyard_analysis_finished",
     }
 )
 

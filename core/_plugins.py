@@ -48,6 +48,7 @@ DEFAULT_PLUGINS: Final[dict[str, str]] = {
     "healthcheck": "shipyard.plugins.healthcheck",
     "kubernetes": "shipyard.plugins.kubernetes",
     "analysis": "shipyard.plugins.analysis",
+    "canary": "shipyard.plugins.canary",
     "ssh": "shipyard.plugins.ssh",
     "otel": "shipyard.plugins.otel",
     "serve": "shipyard.contrib.serve",
@@ -338,6 +339,16 @@ class ShipyardPluginManager(pluggy.PluginManager):
         """Ask the router plugins to send ``service``'s traffic to ``port``; None: no taker."""
         result: Awaitable[bool] | bool | None = self.hook.shipyard_router_switch(
             router=router, service=service, port=port, context=context
+        )
+        return result
+
+    def router_weights(
+        self, router: Any, service: str, weights: Mapping[int, int], context: StepContext
+    ) -> Awaitable[bool] | bool | None:
+        """Ask the router plugins to split ``service``'s traffic by ``weights`` (port ->
+        percent); None: no taker."""
+        result: Awaitable[bool] | bool | None = self.hook.shipyard_router_weights(
+            router=router, service=service, weights=weights, context=context
         )
         return result
 

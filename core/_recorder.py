@@ -123,8 +123,9 @@ class HistoryRecorder:
         self._logs.append(LogRecord(dep_id, None, None, time.time(), stream, text))
 
     def handle(self, event: Event) -> None:
-        if self.error is None:
-            self._guarded(self._handlers[event.hook], event)
+        handler = self._handlers.get(event.hook)  # the others (analysis, ...) change no row
+        if handler is not None and self.error is None:
+            self._guarded(handler, event)
 
     def _guarded(self, fn: Callable[..., None], *args: object) -> None:
         try:

@@ -19,6 +19,7 @@ from typing import Protocol
 
 from ._events import DeploymentFinished
 from ._events import DeploymentStarted
+from ._events import Event
 from ._events import EventBus
 from ._events import LogLine
 from ._events import StageFinished
@@ -178,6 +179,13 @@ class StepContext:
              "error": mask(error) if error else None, "dry_run": dry_run,
              "warnings": json.dumps([mask(w) for w in warned]) if warned else None},
         )  # fmt: skip
+
+    def emit(self, event_type: type[Event], **fields: Any) -> None:
+        """Send an event of this step (``sdk.AnalysisStarted``, ...) to the history, the console,
+        the sinks and the plugins' hooks; the deployment, stage and step are filled in."""
+        where = {"stage": self.stage.name, "stage_index": self.stage_index, "index": self.index,
+                 "step": self.step.name}  # fmt: skip
+        self._runner.bus.emit(event_type(deployment=self.deployment, **where, **fields))
 
     def restored_artifact(self, name: str) -> str | None:
         """In a rollback, the artifact ``name`` that the step of the same stage and name kept in

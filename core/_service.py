@@ -99,11 +99,23 @@ def hosts_document(artifacts: Sequence[ArtifactRow]) -> list[dict[str, Any]]:
     for a in artifacts:
         if a["name"] != "hosts":
             continue
-        hosts = _loads(a["content"])
-        if isinstance(hosts, dict):
-            for host, run in hosts.items():
-                fields = run if isinstance(run, dict) else {"status": run}
-                out.append({"stage": a["stage"], "step": a["step"], "host": host, **fields})
+        doc = _loads(a["content"])
+        if not isinstance(doc, dict):
+            continue
+        hosts = doc["hosts"] if isinstance(doc.get("hosts"), dict) else doc  # or the first shape
+        for host, run in hosts.items():
+            if not isinstance(run, dict):
+                continue
+            tries = run.get("attempts") if isinstance(run.get("attempts"), list) else []
+            last = tries[-1] if tries else run
+            out.append({
+                "stage": a["stage"], "step": a["step"], "host": host, "status": run.get("status"),
+                "region": run.get("region"), "version": run.get("version"),
+                "previous_version": run.get("previous_version"),
+                "exit_code": last.get("exit_code"), "error": last.get("error"),
+                "started_at": tries[0].get("started_at") if tries else run.get("started_at"),
+                "finished_at": last.get("finished_at"), "attempts": tries,
+            })  # fmt: skip
     return out
 
 

@@ -32,6 +32,8 @@ if TYPE_CHECKING:
     import click
 
     from ._config import Config
+    from ._events import AnalysisFinished
+    from ._events import AnalysisStarted
     from ._events import ApprovalDecided
     from ._events import ApprovalExpired
     from ._events import ApprovalReminder
@@ -264,6 +266,40 @@ def shipyard_router_switch(
 
 
 @hookspec(firstresult=True)
+def shipyard_router_weights(
+    router: Any, service: str, weights: Mapping[int, int], context: StepContext
+) -> Awaitable[bool] | bool | None:
+    """Split the traffic of ``service`` between host ports: the router step of canaries.
+
+    ``shipyard.route(router, service, weights)`` and ``docker.service(..., strategy=
+    shipyard.canary(...))`` call this for every weight change. ``weights`` maps each host port
+    to a whole percent; the percents sum to 100, and a port at 0 must receive no new request.
+    Implement it for the router objects your plugin creates (``isinstance(router, MyRouter)``)
+    and return None for any other, so that several routers can coexist.
+
+    The change must be all-or-nothing, as for :func:`shipyard_router_switch`: when it cannot
+    be completed, restore the proxy's previous state and raise an exception whose message says
+    what failed (a canary then puts all traffic back on the old version). When it returns, new
+    requests must be split as asked. A change to 100% on one port must leave the proxy in the
+    same state as ``shipyard_router_switch`` to that port.
+
+    Before each change the caller records the step artifact ``route:<service>`` (JSON:
+    ``weights`` it asks for, ``settle``, the weights a repair must restore if the deployment is
+    killed now). A router plugin that can act without the pipelines file (nginx can) restores
+    ``settle`` in its ``shipyard_cleanup_interrupted``. The built-in implementation drives nginx
+    (:func:`shipyard.nginx`). Stops at first non-None result.
+
+    :param router: the object given as ``router=`` (e.g. ``shipyard.nginx(path)``).
+    :param service: the service's name.
+    :param weights: host port -> percent of new requests (whole numbers summing to 100).
+    :param context: the step's context: ``log()`` what you do, ``record_artifact()`` what a
+        repair needs. Call it from the event loop's thread only.
+    :returns: True when handled, or an awaitable resolving to True; None when ``router`` is not
+        yours.
+    """
+
+
+@hookspec(firstresult=True)
 def shipyard_analysis_measure(metric: Any, context: Any) -> Awaitable[Any] | None:
     """Take one measurement of ``metric`` for an ``analysis`` step; return an awaitable of the value.
 
@@ -334,6 +370,17 @@ def shipyard_approval_expired(event: ApprovalExpired) -> None:
 def shipyard_approval_reminder(event: ApprovalReminder) -> None:
     """A gate with ``remind_every`` still waits: sent by ``shipyard expire`` when a reminder
     is due (run it on a schedule); ``event.to_dict()["commands"]`` says how to decide."""
+
+
+@hookspec
+def shipyard_analysis_started(event: AnalysisStarted) -> None:
+    """An analysis step starts measuring its metrics (``event.metrics``)."""
+
+
+@hookspec
+def shipyard_analysis_finished(event: AnalysisFinished) -> None:
+    """An analysis step decided: ``event.verdict``, ``event.outcome`` (``continue``, ``fail``,
+    ``wait for approval``, ``stopped``) and ``event.summary``."""
 
 
 @hookspec

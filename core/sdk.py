@@ -35,6 +35,8 @@ from typing import Any
 from ._lazy import lazy_exports as lazy_exports
 
 if TYPE_CHECKING:
+    from ._events import AnalysisFinished as AnalysisFinished
+    from ._events import AnalysisStarted as AnalysisStarted
     from ._events import DeploymentFinished as DeploymentFinished
     from ._events import DeploymentStarted as DeploymentStarted
     from ._events import Event as Event
@@ -147,6 +149,8 @@ _LAZY: dict[str, tuple[str, str]] = {
     "ssl_verify": ("shipyard._probe", "ssl_verify"),
     "tail_text": ("shipyard._threads", "tail_text"),
     "utcnow": ("shipyard._reports", "utcnow"),
+    "AnalysisFinished": ("shipyard._events", "AnalysisFinished"),
+    "AnalysisStarted": ("shipyard._events", "AnalysisStarted"),
     "ArtifactRow": ("shipyard._store", "ArtifactRow"),
     "MeasurementRecord": ("shipyard._store", "MeasurementRecord"),
     "MeasurementRow": ("shipyard._store", "MeasurementRow"),

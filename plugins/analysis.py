@@ -48,6 +48,9 @@ ERROR: Final = "error"
 FATAL: Final = "fatal"
 #: Verdicts from best to worst (the analysis takes the worst of its metrics).
 ORDER: Final = (SUCCESSFUL, INCONCLUSIVE, ERROR, FAILED)
+#: What ``analysis_started`` says of each metric.
+_STARTED_KEYS: Final = ("metric", "provider", "description", "conditions", "count", "interval",
+                        "dry_run")  # fmt: skip
 #: The most characters of a value kept in the history.
 MAX_VALUE: Final = 4096
 _VARIABLES: Final = ("ID", "VERSION", "ENVIRONMENT", "PIPELINE", "STAGE")
@@ -718,6 +721,9 @@ class AnalysisStep(sdk.Step):
         runs = [_Run(m) for m in self.metrics]
         clients: dict[Any, Any] = {}
         context.log(f"analysis started: {', '.join(m.name for m in self.metrics)}")
+        context.emit(sdk.AnalysisStarted, metrics=[
+            {k: v for k, v in r.document().items() if k in _STARTED_KEYS} for r in runs
+        ])  # fmt: skip
         deciding = [r for r in runs if not r.metric.dry_run]
         tasks = {asyncio.ensure_future(self._measure(context, r, clients)): r for r in runs}
         try:
@@ -730,6 +736,7 @@ class AnalysisStep(sdk.Step):
                     break  # fail fast: nothing later can make it better
         except asyncio.CancelledError:
             context.log("analysis stopped before its verdict", "stderr")
+            self._finished(context, runs, None, "stopped")
             raise
         finally:
             for t in tasks:
@@ -744,6 +751,7 @@ class AnalysisStep(sdk.Step):
         context.log(f"analysis finished: {result}: {summary or 'no deciding metric'}"
                     + (f" (dry-run: {dry})" if dry else ""))  # fmt: skip
         if result == SUCCESSFUL or (result == INCONCLUSIVE and self.on_inconclusive == "succeed"):
+            self._finished(context, runs, result, "continue")
             return sdk.StepResult()
         reasons = []
         for r in deciding:
@@ -756,8 +764,22 @@ class AnalysisStep(sdk.Step):
         error = f"analysis {result}: " + "; ".join(reasons)
         if result == INCONCLUSIVE and self.gate is not None:
             context.log(f"{error}; waiting for a decision ({self.gate.describe()})")
+            self._finished(context, runs, result, "wait for approval")
             return sdk.StepResult(sdk.Status.WAITING, error=error, gate=self.gate)
+        self._finished(context, runs, result, "fail")
         raise sdk.StepFailed(error)
+
+    @staticmethod
+    def _finished(context: sdk.StepContext, runs: list[_Run], verdict: str | None,
+                  outcome: str) -> None:  # fmt: skip
+        deciding = "; ".join(r.summary() for r in runs if not r.metric.dry_run)
+        dry = "; ".join(r.summary() for r in runs if r.metric.dry_run)
+        context.emit(
+            sdk.AnalysisFinished, verdict=verdict, outcome=outcome,
+            summary=(deciding or "no deciding metric") + (f" (dry-run: {dry})" if dry else ""),
+            metrics=[{"metric": r.metric.name, "verdict": r.verdict, "counts": r.counts(),
+                      "dry_run": r.metric.dry_run} for r in runs],
+        )  # fmt: skip
 
     async def _measure(self, context: sdk.StepContext, run: _Run, clients: dict[Any, Any]) -> None:
         import asyncio

@@ -8,17 +8,21 @@
     #     include /etc/nginx/shipyard/*.conf;
     #     server { listen 80; location / { proxy_pass http://shipyard_webapp; } }
 
-A switch writes the upstream file atomically (a temporary file renamed over it), validates the
-whole configuration with ``nginx -t``, and reloads with ``nginx -s reload``. If either command
-fails, the previous file is put back (or the new one removed, if there was none) and the switch
-fails, so nginx keeps sending traffic where it did. nginx itself does the rest: a reload starts
-new workers with the new upstream and lets the old ones finish their requests.
+A canary step (``sy.route``, ``docker.service(..., strategy=sy.canary(...))``) writes weighted
+``server`` lines instead (``server 127.0.0.1:8082 weight=10;``; a port at 0% is left out, and
+one port at 100% gives the switch's file). Either writes the upstream file atomically (a
+temporary file renamed over it), validates the whole configuration with ``nginx -t``, and
+reloads with ``nginx -s reload``. If either command fails, the previous file is put back (or the
+new one removed, if there was none) and the change fails, so nginx keeps sending traffic where
+it did. nginx itself does the rest: a reload starts new workers with the new upstream and lets
+the old ones finish their requests.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,6 +34,9 @@ from shipyard.sdk import StepFailed
 from shipyard.sdk import hookimpl
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from shipyard.sdk import ArtifactRow
     from shipyard.sdk import StepContext
 
 #: Seconds ``nginx -t`` or ``nginx -s reload`` may take.
@@ -39,6 +46,9 @@ RELOAD_TIMEOUT: Final = 10.0
 #: Without access to nginx's /proc entries, seconds to allow old workers to stop accepting.
 UNKNOWN_STATE_WAIT: Final = 0.5
 _UPSTREAM_RE = re.compile(r"[A-Za-z0-9_.-]+\Z")
+_SERVER_RE = re.compile(r"^\s*server\s+\S+?:(\d+)(?:\s+weight=(\d+))?\s*;", re.MULTILINE)
+#: The artifact a weight change records: how to reach this nginx (``nginx:<service>``).
+SPEC_ARTIFACT: Final = "nginx"
 
 
 class NginxRouter:
@@ -121,17 +131,97 @@ class NginxRouter:
             f"}}\n"
         )
 
+    def render_weights(self, service: str, weights: Mapping[int, int]) -> str:
+        """The upstream file that splits ``service`` by ``weights`` (port -> percent).
+
+        Ports at 0 are left out; one port at 100 gives exactly :meth:`render`'s file, so a
+        canary that reached 100 and a switch leave nginx in the same state.
+        """
+        live = [(port, w) for port, w in weights.items() if w > 0]
+        if len(live) == 1:
+            return self.render(service, live[0][0])
+        lines = "".join(f"    server {self.host}:{port} weight={w};\n" for port, w in live)
+        return (
+            f"# Written by Shipyard for the service {service!r}; do not edit: the next\n"
+            f"# deployment replaces it.\n"
+            f"upstream {self.upstream_for(service)} {{\n{lines}}}\n"
+        )
+
+    def current_weights(self, service: str) -> dict[int, int] | None:
+        """The weights the upstream file of ``service`` holds now; None if it has none (or
+        was not written by Shipyard)."""
+        try:
+            text = self.path_for(service).read_text()
+        except OSError:
+            return None
+        found = {int(p): int(w or 1) for p, w in _SERVER_RE.findall(text)}
+        if len(found) == 1:  # a switch's file: one server, without weight=
+            return {port: 100 for port in found}
+        return found if found and sum(found.values()) == 100 else None
+
+    def spec(self) -> dict[str, Any]:
+        """What a repair needs to drive this nginx without the pipelines file (JSON)."""
+        return {
+            "conf_path": os.fspath(self.conf_path),
+            "test_cmd": self.test_cmd,
+            "reload_cmd": self.reload_cmd,
+            "upstream": self.upstream,
+            "host": self.host,
+            "pid_file": os.fspath(self.pid_file) if self.pid_file is not None else None,
+        }
+
+    @classmethod
+    def from_spec(cls, spec: Mapping[str, Any]) -> NginxRouter:
+        return cls(
+            spec["conf_path"],
+            spec["reload_cmd"],
+            spec["test_cmd"],
+            upstream=spec.get("upstream"),
+            host=spec.get("host", "127.0.0.1"),
+            pid_file=spec.get("pid_file"),
+        )
+
     async def switch(self, service: str, port: int, context: StepContext) -> bool:
         """Point ``service`` at ``port``: write, ``nginx -t``, reload; restore on failure."""
         path = self.path_for(service)
-        text = self.render(service, port)
+        done = await self._apply(path, self.render(service, port), context)
+        context.log(
+            f"nginx: {path} already sends {service} to port {port}"
+            if not done
+            else f"nginx: {self.upstream_for(service)} -> {self.host}:{port} ({path}), reloaded",
+            "shipyard",
+        )
+        return True
+
+    async def set_weights(
+        self, service: str, weights: Mapping[int, int], context: StepContext
+    ) -> bool:
+        """Split ``service`` by ``weights``: write, ``nginx -t``, reload; restore on failure."""
+        import json
+
+        path = self.path_for(service)
+        # A repair (another process, no pipelines file) must be able to drive this nginx.
+        context.record_artifact(
+            f"{SPEC_ARTIFACT}:{service}", json.dumps({"service": service, **self.spec()})
+        )
+        shown = ", ".join(f"{self.host}:{p} {w}%" for p, w in weights.items())
+        done = await self._apply(path, self.render_weights(service, weights), context)
+        context.log(
+            f"nginx: {path} already splits {service} as {shown}"
+            if not done
+            else f"nginx: {self.upstream_for(service)} -> {shown} ({path}), reloaded",
+            "shipyard",
+        )
+        return True
+
+    async def _apply(self, path: Path, text: str, context: StepContext) -> bool:
+        """Make ``path`` hold ``text`` and nginx run it; False if it already did."""
         try:
             previous: bytes | None = path.read_bytes()
         except FileNotFoundError:
             previous = None
         if previous == text.encode():
-            context.log(f"nginx: {path} already sends {service} to port {port}", "shipyard")
-            return True
+            return False
         workers = self._workers()
         _write_atomically(path, text.encode())
         try:
@@ -143,11 +233,26 @@ class NginxRouter:
             _restore(path, previous)
             context.log(f"nginx: restored the previous {path}", "shipyard")
             raise
-        context.log(
-            f"nginx: {self.upstream_for(service)} -> {self.host}:{port} ({path}), reloaded",
-            "shipyard",
-        )
         return True
+
+    def apply_blocking(self, path: Path, text: str) -> bool:
+        """:meth:`_apply` without an event loop, for a repair; False if nothing changed."""
+        import asyncio
+
+        class _Quiet:
+            def log(self, text: str, stream: str = "stdout") -> None:
+                pass
+
+        quiet: Any = _Quiet()
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(self._apply(path, text, quiet))
+        # Called on a thread that runs an event loop: run ours on a thread of its own.
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(1) as pool:
+            return pool.submit(asyncio.run, self._apply(path, text, quiet)).result()
 
     async def _run(self, argv: list[str], what: str) -> None:
         import asyncio
@@ -308,3 +413,51 @@ def shipyard_router_switch(
     if isinstance(router, NginxRouter):
         return router.switch(service, port, context)
     return None
+
+
+@hookimpl(trylast=True)
+def shipyard_router_weights(
+    router: Any, service: str, weights: Mapping[int, int], context: StepContext
+) -> Any:  # Any: an awaitable of True, or None for routers that are not ours
+    if isinstance(router, NginxRouter):
+        return router.set_weights(service, weights, context)
+    return None
+
+
+@hookimpl
+def shipyard_cleanup_interrupted(artifacts: list[ArtifactRow], log: Callable[[str], None]) -> None:
+    """Put back the weights a killed weight change left uncertain (``route:<service>``).
+
+    Each step that changed weights through this router recorded how to reach nginx
+    (``nginx:<service>``) and, before each change, the weights to settle on if it is killed
+    (``settle`` in ``route:<service>``); they are written again, validated and reloaded.
+    """
+    import json
+
+    routes = {(a["stage_idx"], a["step_idx"], a["name"]): a for a in artifacts}
+    for a in artifacts:
+        if not a["name"].startswith(SPEC_ARTIFACT + ":"):
+            continue
+        spec = json.loads(a["content"])
+        service = spec["service"]
+        route = routes.get((a["stage_idx"], a["step_idx"], f"route:{service}"))
+        if route is None:
+            continue
+        settle = json.loads(route["content"]).get("settle")
+        if not settle:
+            continue
+        weights = {int(p): int(w) for p, w in settle.items()}
+        router = NginxRouter.from_spec(spec)
+        path = router.path_for(service)
+        shown = ", ".join(f"{router.host}:{p} {w}%" for p, w in weights.items())
+        try:
+            changed = router.apply_blocking(path, router.render_weights(service, weights))
+        except Exception as exc:
+            text = exc.message if isinstance(exc, StepFailed) else f"{type(exc).__name__}: {exc}"
+            log(f"nginx could not put {service} back on {shown}: {text}")
+            continue
+        log(
+            f"nginx sends {service} to {shown} again ({path}, reloaded)"
+            if changed
+            else f"nginx already sends {service} to {shown} ({path})"
+        )

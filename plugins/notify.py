@@ -16,7 +16,7 @@ webhook POSTs exactly that object as the request body. Keys present in every eve
     event        "deployment_started" | "stage_started" | "step_started" | "step_finished"
                  | "stage_finished" | "deployment_finished" | "rollback_started"
                  | "deployment_suspended" | "approval_decided" | "approval_expired"
-                 | "approval_reminder"
+                 | "approval_reminder" | "analysis_started" | "analysis_finished"
     ts           when the event happened, ISO 8601 UTC ("2024-05-01T12:00:00.123456Z")
     deployment   {"id": 42, "pipeline": "webapp", "version": "1.4.2",
                   "environment": "production", "rollback_of": null | <id>}
@@ -43,7 +43,16 @@ approval_decided       ``stage``, ``decision`` ("approve", "reject", "cancel", "
 approval_expired       ``stage``, ``expires_at``, ``outcome`` ("approved", "rejected")
 approval_reminder      ``status`` ("awaiting_approval"), ``stage``, ``requested_at``,
                        ``expires_at``, ``approvals``, ``required``, ``commands``
+analysis_started       ``stage``, ``stage_index``, ``step``, ``metrics`` (per metric: ``metric``,
+                       ``provider``, ``description``, ``conditions``, ``count``, ``interval``,
+                       ``dry_run``)
+analysis_finished      ``stage``, ``stage_index``, ``step``, ``verdict`` ("successful", "failed",
+                       "inconclusive", "error", or null when stopped), ``outcome`` ("continue",
+                       "fail", "wait for approval", "stopped"), ``summary``, ``metrics`` (per
+                       metric: ``metric``, ``verdict``, ``counts``, ``dry_run``)
 =====================  ============================================================================
+
+Single measurements are no event: they go to the step's log and the history only.
 
 A deployment resumed after an approval sends ``deployment_started`` again with ``"resumed":
 true``. The approval events are sent by the process that decided (``approve``, ``reject``,
@@ -116,6 +125,8 @@ class ConsoleNotifier:
             status = f"{payload['decision']} by {payload['user']}: {payload['outcome']}"
         elif what == "approval_expired":
             status = f"expired: {payload['outcome']}"
+        elif what == "analysis_finished":
+            status = f"{payload['verdict'] or 'stopped'}: {payload['outcome']}"
         elif payload.get("resumed"):
             status = "resumed"
         print(

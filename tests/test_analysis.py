@@ -255,6 +255,34 @@ def test_failing_analysis_fails_fast(shipyarder):
     assert "last value 0.5" in show["stages"][0]["steps"][0]["error"]
 
 
+def test_sinks_get_the_analysis_started_and_finished_and_no_single_measurement(shipyarder):
+    shipyarder.makepipelines(PIPELINES)
+    sink = shipyarder.path / "events.jsonl"
+    result = shipyarder.run("deploy", "web", "1.0", "-e", "prod", "--notify", f"jsonl:{sink}",
+                            env={"VALUES": "0.01,0.2"})  # fmt: skip
+    assert result.exit_code == 1, result.output
+    events = [json.loads(line) for line in sink.read_text().splitlines()]
+    names = [e["event"] for e in events]
+    assert names.count("analysis_started") == names.count("analysis_finished") == 1
+    assert names.index("step_started") < names.index("analysis_started")
+    assert names.index("analysis_finished") < names.index("step_finished")
+    started = events[names.index("analysis_started")]
+    assert (started["stage"], started["step"], [m["metric"] for m in started["metrics"]]) == (
+        "verify", "analysis", ["error rate"])  # fmt: skip
+    assert started["metrics"][0]["conditions"] == {
+        "success": "below(0.05)",
+        "failure": "above(0.1)",
+    }
+    finished = events[names.index("analysis_finished")]
+    assert (finished["verdict"], finished["outcome"]) == ("failed", "fail")
+    assert finished["summary"] == "error rate failed (1 successful, 1 failed)"
+    assert finished["metrics"] == [{"metric": "error rate", "verdict": "failed", "dry_run": False,
+        "counts": {"successful": 1, "failed": 1, "inconclusive": 0, "error": 0}}]  # fmt: skip
+    assert names == ["deployment_started", "stage_started", "step_started", "analysis_started",
+                     "analysis_finished", "step_finished", "stage_finished",
+                     "deployment_finished"]  # fmt: skip
+
+
 @pytest.mark.parametrize(("on_inc", "code"), [("fail", 1), ("succeed", 0)])
 def test_inconclusive_follows_on_inconclusive(shipyarder, on_inc, code):
     shipyarder.makepipelines(PIPELINES)

@@ -48,6 +48,7 @@ EXPECTED = [
     "approval",
     "below",
     "between",
+    "canary",
     "command",
     "console",
     "docker",
@@ -67,12 +68,14 @@ EXPECTED = [
     "prometheus",
     "python",
     "python_metric",
+    "route",
     "secret",
     "skip",
     "ssh",
     "stage",
     "upload",
     "wait",
+    "waves",
     "webhook",
 ]
 

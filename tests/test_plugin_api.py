@@ -22,7 +22,7 @@ PLUGIN_DIRS = [REPO / "plugins", REPO / "contrib"]
 SDK_NAMES = {
     # step types and notifiers
     "Step", "StepContext", "StepResult", "StepFailed", "StepTypeRegistry", "NotifierRegistry",
-    "ProviderRegistry",
+    "ProviderRegistry", "AnalysisStarted", "AnalysisFinished",
     "PipelineDefinitionError", "HealthCheckFailed", "Deployment", "Status", "hookimpl",
     "reject_unknown_options", "__version__",
     # output, processes and threads

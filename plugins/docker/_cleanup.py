@@ -13,6 +13,9 @@ step the way the step itself would have, had it been able to:
   the step would have done after draining.
 - ``docker.service`` killed during the switch (a few milliseconds): either container may serve,
   so both are left running, and the log says which to check.
+- ``docker.service`` with ``strategy=sy.canary(...)``: until the move to 100% is done the new
+  container is removed (the router plugin puts 100% back on the old one from the step's
+  ``route:<service>`` artifact); after it, the old one is removed.
 
 Only containers carrying the step's ``shipyard.*`` labels are touched, as everywhere else.
 """
@@ -69,9 +72,17 @@ def clean_up(artifacts: Sequence[ArtifactRow], log: Callable[[str], None]) -> No
             service, old = info["service"], info["old"]
             scope = {k: labels[k] for k in _SCOPE if k in labels}
             step = (a["stage_idx"], a["step_idx"])
+            canary = info.get("strategy") == "canary"
+            if canary and _canary_finished(artifacts, step, service, info.get("port")):
+                switched.add(step)
             if step in switched:
                 if old and _remove(api, old, scope):
                     log(f"{new} already served {service}: removed the old container {old}")
+                continue
+            if canary:  # the router plugin puts 100% back on the old one (route:<service>)
+                if _remove(api, new, labels):
+                    log(f"removed {new}: the canary of {service} never reached 100%; {old} "
+                        "serves all of it again")  # fmt: skip
                 continue
             if step in switching:  # killed while the router switched: either may serve
                 log(
@@ -88,6 +99,18 @@ def clean_up(artifacts: Sequence[ArtifactRow], log: Callable[[str], None]) -> No
                 log(f"started {old} again: it was stopped to free the port for {new}")
     finally:
         client.close()
+
+
+def _canary_finished(
+    artifacts: Sequence[ArtifactRow], step: tuple[int, int], service: str, port: Any
+) -> bool:
+    """Whether a canary's last weight change (100% on the new ``port``) was done."""
+    for a in artifacts:
+        if (a["stage_idx"], a["step_idx"]) == step and a["name"] == f"route:{service}":
+            route = json.loads(a["content"])
+            settle = route.get("settle") or {}
+            return route.get("state") == "set" and settle.get(str(port)) == 100
+    return False
 
 
 def _ours(api: Any, name: str, labels: Mapping[str, str]) -> dict[str, Any] | None:

@@ -5,7 +5,9 @@ the slot (:meth:`~DockerServiceStep._choose_port`), start the new container
 (:meth:`~DockerServiceStep._start_new`), wait for it to be healthy (:class:`HealthWait`), switch
 the router (:meth:`~DockerServiceStep._switch`), retire the old container
 (:meth:`~DockerServiceStep._retire`); on a failure before the switch,
-:meth:`~DockerServiceStep._undo` removes the new container and restores the old one.
+:meth:`~DockerServiceStep._undo` removes the new container and restores the old one. With
+``strategy=sy.canary(...)`` the switch is :meth:`~DockerServiceStep._canary`: the strategy moves
+the weights step by step and, when it fails, puts all traffic back on the old container first.
 """
 
 from __future__ import annotations
@@ -113,6 +115,22 @@ def _restart(value: Any) -> Restart:
     return cast("Restart", value)
 
 
+def _strategy(value: Any, router: Any, step: str) -> Any:
+    """``strategy=``: None (blue-green) or ``sy.canary(...)`` (duck-typed: ``shift()``)."""
+    if value is None:
+        return None
+    if not callable(getattr(value, "shift", None)):
+        raise PipelineDefinitionError(
+            f"docker.service step {step!r}: strategy must be sy.canary(...), got {value!r}"
+        )
+    if router is None:
+        raise PipelineDefinitionError(
+            f"docker.service step {step!r}: strategy={value!r} needs router=, a router that "
+            "can split traffic by weight (e.g. sy.nginx(PATH))"
+        )
+    return value
+
+
 def _describe_router(router: Any) -> str:
     describe = getattr(router, "describe", None)
     return describe() if callable(describe) else repr(router)
@@ -156,6 +174,8 @@ class _Release:
         self.cid: str | None = None
         self.pump: LogPump | None = None
         self.switched = False
+        #: A canary could not put all traffic back on the old version: keep both running.
+        self.uncertain = False
 
 
 class DockerServiceStep(Step):
@@ -181,6 +201,8 @@ class DockerServiceStep(Step):
         image's own HEALTHCHECK, or else only checks the container keeps running.
     :param router: a router such as :func:`shipyard.nginx`; a plugin implementing
         ``shipyard_router_switch`` drives it.
+    :param strategy: None to switch all traffic at once, or :func:`shipyard.canary` to move it
+        step by step (the router's plugin must implement ``shipyard_router_weights``).
     :param stop_timeout: seconds the old container gets between SIGTERM and SIGKILL.
     :param drain: seconds between the traffic switch and stopping the old container, for
         requests in flight.
@@ -202,6 +224,7 @@ class DockerServiceStep(Step):
         slots: Sequence[int] = (8081, 8082),
         health_check: Any = None,
         router: Any = None,
+        strategy: Any = None,
         stop_timeout: float = 10,
         drain: float = 2.0,
         health_timeout: float = 60.0,
@@ -236,6 +259,7 @@ class DockerServiceStep(Step):
         self.labels = check_labels(labels, self.kind)
         step_name = name if name and name != self.service else None
         super().__init__(name=step_name, timeout=timeout, retries=retries)
+        self.strategy = _strategy(strategy, router, self.name)
 
     def default_name(self) -> str:
         return f"docker service {self.service}"
@@ -247,9 +271,15 @@ class DockerServiceStep(Step):
             f"; check {describe_check(self.health_check, self.health_timeout)}"
         )
         if self.router is not None:
+            router = _describe_router(self.router)
+            how = (
+                f"switch router {router}"
+                if self.strategy is None
+                else f"move traffic through router {router} by {self.strategy.describe()}"
+            )
             text += (
-                f"; switch router {_describe_router(self.router)}; after {self.drain:g}s stop "
-                f"the old container (stop_timeout {self.stop_timeout:g}s)"
+                f"; {how}; after {self.drain:g}s stop the old container "
+                f"(stop_timeout {self.stop_timeout:g}s)"
             )
         else:
             text += "; no router: the old container stops first (not zero-downtime)"
@@ -258,6 +288,10 @@ class DockerServiceStep(Step):
         if self.env:
             text += f"; env {show_env(self.env)}"
         return text
+
+    def plan_details(self, deployment: Any, rootdir: Any) -> list[str]:
+        details = getattr(self.strategy, "plan_details", None)
+        return list(details(deployment, rootdir)) if callable(details) else []
 
     async def run(self, context: StepContext) -> StepResult:
         engine = await Engine.connect()
@@ -299,6 +333,8 @@ class DockerServiceStep(Step):
         context.record_artifact(SERVICE_ARTIFACT, json.dumps({
             "service": self.service, "container": cname, "labels": release.labels,
             "old": name_of(old) if old is not None else None, "router": self.router is not None,
+            "strategy": "canary" if self.strategy is not None and old is not None else None,
+            "port": port, "old_port": port_of(old) if old is not None else None,
         }))  # fmt: skip
         if old is not None and self.router is None:
             await self._stop_old_first(engine, context, old, release)
@@ -361,13 +397,16 @@ class DockerServiceStep(Step):
                 )
             finally:
                 pump.close()
-            if self.router is not None:
+            if self.router is not None and self.strategy is not None and release.old is not None:
+                await self._canary(context, release)
+                release.switched = True
+            elif self.router is not None:
                 context.record_artifact(SWITCHING_ARTIFACT, release.cname)
                 await self._switch(context, release.port)
                 release.switched = True
             context.record_artifact(SWITCHED_ARTIFACT, release.cname)  # the new one serves
         except BaseException as exc:
-            if release.switched:
+            if release.switched or release.uncertain:
                 raise
             await self._undo(engine, context, release)
             if isinstance(exc, ServiceFailed):
@@ -517,6 +556,32 @@ class DockerServiceStep(Step):
             context.log(
                 f"warning: could not remove the old container {name}: {cause(exc)}", "shipyard"
             )
+
+    async def _canary(self, context: StepContext, release: _Release) -> None:
+        """Move the traffic to the new container step by step (``strategy=sy.canary``)."""
+        assert release.old is not None
+        old_port = port_of(release.old)
+        if old_port is None:
+            raise ServiceFailed(
+                f"{name_of(release.old)} carries no shipyard.port label: a canary cannot tell "
+                "which port to take the traffic from",
+                [],
+            )
+        try:
+            await self.strategy.shift(
+                context, router=self.router, service=self.service, old_port=old_port,
+                new_port=release.port, old_name=name_of(release.old), new_name=release.cname,
+            )  # fmt: skip
+        except StepFailed as exc:
+            if getattr(exc, "traffic_restored", True) is False:
+                release.uncertain = True
+                raise StepFailed(
+                    f"{exc.message}\n  {release.cname} and {name_of(release.old)} were both left "
+                    "running, since either may get traffic: fix the router, send all traffic to "
+                    "one of them, then remove the other (docker rm -f NAME)",
+                    output=exc.output,
+                ) from None
+            raise ServiceFailed(exc.message, list(exc.output), router_failed=True) from None
 
     async def _switch(self, context: StepContext, port: int) -> None:
         """Have the router plugin send the service's traffic to ``port``."""
