@@ -1,32 +1,38 @@
-"""Deploying to a fleet over SSH: host groups, remote commands, uploads, rolling batches (#16).
+"""Deploying to a fleet over SSH: host groups, remote commands, uploads, rolling batches,
+regions in waves (#16).
 
 ``hosts(name, [...])`` declares a group; ``ssh(program, *args, hosts=...)``, ``upload(local,
 remote, hosts=...)`` and ``ssh.symlink_switch(hosts=...)`` are steps that act on every host of
 their selection, a batch at a time (``batch=``, ``max_failures=``, ``bake=``, ``health_check=``,
-``rollback="auto"``).
+``rollback="auto"``). ``waves(["canary", "eu", "us"], *steps, bake=, check=)`` runs such steps
+region by region and, when a wave fails, undoes the waves done, the latest first.
 
 asyncssh is imported only by the functions that connect. One connection per host is opened
 (concurrently, at most ``connections`` at once) the first time a deployment's step needs it and
 reused by the deployment's later steps; the pool is closed when the deployment finishes
-(``shipyard_deployment_finished``). Host keys are checked against ``known_hosts``.
+(``shipyard_deployment_finished``). Host keys are checked against ``known_hosts``. A step's
+``env=`` travels on the remote command's stdin, never on its command line.
 
-Each host step's per-host outcome (status, attempt, times, exit code, last output) is kept as the
-step's artifact ``hosts`` (JSON, host -> result), through :meth:`StepContext.record_artifact`.
+Each fleet step (and each ``waves`` step) keeps what it did as its artifact ``hosts``
+(:class:`_Record`: JSON with, per host, its status, the version it ended on and every action
+of every attempt), through :meth:`StepContext.record_artifact`; a rollback deployment's
+``symlink_switch`` reads the restored deployment's record to send each host back to its own
+release.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import time
 from collections import deque
-from collections.abc import Awaitable
-from collections.abc import Callable
 from collections.abc import Iterable
 from collections.abc import Mapping
 from collections.abc import Sequence
 from dataclasses import dataclass
+from dataclasses import field
 from typing import TYPE_CHECKING
 from typing import Any
 
@@ -339,116 +345,297 @@ def _reason(exc: BaseException) -> str:
 
 
 # -------------------------------------------------------------------------------------------------
-# Running remote commands
+# What each host did: the step's ``hosts`` artifact
 # -------------------------------------------------------------------------------------------------
+
+
+def _ts(t: float | None) -> str | None:
+    if t is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1e6):06d}Z"
 
 
 @dataclass
 class _HostRun:
-    """What one host did in one step (kept in the step's ``hosts`` artifact)."""
+    """One action on one host in one attempt of a step: apply, revert, or a health re-check."""
 
-    status: str = "not touched"
+    action: str = "apply"
+    step: str = ""
     attempt: int = 0
+    status: str = "running"
     started_at: float | None = None
     finished_at: float | None = None
     exit_code: int | None = None
     error: str | None = None
     last_output: list[str] | None = None
-    previous: str | None = None
+    #: The release this action left the host on, when the action knows it (symlink_switch).
+    version: str | None = None
 
     def as_json(self) -> dict[str, Any]:
         from shipyard.sdk import mask
 
-        def ts(t: float | None) -> str | None:
-            if t is None:
-                return None
-            return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1e6):06d}Z"
-
         return {
-            "status": self.status, "attempt": self.attempt,
-            "started_at": ts(self.started_at), "finished_at": ts(self.finished_at),
-            "exit_code": self.exit_code, "error": mask(self.error) if self.error else None,
+            "step": mask(self.step), "action": self.action, "attempt": self.attempt,
+            "status": self.status, "started_at": _ts(self.started_at),
+            "finished_at": _ts(self.finished_at), "exit_code": self.exit_code,
+            "error": mask(self.error) if self.error else None,
             "last_output": [mask(t) for t in (self.last_output or [])],
         }  # fmt: skip
 
 
+@dataclass
+class _HostState:
+    """Where one host stands after a step: its status, its version, every action on it."""
+
+    host: Host
+    status: str = "not touched"
+    version: str | None = None
+    previous_version: str | None = None
+    #: What ``current`` pointed at before the switch (symlink_switch), for its revert.
+    previous_link: str | None = None
+    runs: list[_HostRun] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        h = self.host
+        return {
+            "address": h.address, "port": h.port, "group": h.group, "region": h.region,
+            "status": self.status, "version": self.version,
+            "previous_version": self.previous_version,
+            "attempts": [r.as_json() for r in self.runs],
+        }  # fmt: skip
+
+
+class _Record:
+    """What a fleet step (or a ``waves`` step) did to its hosts, kept as its ``hosts`` artifact.
+
+    One record per step per deployment, carried across the step's attempts (retries)."""
+
+    def __init__(self, kind: str, version: str, hosts: Iterable[Host], versioned: bool) -> None:
+        self.kind = kind
+        self.version = version
+        #: Whether some step of the record knows each host's release (a symlink_switch): then
+        #: only such steps set a host's ``version``; else a host that succeeded is on ``version``.
+        self.versioned = versioned
+        self.status = "running"
+        self.error: str | None = None
+        self.failed_region: str | None = None
+        self.hosts: dict[Host, _HostState] = {h: _HostState(h) for h in hosts}
+        self.batches: list[dict[str, Any]] = []
+        self.waves: list[dict[str, Any]] = []
+
+    def state(self, host: Host) -> _HostState:
+        return self.hosts.setdefault(host, _HostState(host))
+
+    def as_json(self) -> str:
+        from shipyard.sdk import mask
+
+        return mask(
+            json.dumps(
+                {
+                    "kind": self.kind,
+                    "version": self.version,
+                    "status": self.status,
+                    "error": mask(self.error) if self.error else None,
+                    "failed_region": self.failed_region,
+                    "waves": self.waves,
+                    "batches": self.batches,
+                    "hosts": {h.label: s.as_json() for h, s in self.hosts.items()},
+                },
+                ensure_ascii=False,
+                separators=(",", ":"),
+            )
+        )
+
+
+def _restored_versions(context: StepContext) -> dict[str, str]:
+    """In a rollback, each host's version as the restored deployment's step left it."""
+    text = context.restored_artifact("hosts")
+    if not text:
+        return {}
+    try:
+        hosts = json.loads(text).get("hosts") or {}
+        return {k: v["version"] for k, v in hosts.items() if isinstance(v.get("version"), str)}
+    except (ValueError, AttributeError, TypeError, KeyError):
+        return {}
+
+
+# -------------------------------------------------------------------------------------------------
+# Running remote commands
+# -------------------------------------------------------------------------------------------------
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+#: Run by the remote ``/bin/sh`` before the program: reads ``NAME=value`` lines from stdin up to
+#: an empty line and exports them, so that ``env=`` values never appear on a command line.
+_READ_ENV = 'while IFS= read -r v && [ -n "$v" ]; do export "$v"; done; exec "$@"'
+
+
 def remote_command(
-    argv: Sequence[str], env: Mapping[str, str], cwd: str | None, shell: bool
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    cwd: str | None,
+    shell: bool,
+    piped: bool = False,
 ) -> str:
-    """The command line the remote side runs: ``env`` sets the variables and the folder, and
-    ``exec`` replaces the login shell, so that a signal over the channel reaches the program.
-    Every argument is quoted (shlex.quote) unless ``shell=True`` asks for the remote shell."""
-    prefix = ["env"]
-    if cwd:
-        prefix += ["-C", cwd]
-    prefix += [f"{k}={v}" for k, v in env.items()]
-    head = " ".join(shlex.quote(p) for p in prefix)
-    if shell:
-        body = " ".join(argv)
-        return f"exec {head} /bin/sh -c {shlex.quote(body)}"
-    return f"exec {head} " + " ".join(shlex.quote(a) for a in argv)
+    """The command line the login shell runs: ``cd`` to the folder, ``export`` the variables,
+    then ``exec`` the program in place of the shell, so that a signal over the channel reaches
+    it; its input is ``/dev/null``. Every word is quoted (shlex.quote) unless ``shell=True``
+    asks for the remote shell. With ``piped``, a ``/bin/sh`` first exports the variables sent
+    on stdin (:func:`env_input`), which is then the program's input.
+
+    Plain POSIX shell syntax, no helper program: ``env -C`` would need GNU coreutils on every
+    host, and each helper ``exec`` costs a measurable part of a short command's round trip."""
+    for k in env:
+        if not _ENV_NAME.fullmatch(k):
+            raise StepFailed(f"the variable name {k!r} cannot be exported (letters, digits, _)")
+    words = ["/bin/sh", "-c", " ".join(argv)] if shell else list(argv)
+    if piped:
+        words = ["/bin/sh", "-c", _READ_ENV, "shipyard-env", *words]
+    parts = [f"cd {shlex.quote(cwd)}"] if cwd else []
+    if env:
+        parts.append("export " + " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()))
+    run = "exec " + " ".join(shlex.quote(w) for w in words) + ("" if piped else " </dev/null")
+    return " && ".join([*parts, run])
+
+
+def env_input(env: Mapping[str, str], label: str) -> str:
+    """``env`` as the stdin of a ``piped`` :func:`remote_command`: one ``NAME=value`` a line."""
+    for k, v in env.items():
+        if "\n" in v or "\r" in v or "\0" in v:
+            raise StepFailed(f"{label}: env {k!r} holds a line break or NUL, which cannot be sent")
+    return "".join(f"{k}={v}\n" for k, v in env.items()) + "\n"
+
+
+class _Output:
+    """Receives one remote command's channel events (an asyncssh ``SSHClientSession``, duck
+    typed): its output, cut into lines and logged as ``host | line``, and how it ended.
+
+    Callbacks rather than stream readers: no task per stream, no line awaited one by one."""
+
+    def __init__(self, host: Host, context: StepContext, done: asyncio.Future[int]) -> None:
+        from shipyard.sdk import LineSplitter
+
+        self.host, self.context, self.done = host, context, done
+        self.splitters = {"stdout": LineSplitter(), "stderr": LineSplitter()}
+        self.tail: deque[str] = deque(maxlen=_TAIL)
+        self.code: int | None = None
+
+    def _log(self, lines: list[str], stream: str) -> None:
+        if lines:
+            self.tail.extend(lines)
+            label = self.host.label
+            self.context.log_lines([f"{label} | {t}" for t in lines], stream)
+
+    # -- SSHClientSession ---------------------------------------------------------------------
+
+    def connection_made(self, chan: Any) -> None:
+        pass
+
+    def session_started(self) -> None:
+        pass
+
+    def data_received(self, data: bytes, datatype: int | None) -> None:
+        stream = "stdout" if datatype is None else "stderr"
+        self._log(self.splitters[stream].feed(data), stream)
+
+    def eof_received(self) -> bool:
+        return False
+
+    def pause_writing(self) -> None:
+        pass
+
+    def resume_writing(self) -> None:
+        pass
+
+    def xon_xoff_requested(self, client_can_do: bool) -> None:
+        pass
+
+    def exit_status_received(self, status: int) -> None:
+        self.code = status
+
+    def exit_signal_received(self, signal: str, core_dumped: bool, msg: str, lang: str) -> None:
+        self.code = -1
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        for stream, splitter in self.splitters.items():
+            self._log(splitter.finish(), stream)
+        if self.done.done():
+            return
+        if exc is not None:
+            self.done.set_exception(exc)
+        else:
+            self.done.set_result(-1 if self.code is None else self.code)
 
 
 async def run_remote(
-    conn: Any, host: Host, command: str, context: StepContext, run: _HostRun
+    conn: Any,
+    host: Host,
+    command: str,
+    context: StepContext,
+    run: _HostRun,
+    stdin: str | None = None,
 ) -> int:
     """Run ``command`` on ``host``, each output line logged as ``host | line``; the exit code.
+    ``stdin`` is written to the command's input, which is then closed; without it,
+    nothing is sent (the command line gives the program /dev/null: see :func:`remote_command`).
 
     A cancel sends SIGTERM over the channel, waits a moment, then closes the channel."""
     import asyncio
 
     import asyncssh
 
-    tail: deque[str] = deque(maxlen=_TAIL)
-    proc = await conn.create_process(command, stdin=asyncssh.DEVNULL, errors="replace")
-
-    async def pump(stream: Any, name: str) -> None:
-        async for line in stream:
-            text = line.rstrip("\r\n")
-            tail.append(text)
-            context.log(f"{host.label} | {text}", name)
-
-    pumps = [
-        asyncio.ensure_future(pump(proc.stdout, "stdout")),
-        asyncio.ensure_future(pump(proc.stderr, "stderr")),
-    ]
+    done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    output = _Output(host, context, done)
     try:
-        completed = await proc.wait()
-        await asyncio.gather(*pumps)
+        chan, _ = await conn.create_session(lambda: output, command, encoding=None)
+    except (asyncssh.Error, OSError) as exc:
+        raise StepFailed(f"host {host.label}: cannot run the command: {_reason(exc)}") from None
+    if stdin is not None:
+        chan.write(stdin.encode())
+        chan.write_eof()
+    try:
+        code = await asyncio.shield(done)
     except asyncio.CancelledError:
         try:
-            proc.send_signal("TERM")
-            await asyncio.wait_for(proc.wait_closed(), _SIGNAL_GRACE)
+            chan.send_signal("TERM")
+            await asyncio.wait_for(chan.wait_closed(), _SIGNAL_GRACE)
         except (asyncssh.Error, OSError, TimeoutError):
             pass
         finally:
-            proc.close()
-            for p in pumps:
-                p.cancel()
+            chan.close()
         raise
     except (asyncssh.Error, OSError) as exc:
-        for p in pumps:
-            p.cancel()
-        run.last_output = list(tail)
+        run.last_output = list(output.tail)
         raise StepFailed(f"host {host.label}: connection lost: {_reason(exc)}") from None
-    run.last_output = list(tail)
-    code = completed.exit_status
-    if code is None:
-        code = -1
-    return int(code)
+    finally:
+        if done.done() and not done.cancelled():
+            done.exception()  # retrieved: never "exception was never retrieved"
+    run.last_output = list(output.tail)
+    return code
 
 
 # -------------------------------------------------------------------------------------------------
 # The steps: a rolling engine and what it runs on each host
 # -------------------------------------------------------------------------------------------------
 
-_Action = Callable[[Any, Host, "StepContext", _HostRun], Awaitable[None]]
+
+@dataclass
+class _Outcome:
+    """How a rollout over some hosts went."""
+
+    #: Hosts the step changed (to revert if the rollout is undone), in order.
+    updated: list[Host]
+    #: Hosts that failed (a failed command, or an unhealthy host after it).
+    failed: list[Host]
+    #: Why the rollout stopped (more failures than allowed), or None.
+    stopped: str | None = None
 
 
 class FleetStep(Step):
     """Something done on every host of a selection, a batch at a time; see the module docstring."""
 
     kind = "ssh.fleet"
+    #: Whether the step knows which release it leaves each host on (symlink_switch).
+    sets_version = False
 
     def _fleet_options(
         self,
@@ -458,7 +645,7 @@ class FleetStep(Step):
         batch: int | str | None = None,
         max_failures: int | str | None = 0,
         bake: float = 0,
-        health_check: str | None = None,
+        health_check: Any = None,
         health_timeout: float = 30,
         rollback: str | None = None,
         known_hosts: str | os.PathLike[str] | None = None,
@@ -473,25 +660,36 @@ class FleetStep(Step):
             raise _definition_error(f"{label}: hosts= is required (a hosts(...) group)")
         self.hosts = select(hosts, label)
         n = len(self.hosts)
+        self.batch_spec, self.max_failures_spec = batch, max_failures
         self.batch = _count(batch, n, "batch", label, n)
         self.max_failures = _count(max_failures, n, "max_failures", label, 0)
         if rollback not in (None, "auto"):
             raise _definition_error(f"{label}: rollback= is 'auto' or None, got {rollback!r}")
         self.rollback = rollback
-        if not isinstance(bake, (int, float)) or bake < 0:
+        if isinstance(bake, bool) or not isinstance(bake, (int, float)) or bake < 0:
             raise _definition_error(f"{label}: bake= takes seconds >= 0, got {bake!r}")
         self.bake = float(bake)
-        self.probe = None
+        self.probe: Any = None
+        self.health_url = ""
         if health_check is not None:
-            from shipyard.sdk import HttpProbe
+            if isinstance(health_check, str):
+                from shipyard.sdk import HttpProbe
 
-            if "{host}" not in health_check:
-                raise _definition_error(f"{label}: health_check URL needs '{{host}}' in it")
-            self.health_url = health_check
-            self.probe = HttpProbe(
-                health_check.replace("{host}", "127.0.0.1"), timeout=health_timeout,
-                label=f"{label} health check",
-            )  # fmt: skip
+                self.probe = HttpProbe(
+                    health_check, timeout=health_timeout, label=f"{label} health check"
+                )
+            elif hasattr(health_check, "probe") and hasattr(health_check.probe, "url"):
+                self.probe = health_check.probe  # sy.health_check(...): its probe, as is
+            else:
+                raise _definition_error(
+                    f"{label}: health_check= takes a URL or sy.health_check(URL), "
+                    f"not {health_check!r}"
+                )
+            self.health_url = self.probe.url
+            if "{host}" not in self.health_url:
+                raise _definition_error(
+                    f"{label}: the health check URL needs '{{host}}' in it (each host's address)"
+                )
         if insecure_no_host_key_check and known_hosts is not None:
             raise _definition_error(
                 f"{label}: known_hosts= and insecure_no_host_key_check=True contradict each other"
@@ -504,13 +702,14 @@ class FleetStep(Step):
             if known_hosts is not None
             else "~/.ssh/known_hosts"
         )
-        self.client_keys = None if client_keys is None else tuple(map(os.fspath, client_keys))
+        self.client_keys = None if client_keys is None else tuple(os.fspath(k) for k in client_keys)
         self.connect_timeout = connect_timeout
         self.keepalive = keepalive
         self.host_timeout = host_timeout
         if not isinstance(connections, int) or connections < 1:
             raise _definition_error(f"{label}: connections= takes a count >= 1")
         self.connections = connections
+        self._records: dict[int, _Record] = {}
 
     def _rolling_text(self) -> str:
         parts = [f"on {len(self.hosts)} host(s): {', '.join(h.label for h in self.hosts)}"]
@@ -520,6 +719,8 @@ class FleetStep(Step):
             parts.append(f"max_failures={self.max_failures}")
         if self.bake:
             parts.append(f"bake={self.bake:g}s")
+        if self.probe is not None:
+            parts.append(f"health check {self.health_url}")
         if self.rollback:
             parts.append(f"rollback={self.rollback}")
         if self.insecure:
@@ -536,10 +737,19 @@ class FleetStep(Step):
 
     # -- what subclasses provide ------------------------------------------------------------
 
-    async def apply(self, conn: Any, host: Host, context: StepContext, run: _HostRun) -> None:
+    @property
+    def can_revert(self) -> bool:
+        """Whether :meth:`revert` can undo :meth:`apply` (``rollback="auto"``, waves)."""
+        return False
+
+    async def apply(
+        self, conn: Any, host: Host, context: StepContext, run: _HostRun, state: _HostState
+    ) -> None:
         raise NotImplementedError
 
-    async def revert(self, conn: Any, host: Host, context: StepContext, run: _HostRun) -> None:
+    async def revert(
+        self, conn: Any, host: Host, context: StepContext, run: _HostRun, state: _HostState
+    ) -> None:
         """Undo :meth:`apply` on one host (``rollback="auto"``)."""
         raise StepFailed(f"{self.kind} steps cannot be rolled back")
 
@@ -553,27 +763,51 @@ class FleetStep(Step):
                 known = str(context.rootdir / known)
         return _Connect(known, self.client_keys, self.connect_timeout, self.keepalive)
 
+    def _warn_insecure(self, context: StepContext) -> None:
+        if self.insecure:
+            context.log(
+                f"WARNING: {self.name}: host keys are NOT verified "
+                "(insecure_no_host_key_check=True): anyone on the network path can impersonate "
+                "these hosts",
+                "shipyard",
+            )
+
+    async def _check_health(self, host: Host, context: StepContext) -> None:
+        from shipyard.sdk import probe_until_healthy
+
+        address = f"[{host.address}]" if ":" in host.address else host.address
+        await probe_until_healthy(
+            self.probe, self.health_url.replace("{host}", address),
+            lambda t: context.log(f"{host.label} | {t}", "shipyard"), resolve=context.resolve,
+        )  # fmt: skip
+
     async def _on_host(
-        self, action: _Action, host: Host, context: StepContext, run: _HostRun,
+        self, action: str, host: Host, context: StepContext, record: _Record,
         how: _Connect, limit: asyncio.Semaphore,
-    ) -> bool:  # fmt: skip
+    ) -> str:  # fmt: skip
+        """Do ``action`` (``apply``, ``revert`` or ``check``) on one host, recording it.
+
+        Returns ``succeeded``, ``failed``, or ``unhealthy`` (applied, then its health check
+        failed: the host is changed and failed)."""
         import asyncio
 
-        run.attempt = context.attempt
-        run.started_at = time.time()
-        run.status = "running"
+        state = record.state(host)
+        run = _HostRun(action, self.name, context.attempt, started_at=time.time())
+        state.runs.append(run)
+        state.status = {"apply": "running", "revert": "rolling back"}.get(action, state.status)
+        applied = False
         try:
             async with asyncio.timeout(self.host_timeout):
-                conn = await _pool_for(context).get(host, how, limit)
-                await action(conn, host, context, run)
-                if self.probe is not None and action == self.apply:
-                    from shipyard.sdk import probe_until_healthy
-
-                    url = self.health_url.replace("{host}", host.address)
-                    await probe_until_healthy(
-                        self.probe, url, lambda t: context.log(f"{host.label} | {t}", "shipyard"),
-                        resolve=context.resolve,
-                    )  # fmt: skip
+                conn = None if action == "check" else await _pool_for(context).get(host, how, limit)
+                if action == "apply":
+                    await self.apply(conn, host, context, run, state)
+                    applied = True
+                    if self.probe is not None:
+                        await self._check_health(host, context)
+                elif action == "revert":
+                    await self.revert(conn, host, context, run, state)
+                else:
+                    await self._check_health(host, context)
         except TimeoutError:
             run.status, run.error = "failed", f"timed out after {self.host_timeout:g}s"
         except StepFailed as exc:
@@ -582,91 +816,169 @@ class FleetStep(Step):
                 run.exit_code = exc.step_exit_code
         except asyncio.CancelledError:
             run.status, run.error, run.finished_at = "cancelled", "cancelled", time.time()
+            state.status = "cancelled"
             raise
         except Exception as exc:  # a host's failure is that host's: the rollout decides
             run.status, run.error = "failed", f"{type(exc).__name__}: {exc}"
         else:
             run.status = "succeeded"
         run.finished_at = time.time()
-        if run.status == "failed":
-            context.log(f"{host.label} | FAILED: {run.error}", "shipyard")
-        return run.status == "succeeded"
+        ok = run.status == "succeeded"
+        if action == "apply":
+            state.status = "succeeded" if ok else "failed"
+            if applied and (self.sets_version or not record.versioned):
+                state.version = run.version or context.deployment.version
+        elif action == "revert":
+            state.status = "rolled back" if ok else "rollback failed"
+            if ok and (self.sets_version or not record.versioned):
+                state.version = state.previous_version
+        elif not ok:
+            state.status = "failed"
+        if not ok:
+            what = {"revert": "ROLLBACK FAILED", "check": "UNHEALTHY"}.get(action, "FAILED")
+            context.log(f"{host.label} | {what}: {run.error}", "shipyard")
+        if ok:
+            return "succeeded"
+        return "unhealthy" if applied else "failed"
+
+    async def rollout(
+        self, context: StepContext, hosts: Sequence[Host], record: _Record,
+        how: _Connect, limit: asyncio.Semaphore, region: str | None = None,
+    ) -> _Outcome:  # fmt: skip
+        """Apply the step to ``hosts`` a batch at a time, baking (and re-checking health)
+        between batches, until done or more than ``max_failures`` hosts failed."""
+        import asyncio
+
+        n = len(hosts)
+        size = _count(self.batch_spec, n, "batch", self.name, n)
+        allowed = _count(self.max_failures_spec, n, "max_failures", self.name, 0)
+        batches = [list(hosts[i : i + size]) for i in range(0, n, size)]
+        out = _Outcome([], [])
+        where = f" (region {region})" if region else ""
+        for bi, batch in enumerate(batches):
+            if bi and self.bake:
+                context.log(f"baking {self.bake:g}s before batch {bi + 1}{where}", "shipyard")
+                await asyncio.sleep(self.bake)
+                if self.probe is not None:
+                    recheck = [h for h in batches[bi - 1] if h in out.updated]
+                    oks = await asyncio.gather(
+                        *(self._on_host("check", h, context, record, how, limit) for h in recheck)
+                    )
+                    out.failed += [
+                        h for h, ok in zip(recheck, oks, strict=True) if ok != "succeeded"
+                    ]
+                if len(out.failed) > allowed:
+                    out.stopped = self._stop_text(out.failed, allowed, batches[bi:])
+                    break
+            if len(batches) > 1:
+                context.log(
+                    f"batch {bi + 1}/{len(batches)}{where}: {', '.join(h.label for h in batch)}",
+                    "shipyard",
+                )
+            entry: dict[str, Any] = {
+                "step": self.name, "attempt": context.attempt, "batch": bi + 1,
+                "region": region, "hosts": [h.label for h in batch],
+                "started_at": _ts(time.time()), "finished_at": None,
+            }  # fmt: skip
+            record.batches.append(entry)
+            oks = await asyncio.gather(
+                *(self._on_host("apply", h, context, record, how, limit) for h in batch)
+            )
+            entry["finished_at"] = _ts(time.time())
+            for h, ok in zip(batch, oks, strict=True):
+                if ok != "failed":
+                    out.updated.append(h)
+                if ok != "succeeded":
+                    out.failed.append(h)
+            if len(out.failed) > allowed:
+                out.stopped = self._stop_text(out.failed, allowed, batches[bi + 1 :])
+                break
+        if out.stopped:
+            context.log(out.stopped, "shipyard")
+        return out
+
+    def _stop_text(self, failed: list[Host], allowed: int, rest: list[list[Host]]) -> str:
+        untouched = [h.label for b in rest for h in b]
+        return (
+            f"{len(failed)} host(s) failed ({', '.join(h.label for h in failed)}), "
+            f"more than max_failures={allowed}: rollout stopped"
+            + (f"; not touched: {', '.join(untouched)}" if untouched else "")
+        )
+
+    async def unroll(
+        self, context: StepContext, hosts: Sequence[Host], record: _Record,
+        how: _Connect, limit: asyncio.Semaphore,
+    ) -> list[Host]:  # fmt: skip
+        """Revert the step on ``hosts`` (all at once); the hosts rolled back."""
+        import asyncio
+
+        oks = await asyncio.gather(
+            *(self._on_host("revert", h, context, record, how, limit) for h in hosts)
+        )
+        return [h for h, ok in zip(hosts, oks, strict=True) if ok == "succeeded"]
+
+    def _record(self, context: StepContext) -> _Record:
+        d = context.deployment
+        record = self._records.get(d.id)
+        if record is None:
+            record = self._records[d.id] = _Record(
+                self.kind, d.version, self.hosts, self.sets_version
+            )
+        return record
 
     async def run(self, context: StepContext) -> StepResult:
         import asyncio
 
-        if self.insecure:
-            context.log(
-                "WARNING: host keys are NOT verified (insecure_no_host_key_check=True): "
-                "anyone on the network path can impersonate these hosts",
-                "shipyard",
-            )
+        self._warn_insecure(context)
         how = self._connect_options(context)
         limit = asyncio.Semaphore(self.connections)
-        runs = {h: _HostRun() for h in self.hosts}
-        updated: list[Host] = []
-        failed: list[Host] = []
-        stopped: str | None = None
-        batches = [self.hosts[i : i + self.batch] for i in range(0, len(self.hosts), self.batch)]
+        record = self._record(context)
+        record.status = "running"
         try:
-            for bi, batch in enumerate(batches):
-                if bi and self.bake:
-                    context.log(f"baking {self.bake:g}s before batch {bi + 1}", "shipyard")
-                    await asyncio.sleep(self.bake)
-                if len(batches) > 1:
-                    context.log(
-                        f"batch {bi + 1}/{len(batches)}: {', '.join(h.label for h in batch)}",
-                        "shipyard",
-                    )
-                oks = await asyncio.gather(
-                    *(self._on_host(self.apply, h, context, runs[h], how, limit) for h in batch)
-                )
-                for h, ok in zip(batch, oks, strict=True):
-                    (updated if ok else failed).append(h)
-                if len(failed) > self.max_failures:
-                    untouched = [h.label for b in batches[bi + 1 :] for h in b]
-                    stopped = (
-                        f"{len(failed)} host(s) failed ({', '.join(h.label for h in failed)}), "
-                        f"more than max_failures={self.max_failures}: rollout stopped"
-                        + (f"; not touched: {', '.join(untouched)}" if untouched else "")
-                    )
-                    context.log(stopped, "shipyard")
-                    break
-            if stopped and self.rollback == "auto" and updated:
+            out = await self.rollout(context, self.hosts, record, how, limit)
+            if out.stopped and self.rollback == "auto" and out.updated:
                 context.log(
-                    f"rolling back {len(updated)} updated host(s): "
-                    + ", ".join(h.label for h in updated),
+                    f"rolling back {len(out.updated)} updated host(s): "
+                    + ", ".join(h.label for h in out.updated),
                     "shipyard",
                 )
-                back = await asyncio.gather(
-                    *(
-                        self._on_host(self.revert, h, context, _HostRun(), how, limit)
-                        for h in updated
+                back = await self.unroll(context, out.updated, record, how, limit)
+                out.stopped += "; rolled back: " + (", ".join(h.label for h in back) or "none")
+                if len(back) < len(out.updated):
+                    out.stopped += "; ROLLBACK FAILED on: " + ", ".join(
+                        h.label for h in out.updated if h not in back
                     )
-                )
-                for h, ok in zip(updated, back, strict=True):
-                    runs[h].status = "rolled back" if ok else "rollback failed"
-                stopped += "; rolled back: " + ", ".join(
-                    h.label for h in updated if runs[h].status == "rolled back"
-                )
+            record.status, record.error = ("failed", out.stopped) if out.stopped else (
+                "succeeded", None,
+            )  # fmt: skip
+        except asyncio.CancelledError:
+            record.status, record.error = "cancelled", "cancelled"
+            raise
         finally:
-            context.record_artifact(
-                "hosts", json.dumps({h.label: r.as_json() for h, r in runs.items()}, indent=1)
-            )
-        if stopped:
-            first = runs[failed[0]]
+            context.record_artifact("hosts", record.as_json())
+        if out.stopped:
+            first = _last_failure(record, out.failed[0])
             raise StepFailed(
-                f"{stopped}; {failed[0].label}: {first.error}",
+                f"{out.stopped}; {out.failed[0].label}: {first.error}",
                 step_exit_code=first.exit_code,
-                output=[f"{h.label} | {t}" for h in failed for t in runs[h].last_output or []],
+                output=[f"{h.label} | {t}" for h in out.failed for t in _last_output(record, h)],
             )
-        if failed:
+        if out.failed:
             context.log(
-                f"{len(failed)} host(s) failed, within max_failures={self.max_failures}: "
-                + ", ".join(h.label for h in failed),
+                f"{len(out.failed)} host(s) failed, within max_failures={self.max_failures}: "
+                + ", ".join(h.label for h in out.failed),
                 "shipyard",
             )
         return StepResult(exit_code=0)
+
+
+def _last_failure(record: _Record, host: Host) -> _HostRun:
+    runs = record.state(host).runs
+    return next((r for r in reversed(runs) if r.status == "failed"), runs[-1])
+
+
+def _last_output(record: _Record, host: Host) -> list[str]:
+    return _last_failure(record, host).last_output or []
 
 
 _FLEET_OPTIONS = (
@@ -677,8 +989,10 @@ _FLEET_OPTIONS = (
 
 
 def _split_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    step = {k: options.pop(k) for k in ("name", "timeout", "retries") if k in options}
-    fleet = {k: options.pop(k) for k in _FLEET_OPTIONS if k in options}
+    step: dict[str, Any] = {
+        k: options.pop(k) for k in ("name", "timeout", "retries") if k in options
+    }
+    fleet: dict[str, Any] = {k: options.pop(k) for k in _FLEET_OPTIONS if k in options}
     return step, fleet
 
 
@@ -707,6 +1021,11 @@ class SshStep(FleetStep):
         self.program = program
         self.args = [a if isinstance(a, str) else str(a) for a in args]
         self.env = dict(env or {})
+        for k in self.env:
+            if not isinstance(k, str) or not _ENV_NAME.fullmatch(k):
+                raise _definition_error(
+                    f"ssh step: env name {k!r} is not a variable name (letters, digits, _)"
+                )
         self.cwd = cwd
         self.shell = shell
         self.undo = list(undo) if undo is not None else None
@@ -714,6 +1033,10 @@ class SshStep(FleetStep):
         self._fleet_options("ssh step", hosts=hosts, **fleet)
         if self.rollback == "auto" and self.undo is None:
             raise _definition_error("ssh step: rollback='auto' needs undo=[program, *args]")
+
+    @property
+    def can_revert(self) -> bool:
+        return self.undo is not None
 
     def default_name(self) -> str:
         text = "ssh " + " ".join([self.program, *map(str, self.args)])
@@ -723,16 +1046,20 @@ class SshStep(FleetStep):
         argv = shlex.join([self.program, *map(str, self.args)])
         return f"{argv}  ({self._rolling_text()}{'; shell=True' if self.shell else ''})"
 
-    def _command(self, argv: Sequence[Any], context: StepContext) -> str:
+    def _command(self, argv: Sequence[Any], context: StepContext) -> tuple[str, str | None]:
+        """The remote command line, and its stdin: ``env=`` goes there, never on a command
+        line (which any user of the host can read with ``ps``)."""
         env = {**context.deployment_env, **context.process_env}
-        env.update({str(k): str(v) for k, v in context.resolve(self.env).items()})
+        own = {str(k): str(v) for k, v in context.resolve(self.env).items()}
         resolved = [str(a) for a in context.resolve(list(argv))]
-        return remote_command(resolved, env, self.cwd, self.shell)
+        command = remote_command(resolved, env, self.cwd, self.shell, piped=bool(own))
+        return command, env_input(own, self.name) if own else None
 
     async def _exec(
         self, argv: Sequence[Any], conn: Any, host: Host, context: StepContext, run: _HostRun
     ) -> None:
-        code = await run_remote(conn, host, self._command(argv, context), context, run)
+        command, stdin = self._command(argv, context)
+        code = await run_remote(conn, host, command, context, run, stdin)
         run.exit_code = code
         if code != 0:
             tail = "".join(f"\n  {t}" for t in (run.last_output or [])[-5:])
@@ -742,10 +1069,14 @@ class SshStep(FleetStep):
                 step_exit_code=code,
             )
 
-    async def apply(self, conn: Any, host: Host, context: StepContext, run: _HostRun) -> None:
+    async def apply(
+        self, conn: Any, host: Host, context: StepContext, run: _HostRun, state: _HostState
+    ) -> None:
         await self._exec([self.program, *self.args], conn, host, context, run)
 
-    async def revert(self, conn: Any, host: Host, context: StepContext, run: _HostRun) -> None:
+    async def revert(
+        self, conn: Any, host: Host, context: StepContext, run: _HostRun, state: _HostState
+    ) -> None:
         assert self.undo is not None
         await self._exec(self.undo, conn, host, context, run)
 
@@ -779,7 +1110,9 @@ class UploadStep(FleetStep):
         mode = f"; mode={self.mode:o}" if self.mode is not None else ""
         return f"{self.local} -> {self.remote}  ({self._rolling_text()}{mode})"
 
-    async def apply(self, conn: Any, host: Host, context: StepContext, run: _HostRun) -> None:
+    async def apply(
+        self, conn: Any, host: Host, context: StepContext, run: _HostRun, state: _HostState
+    ) -> None:
         import asyncssh
 
         local = context.rootdir / self.local
@@ -803,9 +1136,13 @@ class UploadStep(FleetStep):
 
 class SymlinkSwitch(SshStep):
     """Point ``current`` at ``releases/<version>`` on every host, atomically (``ln -s`` under a
-    temporary name, then ``mv -T``); rolled back by pointing it at what it pointed at before."""
+    temporary name, then ``mv -T``); rolled back by pointing it at what it pointed at before.
+
+    In a rollback deployment each host goes back to the release it had after the deployment
+    being restored (from that deployment's ``hosts`` artifact), not necessarily all the same."""
 
     kind = "ssh.symlink_switch"
+    sets_version = True
 
     def __init__(
         self,
@@ -819,7 +1156,7 @@ class SymlinkSwitch(SshStep):
         self.releases = releases.rstrip("/")
         self.current = current
         self.release = release
-        self._previous: dict[tuple[int, Host], str | None] = {}
+        self._restored: dict[int, dict[str, str]] = {}
         super().__init__("ln", hosts=hosts, undo=[], **options)
 
     def default_name(self) -> str:
@@ -829,6 +1166,12 @@ class SymlinkSwitch(SshStep):
         release = self.release or "${DEPLOYMENT_VERSION}"
         return f"{self.current} -> {self.releases}/{release}  ({self._rolling_text()})"
 
+    def _version_of(self, link: str | None) -> str | None:
+        if link is None:
+            return None
+        prefix = self.releases + "/"
+        return link[len(prefix) :] if link.startswith(prefix) else link
+
     async def _point(
         self, target: str, conn: Any, host: Host, context: StepContext, run: _HostRun
     ) -> None:
@@ -836,29 +1179,291 @@ class SymlinkSwitch(SshStep):
         await self._exec(["ln", "-sfn", target, tmp], conn, host, context, run)
         await self._exec(["mv", "-T", tmp, self.current], conn, host, context, run)
 
-    async def apply(self, conn: Any, host: Host, context: StepContext, run: _HostRun) -> None:
-        release = self.release or context.deployment.version
+    def _release_for(self, host: Host, context: StepContext) -> str:
+        if self.release:
+            return self.release
+        d = context.deployment
+        if d.restores is not None:
+            if d.id not in self._restored:
+                self._restored[d.id] = _restored_versions(context)
+            back = self._restored[d.id].get(host.label)
+            if back:
+                return back
+        return d.version
+
+    async def apply(
+        self, conn: Any, host: Host, context: StepContext, run: _HostRun, state: _HostState
+    ) -> None:
+        release = self._release_for(host, context)
         target = f"{self.releases}/{release}"
         check = await conn.run(
-            "test -d " + shlex.quote(target) + " && readlink " + shlex.quote(self.current)
-            + " ; test -d " + shlex.quote(target), check=False,
-        )  # fmt: skip
+            f"readlink {shlex.quote(self.current)}; test -d {shlex.quote(target)}", check=False
+        )
+        previous = str(check.stdout).strip() or None
+        if not any(r.action == "apply" and r.version for r in state.runs):
+            # The first switch of this deployment on the host: what it had before the deployment.
+            state.previous_link, state.previous_version = previous, self._version_of(previous)
+            state.version = state.previous_version
         if check.exit_status != 0:
             raise StepFailed(f"host {host.label}: release folder {target} does not exist")
-        previous = str(check.stdout).strip() or None
-        self._previous[(context.deployment.id, host)] = previous
         await self._point(target, conn, host, context, run)
+        run.version = release
         context.log(
             f"{host.label} | {self.current} -> {target} (was {previous or 'nothing'})", "shipyard"
         )
 
-    async def revert(self, conn: Any, host: Host, context: StepContext, run: _HostRun) -> None:
-        previous = self._previous.get((context.deployment.id, host))
+    async def revert(
+        self, conn: Any, host: Host, context: StepContext, run: _HostRun, state: _HostState
+    ) -> None:
+        previous = state.previous_link
         if previous is None:
             await self._exec(["rm", "-f", self.current], conn, host, context, run)
         else:
             await self._point(previous, conn, host, context, run)
+        run.version = state.previous_version
         context.log(f"{host.label} | {self.current} back to {previous or 'nothing'}", "shipyard")
+
+
+# -------------------------------------------------------------------------------------------------
+# Waves: region by region
+# -------------------------------------------------------------------------------------------------
+
+
+class Waves(Step):
+    """Run fleet steps region by region: every step on the first region's hosts, then (after
+    ``bake`` seconds and the optional ``check``) on the next region's, and so on. A failure in a
+    wave (a step's rollout stopping, or the check after a wave failing) stops it; with
+    ``rollback="auto"`` every wave done so far is undone, the latest first, each step in
+    reverse order, on the hosts it changed."""
+
+    kind = "ssh.waves"
+
+    def __init__(
+        self,
+        regions: Sequence[str],
+        *steps: FleetStep,
+        bake: float = 0,
+        check: Any = None,
+        rollback: str | None = "auto",
+        name: str | None = None,
+        timeout: float | None = None,
+        retries: int = 0,
+        **unknown: Any,
+    ) -> None:
+        reject_unknown_options(self, unknown)
+        label = "waves"
+        if (
+            isinstance(regions, str)
+            or not regions
+            or not all(isinstance(r, str) and r for r in regions)
+        ):
+            raise _definition_error(
+                f"{label}: give the regions as a list of names, e.g. ['canary', 'eu', 'us'], "
+                f"not {regions!r}"
+            )
+        if len(set(regions)) != len(regions):
+            raise _definition_error(f"{label}: a region appears twice in {list(regions)!r}")
+        self.regions = list(regions)
+        if not steps:
+            raise _definition_error(f"{label}: give the fleet steps to run in each wave")
+        for s in steps:
+            if not isinstance(s, FleetStep):
+                raise _definition_error(
+                    f"{label}: {s!r} is not a fleet step; waves run sy.ssh, sy.upload and "
+                    "sy.ssh.symlink_switch steps"
+                )
+            if s.retries or s.timeout is not None:
+                raise _definition_error(
+                    f"{label}: step {s.name!r} sets retries= or timeout=; inside waves set them "
+                    "on sy.waves(...) itself"
+                )
+            outside = [h.label for h in s.hosts if h.region not in self.regions]
+            if outside:
+                raise _definition_error(
+                    f"{label}: step {s.name!r} has hosts in no wave: {', '.join(outside)} "
+                    f"(their regions: {sorted({str(h.region) for h in s.hosts})}); "
+                    "add their region to the waves or leave them out of the step"
+                )
+        for r in self.regions:
+            if not any(h.region == r for s in steps for h in s.hosts):
+                raise _definition_error(f"{label}: region {r!r} has no host in any step")
+        self.steps = list(steps)
+        if isinstance(bake, bool) or not isinstance(bake, (int, float)) or bake < 0:
+            raise _definition_error(f"{label}: bake= takes seconds >= 0, got {bake!r}")
+        self.bake = float(bake)
+        if check is not None and not callable(getattr(check, "run", None)):
+            raise _definition_error(
+                f"{label}: check= takes a step such as sy.analysis(...), not {check!r}"
+            )
+        self.check = check
+        if rollback not in (None, "auto"):
+            raise _definition_error(f"{label}: rollback= is 'auto' or None, got {rollback!r}")
+        self.rollback = rollback
+        super().__init__(name=name, timeout=timeout, retries=retries)
+        self._records: dict[int, _Record] = {}
+
+    def default_name(self) -> str:
+        return "waves " + " -> ".join(self.regions)
+
+    def _wave_hosts(self, region: str) -> list[Host]:
+        return list(dict.fromkeys(h for s in self.steps for h in s.hosts if h.region == region))
+
+    def describe(self) -> str:
+        parts = [
+            " -> ".join(f"{r} ({len(self._wave_hosts(r))} host(s))" for r in self.regions),
+            f"{len(self.steps)} step(s) per wave",
+        ]
+        if self.bake:
+            parts.append(f"bake={self.bake:g}s")
+        if self.check is not None:
+            parts.append(f"check {getattr(self.check, 'name', type(self.check).__name__)}")
+        if self.rollback:
+            parts.append(f"rollback={self.rollback}")
+        return "; ".join(parts)
+
+    def plan_details(self, deployment: Any, rootdir: Any) -> list[str]:
+        lines = [
+            f"wave {i}: region {r}: {', '.join(h.label for h in self._wave_hosts(r))}"
+            for i, r in enumerate(self.regions, 1)
+        ]
+        return lines + [f"each wave: {s.kind}: {s.describe()}" for s in self.steps]
+
+    async def _run_check(self, context: StepContext) -> str | None:
+        """Run the check between waves; why it failed, or None."""
+        from shipyard.sdk import Status
+
+        try:
+            result = await self.check.run(context)
+        except StepFailed as exc:
+            return exc.message
+        except Exception as exc:  # the check's failure is the wave's, with its reason
+            return f"{type(exc).__name__}: {exc}"
+        if getattr(result, "status", None) == Status.FAILED:
+            return getattr(result, "error", None) or "failed"
+        return None
+
+    async def run(self, context: StepContext) -> StepResult:
+        import asyncio
+
+        d = context.deployment
+        record = self._records.get(d.id)
+        if record is None:
+            hosts = [h for r in self.regions for h in self._wave_hosts(r)]
+            versioned = any(s.sets_version for s in self.steps)
+            record = self._records[d.id] = _Record(self.kind, d.version, hosts, versioned)
+        record.status, record.error, record.failed_region = "running", None, None
+        record.waves = [
+            {"wave": i, "region": r, "attempt": context.attempt, "status": "not started",
+             "hosts": [h.label for h in self._wave_hosts(r)], "started_at": None,
+             "finished_at": None, "error": None, "rolled_back": False}
+            for i, r in enumerate(self.regions, 1)
+        ]  # fmt: skip
+        prepared = {}
+        for s in self.steps:
+            s._warn_insecure(context)
+            prepared[s] = (s._connect_options(context), asyncio.Semaphore(s.connections))
+        done: list[tuple[dict[str, Any], list[tuple[FleetStep, list[Host]]]]] = []
+        failure: str | None = None
+        try:
+            for wi, region in enumerate(self.regions):
+                if wi:
+                    failure = await self._between(context, record.waves[wi - 1])
+                    if failure:
+                        record.failed_region = self.regions[wi - 1]
+                        break
+                wave = record.waves[wi]
+                wave["status"], wave["started_at"] = "running", _ts(time.time())
+                hosts = self._wave_hosts(region)
+                context.log(
+                    f"wave {wi + 1}/{len(self.regions)}: region {region}: "
+                    + ", ".join(h.label for h in hosts),
+                    "shipyard",
+                )
+                applied: list[tuple[FleetStep, list[Host]]] = []
+                done.append((wave, applied))
+                for s in self.steps:
+                    sub = [h for h in s.hosts if h.region == region]
+                    if not sub:
+                        continue
+                    out = await s.rollout(context, sub, record, *prepared[s], region=region)
+                    applied.append((s, out.updated))
+                    if out.stopped:
+                        first = _last_failure(record, out.failed[0])
+                        failure = (
+                            f"step {s.name!r}: {out.stopped}; {out.failed[0].label}: {first.error}"
+                        )
+                        break
+                wave["finished_at"] = _ts(time.time())
+                if failure:
+                    wave["status"], wave["error"] = "failed", failure
+                    record.failed_region = region
+                    break
+                wave["status"] = "succeeded"
+            if failure:
+                failure = f"wave {record.failed_region!r} failed: {failure}"
+                context.log(failure, "shipyard")
+                if self.rollback == "auto":
+                    failure += await self._roll_back(context, record, done, prepared)
+            record.status, record.error = ("failed", failure) if failure else ("succeeded", None)
+        except asyncio.CancelledError:
+            record.status, record.error = "cancelled", "cancelled"
+            raise
+        finally:
+            context.record_artifact("hosts", record.as_json())
+        if failure:
+            raise StepFailed(failure)
+        return StepResult(exit_code=0)
+
+    async def _between(self, context: StepContext, wave: dict[str, Any]) -> str | None:
+        """Bake, then check, after ``wave``: why the wave is judged failed, or None."""
+        import asyncio
+
+        if self.bake:
+            context.log(f"baking {self.bake:g}s after wave {wave['region']}", "shipyard")
+            await asyncio.sleep(self.bake)
+        if self.check is None:
+            return None
+        name = getattr(self.check, "name", "check")
+        context.log(f"checking wave {wave['region']}: {name}", "shipyard")
+        why = await self._run_check(context)
+        wave["check"] = "failed" if why else "passed"
+        if why:
+            error = f"check {name!r} failed: {why}"
+            wave["status"], wave["error"] = "failed", error
+            return error
+        return None
+
+    async def _roll_back(
+        self, context: StepContext, record: _Record,
+        done: list[tuple[dict[str, Any], list[tuple[FleetStep, list[Host]]]]],
+        prepared: dict[FleetStep, tuple[_Connect, asyncio.Semaphore]],
+    ) -> str:  # fmt: skip
+        """Undo the waves done, latest first; what to add to the failure's message."""
+        back_regions, kept, failed = [], [], []
+        for wave, applied in reversed(done):
+            context.log(f"rolling back wave {wave['region']}", "shipyard")
+            for s, updated in reversed(applied):
+                if not updated:
+                    continue
+                if not s.can_revert:
+                    kept.append(s.name)
+                    context.log(f"{s.name}: cannot be undone; left as is", "shipyard")
+                    continue
+                back = await s.unroll(context, updated, record, *prepared[s])
+                failed += [h.label for h in updated if h not in back]
+            wave["rolled_back"] = True
+            if wave["status"] == "succeeded":
+                wave["status"] = "rolled back"
+            back_regions.append(wave["region"])
+        text = "; rolled back waves: " + ", ".join(back_regions)
+        if kept:
+            text += "; left as they are (no undo): " + ", ".join(dict.fromkeys(kept))
+        if failed:
+            text += "; ROLLBACK FAILED on: " + ", ".join(dict.fromkeys(failed))
+        return text
+
+
+waves = Waves
 
 
 class _SshFactory:
@@ -882,3 +1487,4 @@ def shipyard_register_step_types(registry: StepTypeRegistry) -> None:
     registry.add(SshStep)
     registry.add(UploadStep)
     registry.add(SymlinkSwitch)
+    registry.add(Waves)

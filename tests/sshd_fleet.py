@@ -9,20 +9,27 @@ per run. If ``sshd`` cannot start, the fixture fails: the tests never skip for w
 Network namespaces were considered (see tests/test_postgres.py): distinct loopback addresses
 are what this fixture uses; a host "whose network dies" is simulated by stopping its sshd
 processes with SIGSTOP (:meth:`Host.freeze`).
+
+:func:`health_servers` gives each host a small HTTP server on its own address (one port for
+all), answering ``/health`` from the host's ``current`` release, for per-host health checks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from dataclasses import field
+from http.server import BaseHTTPRequestHandler
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -277,6 +284,65 @@ def _pids_of(user: str) -> list[int]:
         except OSError:
             pass
     return pids
+
+
+class _HealthHandler(BaseHTTPRequestHandler):
+    """``GET /health``: 200 and the file's text when ``current/healthy`` exists, else 503."""
+
+    server: _HealthServer
+
+    def do_GET(self) -> None:
+        path = self.server.host.current / "healthy"
+        try:
+            status, body = 200, path.read_bytes()
+        except OSError:
+            status, body = 503, b"unhealthy: no current/healthy"
+        if self.path != "/health":
+            status, body = 404, b"not found"
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:  # quiet
+        pass
+
+
+class _HealthServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, host: Host, port: int) -> None:
+        self.host = host
+        super().__init__((host.address, port), _HealthHandler)
+
+
+@contextlib.contextmanager
+def health_servers(hosts: list[Host]) -> Iterator[int]:
+    """One HTTP server per host, on the host's address and a port common to all; the port."""
+    for _ in range(20):
+        port = _free_port(hosts[0].address)
+        servers: list[_HealthServer] = []
+        try:
+            for h in hosts:
+                servers.append(_HealthServer(h, port))
+        except OSError:
+            for srv in servers:
+                srv.server_close()
+            continue
+        break
+    else:
+        pytest.fail("no port free on every fleet address for the health servers")
+    threads = [threading.Thread(target=srv.serve_forever, daemon=True) for srv in servers]
+    for t in threads:
+        t.start()
+    try:
+        yield port
+    finally:
+        for srv in servers:
+            srv.shutdown()
+            srv.server_close()
+        for t in threads:
+            t.join()
 
 
 @pytest.fixture(scope="session", name="fleet")

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sqlite3
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from sshd_fleet import Fleet
@@ -37,6 +39,7 @@ _RELEASE = """[
         sy.stage("release",
             ssh("mkdir", "-p", f"releases/{d.version}", hosts=WEB, **OPTS),
             upload("app.py", f"releases/{d.version}/app.py", hosts=WEB, mode=0o640, **OPTS),
+            ssh("cat", "app.py", cwd=f"releases/{d.version}", hosts=WEB, **OPTS),
             ssh("sh", "-c", "echo version=$DEPLOYMENT_VERSION stage=$DEPLOYMENT_STAGE",
                 hosts=WEB, **OPTS),
             ssh.symlink_switch(hosts=WEB, batch=2, rollback="auto", **OPTS)),
@@ -75,6 +78,9 @@ def test_rolling_deploy_switches_every_host(shipyarder, fleet: Fleet, five):
         assert oct((h.current / "app.py").stat().st_mode & 0o777) == "0o640"
         label = f"{h.address}:{h.port}"
         assert f"{label} | version=1.0 stage=release" in result.output
+        assert f"{label} | print('hello from the app')" in result.output  # cwd= applies
+        # No empty line per stream at each command's end: only what the host printed.
+        assert not re.search(rf"{re.escape(label)} \|\s*$", result.output, re.MULTILINE)
     assert "batch 3/3" in result.output
 
     second = shipyarder.run("deploy", "app", "2.0", "-e", "prod")
@@ -83,9 +89,21 @@ def test_rolling_deploy_switches_every_host(shipyarder, fleet: Fleet, five):
     # Every host's outcome is in the history, per step.
     arts = _artifacts(shipyarder, second.deployment["id"])
     switch = arts[max(arts)]
-    assert sorted(switch) == sorted(f"{h.address}:{h.port}" for h in five)
-    assert {r["status"] for r in switch.values()} == {"succeeded"}
-    assert all(r["exit_code"] == 0 and r["finished_at"] for r in switch.values())
+    assert switch["kind"] == "ssh.symlink_switch"
+    assert switch["status"] == "succeeded"
+    hosts = switch["hosts"]
+    assert sorted(hosts) == sorted(f"{h.address}:{h.port}" for h in five)
+    assert {r["status"] for r in hosts.values()} == {"succeeded"}
+    assert {(r["version"], r["previous_version"]) for r in hosts.values()} == {("2.0", "1.0")}
+    for r in hosts.values():
+        (attempt,) = r["attempts"]
+        assert attempt["action"] == "apply"
+        assert attempt["attempt"] == 1
+        assert attempt["exit_code"] == 0
+        assert attempt["started_at"] <= attempt["finished_at"]
+    assert [b["hosts"] for b in switch["batches"]] == [
+        [f"{h.address}:{h.port}" for h in five[i : i + 2]] for i in (0, 2, 4)
+    ]
 
 
 def test_failures_beyond_max_failures_stop_and_roll_back(shipyarder, fleet: Fleet, five):
@@ -109,13 +127,27 @@ def test_failures_beyond_max_failures_stop_and_roll_back(shipyarder, fleet: Flee
     for h in five:  # the updated hosts are back on 1.0; the last was never touched
         assert os.readlink(h.current) == "releases/1.0", h.name
     statuses = {
-        k: v["status"] for k, v in _artifacts(shipyarder, result.deployment["id"])[0].items()
+        k: v["status"]
+        for k, v in _artifacts(shipyarder, result.deployment["id"])[0]["hosts"].items()
     }
     label = [f"{h.address}:{h.port}" for h in five]
     assert statuses == {
         label[0]: "rolled back", label[1]: "rolled back", label[2]: "rolled back",
         label[3]: "failed", label[4]: "not touched",
     }  # fmt: skip
+    # show --json: the host x step matrix; show prints it as a table, a row per host.
+    dep = str(result.deployment["id"])
+    matrix = shipyarder.run("show", dep, "--json").json()["hosts"]
+    assert [(m["stage"], m["host"], m["status"]) for m in matrix] == [
+        ("switch", label[i], statuses[label[i]]) for i in range(5)
+    ]
+    failed = matrix[3]
+    assert (failed["version"], failed["attempts"][-1]["action"]) == ("1.0", "apply")  # it stayed
+    assert "release folder" in (failed["error"] or "")
+    table = [ln.split() for ln in shipyarder.run("show", dep).output.splitlines()]
+    rows = {r[0]: " ".join(r[1:]) for r in table if r and r[0] in label}
+    assert rows == {label[0]: "rolled back", label[1]: "rolled back", label[2]: "rolled back",
+                    label[3]: "failed", label[4]: "not touched"}  # fmt: skip
 
     # A later rollback of the fleet deployment restores the earlier version everywhere.
     good = shipyarder.run("deploy", "app", "2.0", "-e", "prod")
@@ -221,3 +253,262 @@ def test_secrets_never_reach_remote_output_or_history(shipyarder, fleet: Fleet, 
     assert value not in logs.output
     for path in shipyarder.history_path.parent.iterdir():
         assert value.encode() not in path.read_bytes(), path
+
+
+def _label(h: Host) -> str:
+    return f"{h.address}:{h.port}"
+
+
+def _at(text: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(text).timestamp()
+
+
+def _release(hosts: list[Host], version: str, healthy: bool = True) -> None:
+    for h in hosts:
+        folder = h.releases / version
+        folder.mkdir()
+        if healthy:
+            (folder / "healthy").write_text(f"ok {version}\n")
+
+
+def test_health_check_per_host_and_bake_between_batches(shipyarder, fleet: Fleet, five):
+    from sshd_fleet import health_servers
+
+    _release(five, "1.0")
+    _release(five[:2] + five[3:], "2.0")
+    _release(five[2:3], "2.0", healthy=False)  # the third host's 2.0 does not answer /health
+    with health_servers(five) as port:
+        body = f"""[sy.stage("switch", ssh.symlink_switch(hosts=WEB, batch=2, bake=1,
+            health_check=sy.health_check("http://{{host}}:{port}/health", timeout=2),
+            rollback="auto", **OPTS))]"""
+        shipyarder.makepipelines(_pipelines(fleet, five, body))
+        first = shipyarder.run("deploy", "app", "1.0", "-e", "prod")
+        assert first.exit_code == 0, first.output
+        second = shipyarder.run("deploy", "app", "2.0", "-e", "prod")
+    assert second.exit_code == 1, second.output
+    bad = _label(five[2])
+    assert f"{bad} | UNHEALTHY" not in second.output  # it failed its check right after its switch
+    assert f"{bad} | FAILED: " in second.output
+    assert "503" in second.output
+    for h in five:  # the first four hosts were switched; all are back, the fifth never touched
+        assert os.readlink(h.current) == "releases/1.0", h.name
+
+    art = _artifacts(shipyarder, second.deployment["id"])[0]
+    assert art["status"] == "failed"
+    assert "rollout stopped" in art["error"]
+    hosts = art["hosts"]
+    assert {k: v["status"] for k, v in hosts.items()} == {
+        _label(five[0]): "rolled back", _label(five[1]): "rolled back",
+        _label(five[2]): "rolled back", _label(five[3]): "rolled back",
+        _label(five[4]): "not touched",
+    }  # fmt: skip
+    assert {v["version"] for k, v in hosts.items() if k != _label(five[4])} == {"1.0"}
+    # The first batch was checked again after the bake: apply, check, revert.
+    assert [a["action"] for a in hosts[_label(five[0])]["attempts"]] == [
+        "apply", "check", "revert",
+    ]  # fmt: skip
+    assert hosts[_label(five[2])]["attempts"][0]["status"] == "failed"
+    # The bake shows in the times: batch 2 started at least 1s after batch 1 ended.
+    b1, b2 = art["batches"]
+    assert b1["hosts"] == [_label(h) for h in five[:2]]
+    assert b2["batch"] == 2
+    assert _at(b2["started_at"]) - _at(b1["finished_at"]) >= 1.0
+    for h in five[2:4]:
+        started = _at(hosts[_label(h)]["attempts"][0]["started_at"])
+        assert started >= _at(b1["finished_at"]) + 1.0
+        assert all(_at(hosts[_label(g)]["attempts"][0]["finished_at"]) < started for g in five[:2])
+
+
+_WAVES = """
+import shipyard as sy
+
+ssh = sy.ssh
+REGIONS = {regions!r}
+GROUPS = [sy.hosts(r, specs, region=r) for r, specs in REGIONS.items()]
+OPTS = dict(known_hosts={known_hosts!r}, client_keys=[{client_key!r}], keepalive=1)
+
+
+def score():
+    from pathlib import Path
+
+    return float((Path(__file__).parent / "score").read_text())
+
+
+CHECK = sy.analysis(sy.metric("score", sy.python_metric(score), success=sy.above(0), count=1))
+
+
+@sy.pipeline()
+def app(d):
+    return [sy.stage("release", sy.waves(
+        list(REGIONS),
+        ssh("sh", "-c", "echo deployed > marker-$DEPLOYMENT_VERSION", hosts=GROUPS, **OPTS),
+        ssh.symlink_switch(hosts=GROUPS, batch="50%", **OPTS),
+        bake=0.2, check=CHECK))]
+"""
+
+
+def _waves_project(shipyarder, fleet: Fleet) -> dict[str, list[Host]]:
+    regions = fleet.regions()
+    for hosts in regions.values():
+        for h in hosts:
+            h.reset()
+            for marker in h.home.glob("marker-*"):
+                marker.unlink()
+    shipyarder.makepipelines(
+        _WAVES.format(
+            regions={r: [h.spec for h in hs] for r, hs in regions.items()},
+            known_hosts=str(fleet.known_hosts),
+            client_key=str(fleet.client_key),
+        )
+    )
+    shipyarder.makefile("score", "1\n")
+    return regions
+
+
+def test_waves_failure_in_the_last_region_rolls_back_the_first_two(shipyarder, fleet: Fleet):
+    regions = _waves_project(shipyarder, fleet)
+    everyone = fleet.hosts
+    plan = shipyarder.run("plan", "app", "1.0", "-e", "prod")
+    assert plan.exit_code == 0, plan.output
+    assert "wave 1: region canary: " + _label(everyone[0]) in plan.output
+    _release(everyone, "1.0")
+    first = shipyarder.run("deploy", "app", "1.0", "-e", "prod")
+    assert first.exit_code == 0, first.output
+    assert all(os.readlink(h.current) == "releases/1.0" for h in everyone)
+    assert first.output.index("wave 1/3: region canary") < first.output.index(
+        "wave 2/3: region eu"
+    ) < first.output.index("wave 3/3: region us")  # fmt: skip
+
+    bad = regions["us"][-1]
+    _release([h for h in everyone if h is not bad], "2.0")
+    result = shipyarder.run("deploy", "app", "2.0", "-e", "prod")
+    assert result.exit_code == 1, result.output
+    assert "wave 'us' failed" in result.output
+    assert "release folder releases/2.0 does not exist" in result.output
+    assert "rolled back waves: us, eu, canary" in result.output
+    for h in everyone:
+        assert os.readlink(h.current) == "releases/1.0", h.name
+        assert (h.home / "marker-2.0").exists()  # every wave ran it; it cannot be undone
+
+    art = _artifacts(shipyarder, result.deployment["id"])[0]
+    assert art["kind"] == "ssh.waves"
+    assert art["failed_region"] == "us"
+    assert "wave 'us' failed" in art["error"]
+    assert _label(bad) in art["error"]
+    assert [(w["region"], w["status"], w["rolled_back"]) for w in art["waves"]] == [
+        ("canary", "rolled back", True), ("eu", "rolled back", True), ("us", "failed", True),
+    ]  # fmt: skip
+    assert [w.get("check") for w in art["waves"]] == ["passed", "passed", None]
+    hosts = art["hosts"]
+    assert hosts[_label(bad)]["status"] == "failed"
+    assert hosts[_label(bad)]["version"] == "1.0"
+    for h in everyone:
+        if h is not bad:
+            assert hosts[_label(h)]["status"] == "rolled back", h.name
+            assert hosts[_label(h)]["version"] == "1.0"
+
+    def reverted(h: Host) -> float:
+        (run,) = [a for a in hosts[_label(h)]["attempts"] if a["action"] == "revert"]
+        assert run["status"] == "succeeded"
+        return _at(run["started_at"])
+
+    # Latest wave first: us, then eu, then canary.
+    assert max(reverted(h) for h in regions["us"][:-1]) <= min(
+        reverted(h) for h in regions["eu"]
+    )  # fmt: skip
+    assert max(reverted(h) for h in regions["eu"]) <= reverted(regions["canary"][0])
+
+
+def test_a_failing_check_between_waves_stops_and_rolls_back(shipyarder, fleet: Fleet):
+    regions = _waves_project(shipyarder, fleet)
+    _release(fleet.hosts, "1.0")
+    assert shipyarder.run("deploy", "app", "1.0", "-e", "prod").exit_code == 0
+    _release(fleet.hosts, "2.0")
+    shipyarder.makefile("score", "0\n")  # the analysis after the canary wave fails
+    result = shipyarder.run("deploy", "app", "2.0", "-e", "prod")
+    assert result.exit_code == 1, result.output
+    assert "wave 'canary' failed: check 'analysis' failed: analysis failed" in result.output
+    assert all(os.readlink(h.current) == "releases/1.0" for h in fleet.hosts)
+    assert (regions["canary"][0].home / "marker-2.0").exists()
+    assert not (regions["eu"][0].home / "marker-2.0").exists()  # eu was never touched
+    art = _artifacts(shipyarder, result.deployment["id"])[0]
+    assert art["failed_region"] == "canary"
+    assert [w["status"] for w in art["waves"]] == ["failed", "not started", "not started"]
+    assert art["hosts"][_label(regions["eu"][0])]["status"] == "not touched"
+
+
+def test_rollback_restores_each_hosts_own_previous_version(shipyarder, fleet: Fleet, five):
+    body = """[sy.stage("switch", ssh.symlink_switch(hosts=WEB, max_failures=1, **OPTS))]"""
+    shipyarder.makepipelines(_pipelines(fleet, five, body))
+    _release(five, "1.0")
+    _release(five, "3.0")
+    lagging = five[3]
+    _release([h for h in five if h is not lagging], "2.0")
+    assert shipyarder.run("deploy", "app", "1.0", "-e", "prod").exit_code == 0
+    second = shipyarder.run("deploy", "app", "2.0", "-e", "prod")
+    assert second.exit_code == 0, second.output  # one failed host is within max_failures
+    assert os.readlink(lagging.current) == "releases/1.0"
+    art = _artifacts(shipyarder, second.deployment["id"])[0]
+    assert art["hosts"][_label(lagging)]["version"] == "1.0"
+    assert art["hosts"][_label(five[0])]["version"] == "2.0"
+    assert shipyarder.run("deploy", "app", "3.0", "-e", "prod").exit_code == 0
+    assert all(os.readlink(h.current) == "releases/3.0" for h in five)
+
+    back = shipyarder.run("rollback", "app", "-e", "prod")
+    assert back.exit_code == 0, back.output
+    for h in five:  # each host as deployment 2.0 left it: the lagging one on 1.0
+        want = "releases/1.0" if h is lagging else "releases/2.0"
+        assert os.readlink(h.current) == want, h.name
+    art = _artifacts(shipyarder, back.deployment["id"])[0]
+    assert {k: v["version"] for k, v in art["hosts"].items()} == {
+        _label(h): "1.0" if h is lagging else "2.0" for h in five
+    }
+    assert {v["previous_version"] for v in art["hosts"].values()} == {"3.0"}
+
+
+def test_env_values_never_reach_a_remote_command_line(shipyarder, fleet: Fleet, five):
+    value = "s3cr3t-cmdline-token-5521"
+    host = five[0]
+    body = """[sy.stage("run", ssh("sleep", "600", hosts=WEB, **OPTS,
+                                   env={"TOKEN": sy.secret("FLEET_TOKEN"), "PLAIN": "a b 'c'"}))]"""
+    shipyarder.makepipelines(_pipelines(fleet, [host], body))
+    proc = shipyarder.popen("deploy", "app", "1.0", "-e", "prod", env={"FLEET_TOKEN": value})
+    try:
+        _wait_for(lambda: host.processes("sleep"), "the remote sleep")
+        (pid,) = host.processes("sleep")
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        assert f"TOKEN={value}".encode() in environ
+        assert b"PLAIN=a b 'c'" in environ
+        for p in host.processes("sleep") + host.sshd_pids():
+            assert value.encode() not in Path(f"/proc/{p}/cmdline").read_bytes(), p
+        assert b"DEPLOYMENT_VERSION=1.0" in environ
+    finally:
+        os.kill(proc.pid, signal.SIGINT)
+        proc.communicate(timeout=60)
+    _wait_for(lambda: not host.processes("sleep"), "no remote sleep", 10)
+
+
+@pytest.mark.parametrize(
+    ("regions", "options", "message"),
+    [
+        ('["canary", "eu"]', "", "has hosts in no wave: "),
+        ('["canary", "eu", "us", "asia"]', "", "region 'asia' has no host in any step"),
+        ('"canary"', "", "give the regions as a list of names"),
+        ("list(REGIONS)", "check=42", "check= takes a step such as sy.analysis"),
+        ("list(REGIONS)", "bake=-1", "bake= takes seconds >= 0"),
+    ],
+)
+def test_bad_waves_are_definition_errors(
+    shipyarder, fleet: Fleet, regions: str, options: str, message: str
+):
+    _waves_project(shipyarder, fleet)
+    text = (shipyarder.path / "pipelines.py").read_text()
+    text = text.replace("sy.waves(\n        list(REGIONS),", f"sy.waves(\n        {regions},")
+    text = text.replace("bake=0.2, check=CHECK))]", f"{options}))]")
+    shipyarder.makepipelines(text)
+    result = shipyarder.run("plan", "app", "1.0", "-e", "prod")
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
