@@ -147,6 +147,11 @@ def message(payload: dict[str, Any]) -> str | None:
             f"{what} ({ident}) at step *{escape(str(payload.get('step')))}*\n"
             f"> {escape(str(payload.get('summary')))}"
         )
+    if event == "canary_step_reached":
+        return (
+            f":bird: Canary at *{payload.get('percent')}%*: {what} ({ident}), "
+            f"{escape(str(payload.get('service')))} on {escape(str(payload.get('new')))}"
+        )
     if event == "rollback_started":
         target = escape(str(payload.get("target_version") or "?"))
         reason = payload.get("reason")

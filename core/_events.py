@@ -341,6 +341,32 @@ class AnalysisFinished(Event):
         return out
 
 
+@dataclass(kw_only=True, eq=False)
+class CanaryStepReached(Event):
+    """A canary moved the traffic of a service to its next step (``sy.canary``)."""
+
+    hook = "shipyard_canary_step_reached"
+    stage: str
+    stage_index: int
+    index: int
+    step: str
+    service: str
+    #: The new version's share of the traffic now, in percent.
+    percent: int
+    #: The container names of the new version and of the old one.
+    new: str
+    old: str
+    #: The router's weights, by host port (as text: JSON keys).
+    weights: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out.update(stage=self.stage, stage_index=self.stage_index, step=self.step,
+                   service=self.service, percent=self.percent, new=self.new, old=self.old,
+                   weights=self.weights)  # fmt: skip
+        return out
+
+
 class Listener(Protocol):
     """A core consumer of events (history, console, notifier dispatcher)."""
 

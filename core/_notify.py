@@ -42,6 +42,7 @@ SINK_EVENTS = frozenset(
         "shipyard_approval_reminder",
         "shipyard_analysis_started",
         "shipyard_analysis_finished",
+        "shipyard_canary_step_reached",
     }
 )
 

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from ._events import ApprovalDecided
     from ._events import ApprovalExpired
     from ._events import ApprovalReminder
+    from ._events import CanaryStepReached
     from ._events import DeploymentFinished
     from ._events import DeploymentStarted
     from ._events import DeploymentSuspended
@@ -381,6 +382,11 @@ def shipyard_analysis_started(event: AnalysisStarted) -> None:
 def shipyard_analysis_finished(event: AnalysisFinished) -> None:
     """An analysis step decided: ``event.verdict``, ``event.outcome`` (``continue``, ``fail``,
     ``wait for approval``, ``stopped``) and ``event.summary``."""
+
+
+@hookspec
+def shipyard_canary_step_reached(event: CanaryStepReached) -> None:
+    """A canary moved ``event.percent`` of ``event.service``'s traffic to the new version."""
 
 
 @hookspec

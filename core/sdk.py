@@ -37,6 +37,7 @@ from ._lazy import lazy_exports as lazy_exports
 if TYPE_CHECKING:
     from ._events import AnalysisFinished as AnalysisFinished
     from ._events import AnalysisStarted as AnalysisStarted
+    from ._events import CanaryStepReached as CanaryStepReached
     from ._events import DeploymentFinished as DeploymentFinished
     from ._events import DeploymentStarted as DeploymentStarted
     from ._events import Event as Event
@@ -151,6 +152,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "utcnow": ("shipyard._reports", "utcnow"),
     "AnalysisFinished": ("shipyard._events", "AnalysisFinished"),
     "AnalysisStarted": ("shipyard._events", "AnalysisStarted"),
+    "CanaryStepReached": ("shipyard._events", "CanaryStepReached"),
     "ArtifactRow": ("shipyard._store", "ArtifactRow"),
     "MeasurementRecord": ("shipyard._store", "MeasurementRecord"),
     "MeasurementRow": ("shipyard._store", "MeasurementRow"),

@@ -320,6 +320,9 @@ class CanaryStrategy:
                     f"(127.0.0.1:{old_port})",
                     "shipyard",
                 )
+                context.emit(sdk.CanaryStepReached, service=service, percent=percent,
+                             new=new_name, old=old_name,
+                             weights={str(p): w for p, w in weights.items()})  # fmt: skip
                 if final:
                     return
                 if self.pause:

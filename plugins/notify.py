@@ -17,6 +17,7 @@ webhook POSTs exactly that object as the request body. Keys present in every eve
                  | "stage_finished" | "deployment_finished" | "rollback_started"
                  | "deployment_suspended" | "approval_decided" | "approval_expired"
                  | "approval_reminder" | "analysis_started" | "analysis_finished"
+                 | "canary_step_reached"
     ts           when the event happened, ISO 8601 UTC ("2024-05-01T12:00:00.123456Z")
     deployment   {"id": 42, "pipeline": "webapp", "version": "1.4.2",
                   "environment": "production", "rollback_of": null | <id>}
@@ -50,6 +51,8 @@ analysis_finished      ``stage``, ``stage_index``, ``step``, ``verdict`` ("succe
                        "inconclusive", "error", or null when stopped), ``outcome`` ("continue",
                        "fail", "wait for approval", "stopped"), ``summary``, ``metrics`` (per
                        metric: ``metric``, ``verdict``, ``counts``, ``dry_run``)
+canary_step_reached    ``stage``, ``step``, ``service``, ``percent`` (the new version's share),
+                       ``new``, ``old`` (container names), ``weights`` (by host port)
 =====================  ============================================================================
 
 Single measurements are no event: they go to the step's log and the history only.
@@ -127,6 +130,8 @@ class ConsoleNotifier:
             status = f"expired: {payload['outcome']}"
         elif what == "analysis_finished":
             status = f"{payload['verdict'] or 'stopped'}: {payload['outcome']}"
+        elif what == "canary_step_reached":
+            status = f"{payload['percent']}% on {payload['new']}"
         elif payload.get("resumed"):
             status = "resumed"
         print(

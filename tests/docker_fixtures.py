@@ -166,6 +166,8 @@ class Outcome:
     #: Every line of output, as ``(stream, text)``.
     lines: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
+    #: Every event's payload (``Event.to_dict()``), in order.
+    events: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def result(self) -> StepResult:
@@ -180,6 +182,7 @@ class _Collector:
         self.outcome = outcome
 
     def handle(self, event: Event) -> None:
+        self.outcome.events.append(event.to_dict())
         if isinstance(event, StepOutput):
             self.outcome.lines.extend((ln.stream, ln.text) for ln in event.lines)
         elif isinstance(event, StepFinished):

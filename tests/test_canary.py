@@ -431,6 +431,11 @@ def test_canary_moves_the_measured_share_step_by_step(
     text = out.text()
     for percent in (10, 50, 100):
         assert f"canary step reached: {percent}% of {S} on {S}-v2" in text
+    reached = [e for e in out.events if e["event"] == "canary_step_reached"]
+    old_port, new_port = web_nginx.slots  # type: ignore[attr-defined]
+    assert [(e["percent"], e["new"], e["old"], e["weights"]) for e in reached] == [
+        (p, f"{S}-v2", f"{S}-v1", {str(old_port): 100 - p, str(new_port): p}) for p in (10, 50, 100)
+    ]
     assert text.index("canary step reached: 100%") < text.index(f"stopped and removed {S}-v1")
     new_port = web_nginx.slots[1]  # type: ignore[attr-defined]
     assert web_nginx.upstream_file.read_text() == web_nginx.router().render(S, new_port)

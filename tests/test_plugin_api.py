@@ -23,6 +23,7 @@ SDK_NAMES = {
     # step types and notifiers
     "Step", "StepContext", "StepResult", "StepFailed", "StepTypeRegistry", "NotifierRegistry",
     "ProviderRegistry", "AnalysisStarted", "AnalysisFinished",
+    "CanaryStepReached",
     "PipelineDefinitionError", "HealthCheckFailed", "Deployment", "Status", "hookimpl",
     "reject_unknown_options", "__version__",
     # output, processes and threads
