@@ -361,6 +361,40 @@ def test_route_records_the_weights_in_the_history(
     assert arts["nginx:web"]["conf_path"] == str(nginx.include_dir)
 
 
+def test_route_stages_with_approval_gates_between_them_are_a_canary_a_human_widens(
+    shipyarder: Any, nginx: NginxServer, backends: dict[str, LoopbackServer]
+) -> None:
+    blue, green = backends["blue"].port, backends["green"].port
+    url = f"http://127.0.0.1:{nginx.port}/"
+    shipyarder.makepipelines(f"""
+        import shipyard as sy
+
+        @sy.pipeline
+        def web(d):
+            router = sy.nginx({str(nginx.include_dir)!r}, nginx={NGINX!r}, args={nginx.args!r},
+                              pid_file={str(nginx.pid_file)!r})
+            gate = dict(timeout="1h", allow_self_approval=True)
+            return [
+                sy.stage("10%", sy.route(router, "web", {{{blue}: 90, {green}: 10}})),
+                sy.stage("widen to 50%", sy.approval(**gate)),
+                sy.stage("50%", sy.route(router, "web", {{{blue}: 50, {green}: 50}})),
+                sy.stage("widen to 100%", sy.approval(**gate)),
+                sy.stage("100%", sy.route(router, "web", {{{blue}: 0, {green}: 100}})),
+            ]
+    """)
+    first = shipyarder.run("deploy", "web", "2.0", "-e", "prod")
+    assert first.exit_code == 4, first.output  # waiting at 10%, with the traffic split
+    assert near(shares(url), {"blue": 90, "green": 10})
+    second = shipyarder.run("approve", "1")
+    assert second.exit_code == 4, second.output
+    assert near(shares(url), {"blue": 50, "green": 50})
+    third = shipyarder.run("approve", "1")
+    assert third.exit_code == 0, third.output
+    assert shares(url, 50) == {"green": 100.0}
+    doc = shipyarder.run("show", "1", "--json").json()
+    assert [s["status"] for s in doc["stages"]] == ["succeeded"] * 5
+
+
 def test_weight_changes_under_load_fail_no_request(
     nginx: NginxServer, backends: dict[str, LoopbackServer]
 ) -> None:
