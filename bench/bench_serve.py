@@ -1,7 +1,8 @@
 """The dashboard's figures (issue 18), each against a real ``shipyard serve`` process:
 
 - the overview (``/api/overview``, what the overview page draws) at 1,000,000 deployments
-  (bench_history's cached file): <= 100 ms;
+  (a copy of bench_history's cached file, written to before each request so that the server
+  reads it again): <= 100 ms; ``/metrics`` (a scan of every deployment) in the details;
 - a log line reaches a Server-Sent Events client <= 300 ms after the step printed it (the step
   prints its own time; a step printing every 200 ms);
 - the server idles under 1% of a core with 10 live streams open and nothing running.
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -53,27 +56,50 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _touch(db: Path, n: int) -> None:
+    """A committed write to the history (an audit row), so that the server reads it again."""
+    with sqlite3.connect(db) as c:
+        c.execute("INSERT INTO audit (ts, action, user, reason) VALUES (?, 'bench', 'bench', ?)",
+                  (time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime()), f"write {n}"))  # fmt: skip
+    c.close()
+
+
 def overview_1m() -> dict[str, Any]:
     bench_history.ensure()
     with tmpdir("serve-1m") as d:
-        proc, url = _serve(d, _env(SHIPYARD_HISTORY=str(bench_history.DB)))
+        # A copy: each request follows a write (the dashboard caches its reads until the store
+        # changes, so without one every request after the first would be a cache hit).
+        db = Path(d, "history.db")
+        shutil.copyfile(bench_history.DB, db)
+        proc, url = _serve(d, _env(SHIPYARD_HISTORY=str(db)))
         try:
             with httpx.Client(timeout=60) as c:
                 t0 = time.perf_counter()
                 cells = len(c.get(url + "/api/overview").json()["cells"])
                 first = (time.perf_counter() - t0) * 1000
-                walls = []
-                for _ in range(30):
-                    time.sleep(0.25)  # the store is re-read after each poll tick: no cache hit
+                walls, metrics, cached = [], [], []
+                for n in range(30):
+                    _touch(db, n)
+                    time.sleep(0.5)  # > IDLE_POLL: the server has seen the write
                     t0 = time.perf_counter()
                     c.get(url + "/api/overview").raise_for_status()
                     walls.append((time.perf_counter() - t0) * 1000)
+                    t0 = time.perf_counter()
+                    c.get(url + "/api/overview").raise_for_status()
+                    cached.append((time.perf_counter() - t0) * 1000)
+                    if n % 5 == 0:  # /metrics scans every deployment: a few samples
+                        t0 = time.perf_counter()
+                        c.get(url + "/metrics").raise_for_status()
+                        metrics.append((time.perf_counter() - t0) * 1000)
         finally:
             proc.terminate()
             proc.wait(10)
     return figure("15a", "overview at 1M deployments", measured=statistics.median(walls),
                   unit="ms", max_value=100,
-                  details={"first_ms": first, "cells": cells, "max_ms": max(walls)})  # fmt: skip
+                  details={"first_ms": first, "cells": cells, "max_ms": max(walls),
+                           "cached_median_ms": statistics.median(cached),
+                           "metrics_median_ms": statistics.median(metrics),
+                           "metrics_max_ms": max(metrics)})  # fmt: skip
 
 
 PIPELINES = textwrap.dedent(

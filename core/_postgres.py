@@ -1474,6 +1474,36 @@ class PostgresStore:
             )
         return rows[0]
 
+    def deployment_counts(self, *, buckets: Sequence[float] = ()) -> list[DeploymentCountRow]:
+        """One grouped scan of the deployments; a duration is ``finished_at - started_at``."""
+        bounds = [float(b) for b in buckets]
+        le = "".join(
+            f", count(CASE WHEN dur <= %s THEN 1 END) AS le{i}" for i in range(len(bounds))
+        )
+        rows = self._query(
+            "SELECT pipeline, environment, status, count(*) AS count, count(dur) AS timed, "
+            f"coalesce(sum(dur), 0)::float8 AS seconds{le} FROM (SELECT pipeline, environment, "
+            "status, extract(epoch FROM finished_at::timestamptz - started_at::timestamptz)"
+            "::float8 AS dur FROM deployments) AS d GROUP BY pipeline, environment, status "
+            "ORDER BY pipeline, environment, status",
+            bounds,
+        )
+        for r in rows:
+            r["le"] = [r.pop(f"le{i}") for i in range(len(bounds))]
+        return cast("list[DeploymentCountRow]", rows)
+
+    def change_token(self) -> object | None:
+        """The server's snapshot, ``pg_current_snapshot()``: it moves when any transaction on
+        the server takes a transaction id (its first write) and when one ends, so the commit of
+        a write is seen exactly when its rows become visible to the next query. Reads never
+        move it (unlike ``pg_current_wal_lsn()``, which hint bits and page pruning of our own
+        reads, checkpoints and background records move, which runs ahead of a commit's
+        visibility, and which a standby cannot answer). Server-wide: writes to other
+        databases move it too (a reader then re-reads for nothing)."""
+        return self._retrying(
+            "read", lambda: self.conn.execute("SELECT pg_current_snapshot()::text").fetchone()[0]
+        )
+
     def stats_rows(
         self, *, pipeline: str | None = None, environment: str | None = None,
         since: str | None = None, commits: bool = True,

@@ -6,6 +6,7 @@ batch: at most two commits per step, log lines riding along with the next one.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -55,14 +56,16 @@ class HistoryRecorder:
     """Turns the event stream into history writes: at most two commits per step.
 
     Stage transitions and log lines ride along with the next step commit; log lines of a long
-    step are also flushed every ``flush_interval`` seconds so ``logs --follow`` sees them.
+    step are also committed at most ``flush_interval`` seconds after it printed them (a timer
+    on the event loop when the step goes quiet), so ``logs --follow`` and the dashboard see
+    them within that.
     Everything the engine records about a running deployment goes through here.
     """
 
     def __init__(
         self,
         store: HistoryStore,
-        flush_interval: float = 0.5,
+        flush_interval: float = 0.1,
         max_lines: int = 2000,
         on_error: Callable[[HistoryError], None] | None = None,
     ) -> None:
@@ -81,6 +84,8 @@ class HistoryRecorder:
         self._transitions: list[Event] = []
         self._logs: list[LogRecord] = []
         self._last_flush = time.monotonic()
+        #: The loop's timer that commits held log lines of a step that went quiet.
+        self._timer: asyncio.TimerHandle | None = None
         self._handlers: dict[str, Callable[[Event], None]] = {
             "shipyard_step_output": self._output,  # type: ignore[dict-item]
             "shipyard_step_finished": self._step_finished,  # type: ignore[dict-item]
@@ -95,6 +100,9 @@ class HistoryRecorder:
         self._stages: list[Stage] = []
 
     def flush(self, durable: bool = False) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._transitions or self._logs:
             transitions, logs = self._take()
             self.store.record(transitions, logs, durable=durable)
@@ -148,6 +156,24 @@ class HistoryRecorder:
             or time.monotonic() - self._last_flush > self.flush_interval
         ):
             self.flush()
+        elif self._timer is None:
+            self._flush_later()
+
+    def _flush_later(self) -> None:
+        """Commit the lines just held ``flush_interval`` after the last commit even if the step
+        prints nothing more; they would otherwise wait for the next line or the heartbeat's
+        tick (a second). Only on the event loop (else the tick still flushes them)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        delay = max(0.0, self.flush_interval - (time.monotonic() - self._last_flush))
+        self._timer = loop.call_later(delay, self._deferred)
+
+    def _deferred(self) -> None:
+        self._timer = None
+        if self.error is None and self._logs:
+            self._guarded(self.flush)
 
     def _commit_after(self, e: Event) -> None:
         # A step's end is one commit; so is a stage's start, so that the previous stage's end

@@ -571,6 +571,22 @@ class HistoryStore(Protocol):
         queries (never every row to the caller). ``commits``: also the recorded commits."""
         ...
 
+    def deployment_counts(self, *, buckets: Sequence[float] = ()) -> list[DeploymentCountRow]:
+        """Every deployment counted by pipeline, environment and status (every status there
+        is), with the durations of those that have a start and an end counted into
+        ``buckets`` (upper bounds in seconds, ascending): one grouped query, ordered by
+        pipeline, environment and status."""
+        ...
+
+    def change_token(self) -> object | None:
+        """Something that differs after any committed write to the store, by any connection of
+        any process (this one's included), compared with ``==``: a reader re-reads only when it
+        moved. Cheap enough to ask ten times a second: it reads no table. It may also move
+        without a write to this store (a server store's may move with any write on the server),
+        never stay the same across one. None: this store cannot tell (the caller then re-reads
+        at its own pace)."""
+        ...
+
 
 #: The lock key of an environment-wide lock (``shipyard.environment(lock="environment")``):
 #: every pipeline deploying there with that setting takes this one lock.
@@ -721,9 +737,14 @@ def open_store(
             f"path, {supported} (a plugin may add others)"
         )
     if not isinstance(store, HistoryStore):
+        missing = sorted(
+            name for name in dir(HistoryStore)
+            if not name.startswith("_") and not hasattr(store, name)
+        )  # fmt: skip
         raise HistoryError(
             f"history {scheme}://: the plugin's store {type(store).__name__} does not implement "
-            "shipyard.sdk.HistoryStore"
+            f"shipyard.sdk.HistoryStore (missing: {', '.join(missing) or '?'}); upgrade the "
+            "plugin that provides it"
         )
     return store
 

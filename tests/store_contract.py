@@ -1804,3 +1804,51 @@ def test_stats_rows_of_a_window_and_a_filter(store_factory):
     assert (later["changes"], later["first_at"], later["restores"]) == (0, None, [])
     nothing = store.stats_rows(pipeline="nope")
     assert (nothing["succeeded"], nothing["commits"]) == (0, [])
+
+
+# -- the change token (change_token, issue #18) ----------------------------------------------------
+
+
+def test_change_token_moves_with_every_committed_write_and_not_with_reads(store_factory):
+    store = store_factory()
+    other = store_factory.reopen(store)
+    dep_id = begin(store)
+    runner = Runner(dep_id, stages_of_a_pipeline())
+    store.record_plan(dep_id, plan_of(runner.stages))
+    assert store.change_token() is not None  # None would leave readers re-reading blindly
+
+    def reads(s: HistoryStore) -> None:
+        s.get(dep_id), s.deployments(), s.stages(dep_id), s.logs(dep_id), s.locks()
+        s.audit_trail(), s.gate(dep_id), s.previous_version("web", "prod")
+
+    def quiet(s: HistoryStore) -> bool:
+        # A few tries: a server store's token may move with writes elsewhere on the server
+        # (other tests, its own background work); it must stay put across reads alone.
+        for _ in range(20):
+            before = s.change_token()
+            reads(s)
+            if s.change_token() == before == s.change_token():
+                return True
+        return False
+
+    assert quiet(store)
+    assert quiet(other)
+    out = runner.output(0, 0, "compiling")
+    writes = [
+        ("a step's start, by the store itself", store,
+         lambda: store.record([runner.stage_started(0), runner.step_started(0, 0)], [])),
+        ("a log line, by another connection", other, lambda: other.record([], records(out))),
+        ("a heartbeat", store, lambda: store.heartbeat(dep_id)),
+        ("a cancel request", other, lambda: other.request_cancel(dep_id, user="bob")),
+        ("an audit record", store,
+         lambda: store.add_audit("note", dep_id, user="carol", reason="checked")),
+        ("the finish", other, lambda: other.finish(dep_id, Status.CANCELLED, "cancelled")),
+    ]  # fmt: skip
+    for what, writer, write in writes:
+        before = (store.change_token(), other.change_token())
+        write()
+        after = (store.change_token(), other.change_token())
+        assert after[0] != before[0], f"{what}: the store's own token did not move"
+        assert after[1] != before[1], f"{what}: the other connection's token did not move"
+        assert quiet(store if writer is other else other), what
+    assert store.get(dep_id)["status"] == "cancelled"

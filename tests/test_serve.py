@@ -44,6 +44,21 @@ def gated(d):
     ]
 
 
+FLAKY = "test -e tried && exit 0; touch tried; echo flaky >&2; exit 3"
+
+
+@sy.pipeline(environments=["staging"])
+def checked(d):
+    return [
+        sy.stage("build", sy.command("sh", "-c", FLAKY, name="flaky", retries=2)),
+        sy.stage("verify", sy.analysis(
+            sy.metric("errors", sy.python_metric(lambda: 0.01), success=sy.below(0.05), count=3,
+                      interval=0.05),
+            sy.metric("watch", sy.python_metric(lambda: 99.0), failure=sy.above(1), dry_run=True),
+        )),
+    ]
+
+
 @sy.pipeline(environments=["staging"])
 def evil(d):
     return [sy.stage("print", sy.command(
@@ -219,6 +234,9 @@ def test_postgresql_store_is_read_the_same_way_and_streams_live(
     assert lines == [x["line"] for x in server.get("/api/deployments/3/logs").json()]
     assert [f"line {i}" for i in range(1, 11)] == [ln for ln in lines if ln.startswith("line ")]
     assert events[-1]["event"] == "end"
+    wait_for(lambda: server.get("/api/deployments/3").json()["status"] == "succeeded", 10,
+             "the dashboard to see the end")  # fmt: skip
+    assert len(assert_metrics_count_the_history(server, project)) == 3
 
 
 def test_five_deploys_while_pages_stream_and_no_database_is_locked(project: Any) -> None:
@@ -251,23 +269,95 @@ def test_five_deploys_while_pages_stream_and_no_database_is_locked(project: Any)
     assert b"Traceback" not in err
 
 
-def test_metrics_are_in_the_prometheus_text_format(project: Any) -> None:
+def metrics_of(server: Server) -> dict[str, Any]:
+    """``/metrics``, parsed by Prometheus' own client library: the families by name."""
     from prometheus_client.parser import text_string_to_metric_families
 
+    response = server.get("/metrics")
+    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    families = {f.name: f for f in text_string_to_metric_families(response.text)}
+    assert "shipyard_deployments" in families, response.text
+    return families
+
+
+def assert_metrics_count_the_history(server: Server, project: Any) -> list[dict[str, Any]]:
+    """``shipyard_deployments`` and the duration histogram say what ``history --json`` says."""
+    from collections import Counter
+
+    from shipyard.contrib.serve._app import DURATION_BUCKETS
+    from shipyard.contrib.serve._app import FINISHED
+    from shipyard.contrib.serve._app import STATUSES
+    from shipyard.sdk import parse_ts
+
+    history = cli_json(project, "history", "-n", "1000")
+    families = metrics_of(server)
+    counted = {(s.labels["pipeline"], s.labels["environment"], s.labels["status"]): s.value
+               for s in families["shipyard_deployments"].samples}  # fmt: skip
+    pairs = {(d["pipeline"], d["environment"]) for d in history}
+    expected = Counter((d["pipeline"], d["environment"], d["status"]) for d in history)
+    # Every status of every pair deployed, zeros included (a series does not vanish).
+    assert {k: v for k, v in counted.items() if k[:2] in pairs} == {
+        (p, e, s): float(expected[(p, e, s)]) for p, e in pairs for s in STATUSES
+    }
+    assert sum(counted.values()) == len(history)
+    samples = families["shipyard_deployment_duration_seconds"].samples
+    assert families["shipyard_deployment_duration_seconds"].type == "histogram"
+    for p, e in pairs:
+        for status in sorted(FINISHED):
+            took = [parse_ts(d["finished_at"]) - parse_ts(d["started_at"]) for d in history
+                    if (d["pipeline"], d["environment"], d["status"]) == (p, e, status)
+                    and d["started_at"] and d["finished_at"]]  # fmt: skip
+            mine = [x for x in samples if (x.labels["pipeline"], x.labels["environment"],
+                    x.labels["status"]) == (p, e, status)]  # fmt: skip
+            by = {(x.name, x.labels.get("le")): x.value for x in mine}
+            assert by[("shipyard_deployment_duration_seconds_count", None)] == len(took)
+            assert by[("shipyard_deployment_duration_seconds_sum", None)] == pytest.approx(
+                sum(took), abs=0.002 * len(took) + 1e-9
+            )
+            assert by[("shipyard_deployment_duration_seconds_bucket", "+Inf")] == len(took)
+            for bound in DURATION_BUCKETS:
+                le = by[("shipyard_deployment_duration_seconds_bucket", str(float(bound)))]
+                assert le == sum(1 for t in took if t <= bound), (p, e, status, bound)
+    return history
+
+
+def test_metrics_are_in_the_prometheus_text_format(project: Any) -> None:
     assert deploy(project, "1.0").exit_code == 0
+    assert deploy(project, "1.1", FAIL="1").exit_code == 1
+    assert deploy(project, "2.0", "production", LINES="15", PAUSE="0.1").exit_code == 0
+    assert project.spawn("deploy", "gated", "1.0", "-e", "staging").exit_code == 4
     server = start(project)
-    text = server.get("/metrics").text
-    families = {f.name: f for f in text_string_to_metric_families(text)}
+    families = metrics_of(server)
     current = families["shipyard_current_version_info"].samples
-    assert [(s.labels["pipeline"], s.labels["environment"], s.labels["version"]) for s in current] \
-        == [("web", "staging", "1.0")]  # fmt: skip
-    duration = families["shipyard_last_deployment_duration_seconds"].samples[0]
-    doc = cli_json(project, "show", "1")
+    assert sorted((s.labels["pipeline"], s.labels["environment"], s.labels["version"])
+                  for s in current) == [("web", "production", "2.0"), ("web", "staging", "1.0")]  # fmt: skip
+    duration = next(s for s in families["shipyard_last_deployment_duration_seconds"].samples
+                    if s.labels["environment"] == "production")  # fmt: skip
+    doc = cli_json(project, "show", "3")
     from shipyard.sdk import parse_ts
 
     assert duration.value == pytest.approx(
         parse_ts(doc["finished_at"]) - parse_ts(doc["started_at"])
     )
+    history = assert_metrics_count_the_history(server, project)
+    assert len(history) == 4
+    counted = {(s.labels["pipeline"], s.labels["environment"], s.labels["status"]): s.value
+               for s in families["shipyard_deployments"].samples}  # fmt: skip
+    assert counted[("gated", "staging", "awaiting_approval")] == 1
+    assert counted[("web", "staging", "failed")] == 1
+    # Declared but never deployed: counted as zeros.
+    assert counted[("evil", "staging", "succeeded")] == 0
+    buckets = {s.labels["le"]: s.value for s in families["shipyard_deployment_duration_seconds"]
+               .samples if s.name.endswith("_bucket") and s.labels["environment"] == "production"
+               and s.labels["status"] == "succeeded"}  # fmt: skip
+    assert (buckets["1.0"], buckets["5.0"], buckets["+Inf"]) == (0, 1, 1)  # it took 1.5 s
+    # A new deployment is counted at the next scrape (the counts are cached until the store
+    # changes, and only then).
+    assert deploy(project, "1.2").exit_code == 0
+    wait_for(lambda: metrics_of(server)["shipyard_deployments"].samples
+             and sum(x.value for x in metrics_of(server)["shipyard_deployments"].samples) == 5,
+             20, "the fifth deployment counted")  # fmt: skip
+    assert_metrics_count_the_history(server, project)
 
 
 def _sse(response: httpx.Response) -> list[dict[str, str]]:
@@ -303,6 +393,35 @@ def test_log_events_resume_after_last_event_id_without_gaps_or_duplicates(projec
         rest = [e for e in _sse(r) if e.get("event") == "log"]
     assert [int(e["id"]) for e in rest] == ids[8:]
     assert [json.loads(e["data"])["line"] for e in rest] == [x["line"] for x in logs[8:]]
+
+
+def test_a_line_reaches_the_stream_while_its_step_is_still_quiet(project: Any) -> None:
+    # The step prints a line right after its stage's commit and then nothing for 20 s; the
+    # heartbeat's tick (which also commits held lines) is made rare. The line must come from the
+    # recorder's own timer, long before the step prints again or ends.
+    server = start(project)
+    running = project.popen("deploy", "web", "1.0", "-e", "staging",
+                            env={"LINES": "2", "PAUSE": "20", "SHIPYARD_HEARTBEAT": "60"})  # fmt: skip
+    wait_for(lambda: running_one(server), 30, "a running deployment")
+    seen = None
+    # No byte for 10 s is a read timeout: the line would otherwise come 20 s later.
+    with httpx.stream("GET", server.url + "/api/deployments/1/events", timeout=10) as r:
+        event: dict[str, str] = {}
+        for line in r.iter_lines():
+            if line:
+                key, _, value = line.partition(":")
+                event[key] = value.removeprefix(" ")
+                continue
+            if event.get("event") == "log" and json.loads(event["data"])["line"] == "line 1":
+                seen = json.loads(event["data"])
+                break
+            event = {}
+    assert seen is not None
+    doc = server.get("/api/deployments/1").json()
+    assert doc["status"] == "running"
+    assert doc["stages"][0]["steps"][0]["status"] in ("pending", "running")  # still quiet
+    running.send_signal(signal.SIGTERM)
+    assert running.wait(30) != 0
 
 
 # -- actions -------------------------------------------------------------------------------------
@@ -467,4 +586,58 @@ def test_pages_render_markup_in_logs_as_text_masked_and_without_buttons(
     assert page.query_selector_all("#history tr[data-id]")
     assert page.text_content("#history").count("evil") == 1
     screenshot(page, "history")
+    assert not page.errors
+
+
+def _cells(pg: Any, selector: str) -> list[str]:
+    return pg.eval_on_selector_all(selector, "els => els.map(e => e.textContent)")
+
+
+def test_deployment_page_shows_attempts_retries_exit_codes_errors_and_analysis(
+    project: Any, page: Any, screenshot: Any
+) -> None:
+    checked = project.spawn("deploy", "checked", "1.0", "-e", "staging",
+                            env={"SHIPYARD_RETRY_BACKOFF": "0.01"})  # fmt: skip
+    assert checked.exit_code == 0, checked
+    assert deploy(project, "2.0", FAIL="1").exit_code == 1
+    doc = cli_json(project, "show", "1")
+    server = start(project)
+    page.goto(server.url + "/deployments/1")
+    page.wait_for_selector("#log[data-ended='1']", timeout=20_000)
+    flaky = "#timeline tr[data-stage='0'][data-step='0']"
+    assert (
+        page.text_content(flaky + " td.attempts")
+        == "2"
+        == str(doc["stages"][0]["steps"][0]["attempts"])
+    )
+    retries = _cells(page, flaky + " td.retries .retry")
+    assert len(retries) == 1
+    assert retries[0].startswith("attempt 1 of 3 failed: sh exited with 3")
+    assert retries[0] in [r["line"] for r in server.get("/api/deployments/1/logs").json()]
+    assert page.text_content(flaky + " td.exit") == "0"  # the last attempt's
+
+    analysis = {a["metric"]: a for a in doc["analysis"]}
+    assert set(analysis) == {"errors", "watch"}
+    errors = "#details .metric[data-metric='errors']"
+    assert "successful" in page.text_content(errors + " h3 .status")
+    assert page.text_content(errors + " .counts") == (
+        "successful 3, failed 0, inconclusive 0, error 0"
+    )
+    values = _cells(page, errors + " tr.measurement td.value")
+    assert values == [str(m["value"]) for m in analysis["errors"]["measurements"]]
+    assert values == ["0.01"] * 3
+    watch = "#details .metric[data-metric='watch']"
+    assert "(dry run)" in page.text_content(watch + " h3")
+    assert page.text_content(watch + " h3 .status") == analysis["watch"]["verdict"] == "failed"
+    assert page.query_selector("#hosts") is None  # no fleet step: no host matrix
+    screenshot(page, "analysis")
+
+    page.goto(server.url + "/deployments/2")
+    page.wait_for_selector("#log[data-ended='1']", timeout=20_000)
+    failed = cli_json(project, "show", "2")["stages"][1]["steps"][0]
+    release = "#timeline tr[data-stage='1'][data-step='0']"
+    assert page.text_content(release + " td.exit") == str(failed["exit_code"]) == "1"
+    assert page.text_content(release + " td.error") == failed["error"]
+    assert failed["error"]
+    assert page.query_selector("#details .metric") is None
     assert not page.errors

@@ -6,9 +6,10 @@ Imported only by ``shipyard serve`` (it imports Starlette and uvicorn).
   is its own short read transaction, so a long-lived page never holds a snapshot that would
   keep a WAL checkpoint from completing. The store is opened without ``repair``: the dashboard
   never writes it, not even to mark a dead deployment ``interrupted`` (any command does that).
-- Polling: one task asks the store for its change counter every ``POLL`` seconds (SQLite's
-  ``PRAGMA data_version``: no table is read); only when it moved do the pages' streams and the
-  overview query again. A store without a counter is re-read every ``FALLBACK_POLL`` seconds.
+- Polling: one task asks the store for its change token every ``POLL`` seconds (the port's
+  ``change_token()``: SQLite's ``PRAGMA data_version``, PostgreSQL's current snapshot; no table
+  is read); only when it moved do the pages' streams and the overview query again. A store
+  that cannot tell (None) is re-read every ``FALLBACK_POLL`` seconds.
 - Live logs: Server-Sent Events whose ``id`` is the log row's id, so a browser reconnecting
   with ``Last-Event-ID`` gets exactly the lines after the last one it saw.
 - Actions: each runs the ``shipyard`` command line on this host (no shell), as the token's
@@ -47,8 +48,13 @@ from starlette.routing import Route
 
 T = TypeVar("T")
 
-#: Seconds between two looks at the store's change counter.
+#: Seconds between two looks at the store's change token while it changes (a deployment runs:
+#: its heartbeat alone commits every second) ...
 POLL = 0.1
+#: ... and once it has been still for ``QUIET_AFTER`` seconds: every look wakes the process, which
+#: is most of what an idle dashboard costs; a new deployment's first commits are seen within it.
+IDLE_POLL = 0.25
+QUIET_AFTER = 3.0
 #: Seconds between two reads of a store that has no change counter.
 FALLBACK_POLL = 0.2
 #: Seconds without an event after which a stream sends a comment (proxies close idle streams).
@@ -67,6 +73,13 @@ HISTORY_KEYS = ("id", "pipeline", "version", "environment", "status", "started_a
                 "rollback_of", "retry_of", "error", "user", "host")  # fmt: skip
 STATUSES = ("pending", "running", "awaiting_approval", "succeeded", "failed", "cancelled",
             "interrupted", "superseded")  # fmt: skip
+#: The upper bounds (seconds) of ``/metrics``' histogram of deployment durations.
+DURATION_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400)
+#: The counts of ``/metrics`` scan the whole history: while it keeps changing they are counted
+#: again at most every ``COUNT_SPACING`` times as long as the last count took (at most every
+#: ``COUNT_MAX_AGE`` seconds): a scan of 1,000,000 deployments takes seconds.
+COUNT_SPACING = 10.0
+COUNT_MAX_AGE = 60.0
 STATIC = Path(__file__).parent / "static"
 COOKIE = "shipyard_session"
 PAGE_SIZE = 50
@@ -103,6 +116,10 @@ class Reader:
         self.url: str = self.config.history
         self.lock = threading.Lock()
         self._store: Any = None
+        #: A second connection for the scans of ``/metrics`` (the whole history at each change),
+        #: so that one never holds up the live streams' reads.
+        self.scan_lock = threading.Lock()
+        self._scan_store: Any = None
         reader = self
         base: Any = type(self.manager.service)
 
@@ -144,6 +161,26 @@ class Reader:
             if self._store is not None:
                 self._store.close()
                 self._store = None
+        with self.scan_lock:
+            if self._scan_store is not None:
+                self._scan_store.close()
+                self._scan_store = None
+
+    def counts(self) -> dict[str, Any]:
+        """Every deployment counted by pipeline, environment and status, with the durations of
+        the finished ones (the store's one grouped query), on the scan connection; ``at``: when
+        (Unix time)."""
+        from shipyard.sdk import StoreNotFound
+
+        with self.scan_lock:
+            at = time.time()
+            if self._scan_store is None:
+                try:
+                    self._scan_store = self.manager.session.open_store(create=False, repair=False)
+                except StoreNotFound:
+                    return {"at": at, "rows": []}
+            rows = self._scan_store.deployment_counts(buckets=DURATION_BUCKETS)
+            return {"at": at, "rows": [dict(r) for r in rows]}
 
     # -- what the pages ask (each called under the lock) ------------------------------------------
 
@@ -155,8 +192,7 @@ class Reader:
             store = self.store()
         except StoreNotFound:
             return ("absent",)
-        counter = getattr(store, "change_counter", None)
-        return counter() if counter is not None else None
+        return store.change_token()
 
     def overview(self) -> dict[str, Any]:
         """The matrix: per pipeline and environment, the current version (latest succeeded),
@@ -237,7 +273,8 @@ class Hub:
         self.version = 0
         self.changed = asyncio.Event()
         self.stopping = asyncio.Event()
-        self._cache: dict[str, tuple[int, Any]] = {}
+        #: key -> (version read at, value, when read, seconds it took)
+        self._cache: dict[str, tuple[int, Any, float, float]] = {}
 
     async def read(self, fn: Callable[[], T]) -> T:
         return await asyncio.to_thread(self.reader.call, fn)
@@ -248,9 +285,11 @@ class Hub:
         old.set()
 
     async def poll(self) -> None:
+        """Look at the store's change token (the port promises it moves with every committed
+        write, so the rows are visible once it did) and wake the streams when it moved."""
         last: Any = object()
-        settle = False
         fallback_at = 0.0
+        changed_at = time.monotonic()
         while not self.stopping.is_set():
             try:
                 token = await self.read(self.reader.change_token)
@@ -258,17 +297,16 @@ class Hub:
                 token = ("error", str(exc))
             now = time.monotonic()
             if token is None:
+                changed_at = now
                 if now >= fallback_at:
                     fallback_at = now + FALLBACK_POLL
                     self.bump()
-            elif token != last or settle:
-                # One more wake-up after a change: a commit seen by the counter a moment before
-                # its rows are visible (a server store) is then read on the next tick.
-                settle = token != last
+            elif token != last:
                 last = token
+                changed_at = now
                 self.bump()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), POLL)
+            # A plain sleep (no task, no timer beside it): the lifespan cancels it at the end.
+            await asyncio.sleep(POLL if now - changed_at < QUIET_AFTER else IDLE_POLL)
 
     async def wait(self, version: int, timeout: float) -> bool:
         """Wait until the store changed after ``version`` (True) or the server stops or the
@@ -285,14 +323,21 @@ class Hub:
             stopping.cancel()
         return self.version != version and not self.stopping.is_set()
 
-    async def cached(self, key: str, fn: Callable[[], T]) -> T:
-        """``fn()``'s result, read again only when the store changed since."""
+    async def cached(
+        self, key: str, fn: Callable[[], T], *, own_lock: bool = False, spacing: float = 0.0
+    ) -> T:
+        """``fn()``'s result, read again only when the store changed since (and, with
+        ``spacing``, once ``spacing`` times as long as the last read took has passed, at most
+        ``COUNT_MAX_AGE``). ``own_lock``: ``fn`` takes a lock of its own (not the reader's)."""
         hit = self._cache.get(key)
         version = self.version
-        if hit is not None and hit[0] == version:
+        if hit is not None and (
+            hit[0] == version or time.monotonic() - hit[2] < min(COUNT_MAX_AGE, spacing * hit[3])
+        ):
             return hit[1]  # type: ignore[no-any-return]
-        value = await self.read(fn)
-        self._cache[key] = (version, value)
+        t0 = time.monotonic()
+        value = await (asyncio.to_thread(fn) if own_lock else self.read(fn))
+        self._cache[key] = (version, value, t0, time.monotonic() - t0)
         return value
 
 
@@ -452,8 +497,9 @@ def _label(value: Any) -> str:
     return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
-def metrics_text(overview: dict[str, Any]) -> str:
-    """The overview in the Prometheus text exposition format (version 0.0.4)."""
+def metrics_text(overview: dict[str, Any], totals: dict[str, Any] | None = None) -> str:
+    """The overview and the ``totals`` (``Reader.counts``) in the Prometheus text exposition format
+    (version 0.0.4)."""
     from shipyard.sdk import parse_ts
 
     out: list[str] = []
@@ -465,7 +511,7 @@ def metrics_text(overview: dict[str, Any]) -> str:
         out.append(f"# TYPE {name} {kind}")
         for labels, value in samples:
             text = ",".join(f'{k}="{_label(v)}"' for k, v in labels.items())
-            out.append(f"{name}{{{text}}} {float(value)!r}")
+            out.append(f"{name}{{{text}}} {float(value)!r}" if text else f"{name} {float(value)!r}")
 
     def pe(cell: dict[str, Any]) -> dict[str, Any]:
         return {"pipeline": cell["pipeline"], "environment": cell["environment"]}
@@ -503,7 +549,41 @@ def metrics_text(overview: dict[str, Any]) -> str:
            "Deployments going on now, by status (awaiting_approval: the inbox).",
            [({"pipeline": p, "environment": e, "status": s}, n)
             for (p, e, s), n in counts.items()])  # fmt: skip
+    if totals is not None:
+        family("shipyard_deployments_counted_timestamp_seconds", "gauge",
+               "When the deployments below were counted (Unix time; a big history that keeps "
+               "changing is counted again only every few scan times).",
+               [({}, totals["at"])])  # fmt: skip
+        _counted(family, out, overview, totals["rows"])
     return "\n".join(out) + "\n"
+
+
+def _counted(family: Callable[..., None], out: list[str], overview: dict[str, Any],
+             counts: list[dict[str, Any]]) -> None:  # fmt: skip
+    """Every deployment by pipeline, environment and status (every status, zeros included, for
+    every pair deployed or declared), and the histogram of the finished ones' durations."""
+    pairs = dict.fromkeys((c["pipeline"], c["environment"]) for c in overview["cells"])
+    pairs.update(dict.fromkeys((r["pipeline"], r["environment"]) for r in counts))
+    by_key = {(r["pipeline"], r["environment"], r["status"]): r for r in counts}
+    none = {"count": 0, "timed": 0, "seconds": 0.0, "le": [0] * len(DURATION_BUCKETS)}
+    family("shipyard_deployments", "gauge",
+           "Deployments recorded, by pipeline, environment and the status they have now.",
+           [({"pipeline": p, "environment": e, "status": s}, by_key.get((p, e, s), none)["count"])
+            for (p, e) in pairs for s in STATUSES])  # fmt: skip
+    name = "shipyard_deployment_duration_seconds"
+    out.append(f"# HELP {name} How long finished deployments took, from start to end.")
+    out.append(f"# TYPE {name} histogram")
+    for p, e in pairs:
+        for s in STATUSES:
+            if s not in FINISHED:
+                continue
+            r = by_key.get((p, e, s), none)
+            labels = f'pipeline="{_label(p)}",environment="{_label(e)}",status="{_label(s)}"'
+            for bound, n in zip(DURATION_BUCKETS, r["le"], strict=True):
+                out.append(f'{name}_bucket{{{labels},le="{float(bound)!r}"}} {float(n)!r}')
+            out.append(f'{name}_bucket{{{labels},le="+Inf"}} {float(r["timed"])!r}')
+            out.append(f"{name}_sum{{{labels}}} {float(r['seconds'])!r}")
+            out.append(f"{name}_count{{{labels}}} {float(r['timed'])!r}")
 
 
 def build_app(reader: Reader, guard: Guard, actions: Actions) -> tuple[Starlette, list[Hub]]:
@@ -668,7 +748,8 @@ def build_app(reader: Reader, guard: Guard, actions: Actions) -> tuple[Starlette
 
     async def metrics(request: Request) -> Response:
         doc = await hub().cached("overview", reader.overview)
-        return PlainTextResponse(metrics_text(doc), media_type="text/plain; version=0.0.4")
+        counts = await hub().cached("counts", reader.counts, own_lock=True, spacing=COUNT_SPACING)
+        return PlainTextResponse(metrics_text(doc, counts), media_type="text/plain; version=0.0.4")
 
     routes = [
         Route("/", page("index.html")),
@@ -696,7 +777,9 @@ def build_app(reader: Reader, guard: Guard, actions: Actions) -> tuple[Starlette
             yield
         finally:
             h.stopping.set()
-            await task
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     app = Starlette(routes=routes, lifespan=lifespan)
     return app, hub_box
@@ -765,12 +848,24 @@ def run(
 
         def handle_exit(self, sig: int, frame: Any) -> None:
             super().handle_exit(sig, frame)
-            if hub_box and loop_box:
-                loop_box[0].call_soon_threadsafe(hub_box[0].stopping.set)
+            if loop_box:
+                if hub_box:
+                    loop_box[0].call_soon_threadsafe(hub_box[0].stopping.set)
+                loop_box[0].call_soon_threadsafe(wake.set)
 
         async def serve(self, sockets: Any = None) -> None:
             loop_box.append(asyncio.get_running_loop())
             await super().serve(sockets=sockets)
+
+        async def main_loop(self) -> None:
+            # uvicorn looks at its exit flag ten times a second, waking an idle server for
+            # nothing; here once a second (refreshing the Date header each time), and at once
+            # when handle_exit sets ``wake``.
+            while not await self.on_tick(0):
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), 1.0)
+
+    wake = asyncio.Event()
 
     loop_box: list[asyncio.AbstractEventLoop] = []
     config = uvicorn.Config(

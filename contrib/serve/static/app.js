@@ -160,14 +160,6 @@ async function deployment(main) {
   if (d.rollback_of) row("rollback of", el("a", { href: "/deployments/" + d.rollback_of }, "#" + d.rollback_of));
   if (d.retry_of) row("retry of", el("a", { href: "/deployments/" + d.retry_of }, "#" + d.retry_of));
   if (d.error) row("error", el("span", { class: "error" }, d.error));
-  const stages = el("table", { id: "timeline" }, el("tr", {}, ...["stage", "step", "status", "attempts", "exit", "started", "finished", "error"].map((h) => el("th", {}, h))));
-  for (const s of d.stages) {
-    for (const st of s.steps) {
-      stages.appendChild(el("tr", {}, el("td", {}, s.name), el("td", {}, st.name), el("td", {}, statusEl(st.warning ? "warning" : st.status)),
-        el("td", {}, st.attempts), el("td", {}, st.exit_code === null ? "" : st.exit_code), el("td", {}, when(st.started_at)),
-        el("td", {}, when(st.finished_at)), el("td", {}, st.error || "")));
-    }
-  }
   main.textContent = "";
   main.appendChild(el("h1", {}, "#" + d.id + " " + d.pipeline + " " + d.version + " → " + d.environment));
   main.appendChild(info);
@@ -179,8 +171,9 @@ async function deployment(main) {
   }
   main.appendChild(actionButtons(d));
   main.appendChild(el("p", { id: "action-result" }));
-  main.appendChild(el("h2", {}, "Stages"));
-  main.appendChild(stages);
+  const details = el("div", { id: "details" });
+  main.appendChild(details);
+  drawDetails(details, d);
   main.appendChild(el("h2", {}, "Log"));
   const log = el("div", { id: "log" });
   main.appendChild(log);
@@ -188,13 +181,81 @@ async function deployment(main) {
   es.addEventListener("log", (ev) => {
     const r = JSON.parse(ev.data);
     log.appendChild(el("div", { class: "line", "data-id": r.id }, el("span", { class: "step" }, "[" + (r.step || r.stream) + "] "), el("span", { class: "text" }, r.line)));
+    if (isRetryLine(r)) {
+      retryLines.push(r);
+      addRetryLine(r);
+    }
   });
   es.addEventListener("status", (ev) => {
     const s = JSON.parse(ev.data).status;
     const node = document.getElementById("status");
     node.textContent = s; node.className = "status " + s;
   });
-  es.addEventListener("end", () => { es.close(); log.setAttribute("data-ended", "1"); });
+  es.addEventListener("end", async () => {
+    es.close();
+    // The final steps, verdicts and hosts: drawn again from the finished document.
+    try { drawDetails(details, await getJSON("/api/deployments/" + id)); } catch (err) { /* keep the last ones */ }
+    log.setAttribute("data-ended", "1");
+  });
+}
+
+// The runner's line before a retry: "attempt N of M failed: ERROR; retrying in S s".
+const RETRY = /^attempt \d+ of \d+ failed: /;
+const isRetryLine = (r) => r.stream === "shipyard" && r.stage_idx !== null && r.step_idx !== null && RETRY.test(r.line);
+let retryLines = [];
+
+function addRetryLine(r) {
+  const cell = document.querySelector("#timeline tr[data-stage='" + r.stage_idx + "'][data-step='" + r.step_idx + "'] td.retries");
+  if (cell && !cell.querySelector("[data-id='" + r.id + "']")) cell.appendChild(el("div", { class: "retry", "data-id": r.id }, r.line));
+}
+
+function table(id, headers, rows) {
+  const t = el("table", { id }, el("tr", {}, ...headers.map((h) => el("th", {}, h))));
+  for (const r of rows) t.appendChild(r);
+  return t;
+}
+
+// A fleet step's attempts on a host: a count, or the list of them.
+const attemptsOf = (h) => (Array.isArray(h.attempts) ? h.attempts.length : h.attempts || 0);
+const text = (v) => (v === null || v === undefined ? "" : typeof v === "string" ? v : JSON.stringify(v));
+
+function drawDetails(box, d) {
+  box.textContent = "";
+  const steps = [];
+  d.stages.forEach((s, si) => s.steps.forEach((st, i) => steps.push(el("tr", { "data-stage": si, "data-step": i },
+    el("td", {}, s.name), el("td", {}, st.name), el("td", {}, statusEl(st.warning ? "warning" : st.status)),
+    el("td", { class: "attempts" }, st.attempts), el("td", { class: "exit" }, st.exit_code === null ? "" : st.exit_code),
+    el("td", {}, when(st.started_at)), el("td", {}, when(st.finished_at)), el("td", { class: "error" }, st.error || ""),
+    el("td", { class: "retries" })))));
+  box.appendChild(el("h2", {}, "Stages"));
+  box.appendChild(table("timeline", ["stage", "step", "status", "attempts", "exit", "started", "finished", "error", "retries"], steps));
+  for (const r of retryLines) addRetryLine(r);
+  if (d.analysis && d.analysis.length) {
+    box.appendChild(el("h2", {}, "Analysis"));
+    for (const a of d.analysis) {
+      const c = a.counts || {};
+      const rows = (a.measurements || []).map((m) => el("tr", { class: "measurement" }, el("td", {}, m.n), el("td", {}, when(m.ts)),
+        el("td", { class: "value" }, text(m.value)), el("td", {}, statusEl(m.outcome || m.phase || "")), el("td", { class: "error" }, m.error || "")));
+      box.appendChild(el("div", { class: "metric", "data-metric": a.metric },
+        el("h3", {}, (a.step ? a.step + ": " : "") + a.metric + " ", statusEl(a.verdict || "measuring"), a.dry_run ? " (dry run)" : ""),
+        el("p", { class: "counts" }, "successful " + (c.successful || 0) + ", failed " + (c.failed || 0) +
+          ", inconclusive " + (c.inconclusive || 0) + ", error " + (c.error || 0)),
+        table(null, ["n", "at", "value", "outcome", "error"], rows)));
+    }
+  }
+  if (d.hosts && d.hosts.length) {
+    const names = [...new Set(d.hosts.map((h) => h.step))];
+    const hosts = [...new Set(d.hosts.map((h) => h.host))];
+    const rows = hosts.map((host) => el("tr", { "data-host": host }, el("th", {}, host), ...names.map((step) => {
+      const h = d.hosts.find((x) => x.host === host && x.step === step);
+      if (!h) return el("td", {});
+      const bits = [h.exit_code !== null && h.exit_code !== undefined ? "exit " + h.exit_code : null,
+        attemptsOf(h) > 1 ? attemptsOf(h) + " attempts" : null, h.version ? "version " + h.version : null].filter((x) => x);
+      return el("td", { "data-step": step }, statusEl(h.status || "?"), bits.length ? " " + bits.join(", ") : "");
+    })));
+    box.appendChild(el("h2", {}, "Hosts"));
+    box.appendChild(table("hosts", ["host", ...names], rows));
+  }
 }
 
 const PAGES = { overview, history, deployment };
