@@ -358,7 +358,9 @@ def write_report_json(path: str, docs: list[dict[str, Any]]) -> None:
 
     doc = dict(docs[0])
     if len(docs) > 1:
-        doc["rollback"] = {k: v for k, v in docs[1].items() if k != "stages"}
+        from ._service import STAGE_KEYS
+
+        doc["rollback"] = {k: v for k, v in docs[1].items() if k not in STAGE_KEYS}
     write_atomically(path, (json.dumps(mask_any(doc), indent=2) + "\n").encode())
 
 

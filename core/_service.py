@@ -48,6 +48,10 @@ RETRYABLE: frozenset[str] = frozenset({Status.FAILED, Status.CANCELLED, Status.I
 #: The keys of a deployment in ``history --json`` (DESIGN §3).
 HISTORY_KEYS = ("id", "pipeline", "version", "environment", "status", "started_at", "finished_at",
                 "rollback_of", "retry_of", "error", "user", "host")  # fmt: skip
+#: The keys of ``show --json`` that ``document(stages=False)`` leaves out (``history --json``,
+#: a rollback nested in ``deploy --json``).
+STAGE_KEYS = ("stages", "analysis", "hosts")
+
 _STEP_KEYS = ("name", "kind", "status", "attempts", "exit_code", "error", "warning",
               "started_at", "finished_at")  # fmt: skip
 

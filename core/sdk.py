@@ -89,6 +89,7 @@ if TYPE_CHECKING:
     from ._store import ArtifactRow as ArtifactRow
     from ._store import AuditRow as AuditRow
     from ._store import Begun as Begun
+    from ._store import DeploymentCountRow as DeploymentCountRow
     from ._store import DeploymentInfo as DeploymentInfo
     from ._store import DeploymentRow as DeploymentRow
     from ._store import HistoryStore as HistoryStore
@@ -159,6 +160,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "AuditRow": ("shipyard._store", "AuditRow"),
     "lazy_exports": ("shipyard._lazy", "lazy_exports"),
     "Begun": ("shipyard._store", "Begun"),
+    "DeploymentCountRow": ("shipyard._store", "DeploymentCountRow"),
     "DeploymentInfo": ("shipyard._store", "DeploymentInfo"),
     "DeploymentRow": ("shipyard._store", "DeploymentRow"),
     "HistoryStore": ("shipyard._store", "HistoryStore"),

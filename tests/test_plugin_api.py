@@ -39,7 +39,7 @@ SDK_NAMES = {
     # the store port
     "HistoryStore", "Begun", "DeploymentInfo", "DeploymentRow", "StageRow", "StepRow", "LogRow",
     "ArtifactRow", "AuditRow", "LockRow", "LogRecord", "ProcessRef", "Liveness", "StagePlan", "StepPlan",
-    "MeasurementRecord", "MeasurementRow",
+    "MeasurementRecord", "MeasurementRow", "DeploymentCountRow",
     "StoreNotFound", "open_store", "plan_of", "HistoryError", "LockLost", "EnvironmentLocked",
     "DeploymentNotFound", "NoPreviousDeployment",
     # the events a store records

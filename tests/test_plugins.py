@@ -638,3 +638,43 @@ def test_shipyards_own_wheel_maps_the_folders_and_declares_the_entry_points(tmp_
     assert "[pytest11]" in entry_points
     for name, module in DEFAULT_PLUGINS.items():
         assert f"{name} = {module}" in entry_points
+
+
+def test_a_plugin_store_missing_port_methods_is_refused_naming_them(shipyarder):
+    shipyarder.makeplugin(
+        "halfstore",
+        """
+        import shipyard as sy
+
+        class HalfStore:
+            url = "half://x"
+
+            def get(self, dep_id):
+                return None
+
+        @sy.hookimpl
+        def shipyard_store_open(url, create):
+            return HalfStore() if url.startswith("half://") else None
+
+        @sy.hookimpl
+        def shipyard_store_schemes():
+            return ["half"]
+    """,
+    )
+    shipyarder.makepipelines("""
+        import shipyard as sy
+
+        @sy.pipeline
+        def web(d):
+            return [sy.stage("s", sy.command("true"))]
+    """)
+    result = shipyarder.run("-p", "halfstore", "--store", "half://x", "history")
+    assert result.exit_code == 2, result.output
+    assert (
+        "the plugin's store HalfStore does not implement shipyard.sdk.HistoryStore" in result.output
+    )
+    assert "change_token" in result.output
+    assert "record_measurement" in result.output
+    missing = result.output.split("(missing: ")[1].split(")")[0].split(", ")
+    assert "get" not in missing  # it has that one
+    assert "deployments" in missing
