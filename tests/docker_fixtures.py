@@ -21,6 +21,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -378,3 +379,45 @@ def stop_nginx(server: NginxServer) -> None:
         os.killpg(server.proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+class Load:
+    """Steady requests through nginx from threads, each on a fresh connection; every answer
+    with its time."""
+
+    def __init__(self, url: str, threads: int = 1) -> None:
+        self.url = url
+        self.results: list[tuple[float, Any]] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._loop) for _ in range(threads)]
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                answer: Any = http_get(self.url, timeout=5)
+            except Exception as exc:
+                answer = f"{type(exc).__name__}: {exc}"
+            self.results.append((time.monotonic(), answer))
+
+    def __enter__(self) -> Load:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(10)
+
+    def failures(self, good: frozenset[str] = frozenset({"version v1", "version v2"})) -> list[Any]:
+        return [
+            a
+            for _, a in self.results
+            if not (isinstance(a, tuple) and a[0] == 200 and a[1] in good)
+        ]
+
+    def bodies_after(self, mark: float) -> set[str]:
+        return {a[1] for t, a in self.results if t > mark and isinstance(a, tuple)}
+
+    def after(self, mark: float) -> set[Any]:
+        return {a for t, a in self.results if t > mark}

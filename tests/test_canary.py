@@ -14,7 +14,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ import pytest
 import shipyard as sy
 from docker_fixtures import NGINX
 from docker_fixtures import WEB
+from docker_fixtures import Load
 from docker_fixtures import NginxServer
 from docker_fixtures import Target
 from docker_fixtures import docker_engine_fixture  # noqa: F401 - the fixture docker_engine
@@ -77,44 +77,6 @@ def near(measured: dict[str, float], expected: dict[str, int]) -> bool:
     return set(measured) <= set(expected) and all(
         abs(measured.get(k, 0.0) - v) <= TOLERANCE for k, v in expected.items()
     )
-
-
-class Load:
-    """Steady requests through nginx from threads; every answer with its time."""
-
-    def __init__(self, url: str, threads: int = 1) -> None:
-        self.url = url
-        self.results: list[tuple[float, Any]] = []
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._loop) for _ in range(threads)]
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                answer: Any = http_get(self.url, timeout=5)
-            except Exception as exc:
-                answer = f"{type(exc).__name__}: {exc}"
-            self.results.append((time.monotonic(), answer))
-
-    def __enter__(self) -> Load:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(10)
-
-    def failures(self, good: set[str]) -> list[Any]:
-        return [
-            a
-            for _, a in self.results
-            if not (isinstance(a, tuple) and a[0] == 200 and a[1] in good)
-        ]
-
-    def bodies_after(self, mark: float) -> set[str]:
-        return {a[1] for t, a in self.results if t > mark and isinstance(a, tuple)}
 
 
 # -- definitions and plan (no services) -------------------------------------------------------------

@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import shipyard as sy
 from docker_fixtures import BUSYBOX
 from docker_fixtures import NGINX
 from docker_fixtures import WEB
+from docker_fixtures import Load as Traffic
 from docker_fixtures import NginxServer
 from docker_fixtures import Target
 from docker_fixtures import docker_engine_fixture  # noqa: F401 - the fixture docker_engine
@@ -343,38 +343,6 @@ def nginx(tmp_path: Path, target: Target) -> Any:
     server.slots = slots  # type: ignore[attr-defined]
     yield server
     stop_nginx(server)
-
-
-class Traffic:
-    """Requests through nginx, one after another on fresh connections, in a thread."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.results: list[tuple[float, Any]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                answer: Any = http_get(self.url, timeout=5)
-            except Exception as exc:
-                answer = f"{type(exc).__name__}: {exc}"
-            self.results.append((time.monotonic(), answer))
-
-    def __enter__(self) -> Traffic:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
-
-    def failures(self) -> list[Any]:
-        return [a for _, a in self.results if a not in ((200, "version v1"), (200, "version v2"))]
-
-    def after(self, mark: float) -> set[Any]:
-        return {a for t, a in self.results if t > mark}
 
 
 @pytest.mark.docker

@@ -12,6 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
+from browser import browser_fixture  # noqa: F401  # the fixtures `browser`, `page`, `screenshot`
+from browser import page_fixture  # noqa: F401
+from browser import screenshot_fixture  # noqa: F401
 from sshd_fleet import Fleet
 from sshd_fleet import Host
 from sshd_fleet import fleet_fixture  # noqa: F401 - the session fixture `fleet`
@@ -512,3 +515,34 @@ def test_bad_waves_are_definition_errors(
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert "Traceback" not in result.output
+
+
+def test_the_dashboard_draws_the_host_matrix_of_a_fleet_deployment(
+    shipyarder, fleet: Fleet, five, page, screenshot
+):
+    from test_serve import start
+
+    shipyarder.makefile("app.py", "v\n")
+    shipyarder.makepipelines(_pipelines(fleet, five, _RELEASE))
+    # In processes of their own: the browser's event loop runs in this thread.
+    result = shipyarder.spawn("deploy", "app", "1.0", "-e", "prod")
+    assert result.exit_code == 0, result
+    matrix = json.loads(shipyarder.spawn("show", "1", "--json").stdout)["hosts"]
+    server = start(shipyarder)  # stopped at teardown with every process of the test
+    page.goto(server.url + "/deployments/1")
+    page.wait_for_selector("#hosts tr[data-host]", timeout=20_000)
+    labels = [f"{h.address}:{h.port}" for h in five]
+    rows = page.query_selector_all("#hosts tr[data-host]")
+    assert [r.get_attribute("data-host") for r in rows] == labels
+    steps = [m["step"] for m in matrix if m["host"] == labels[0]]
+    assert len(steps) == 5  # mkdir, upload, cat, sh, switch
+    for m in matrix:
+        cell = page.query_selector(
+            f"#hosts tr[data-host='{m['host']}'] td[data-step='{m['step']}']"
+        )
+        assert cell is not None, m
+        assert cell.text_content().startswith(m["status"])
+    last = page.text_content(f"#hosts tr[data-host='{labels[0]}'] td[data-step='{steps[-1]}']")
+    assert last == "succeeded exit 0, version 1.0"
+    screenshot(page, "hosts")
+    assert not page.errors
