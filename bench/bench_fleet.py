@@ -8,10 +8,11 @@ user per host, each on its own loopback address; needs root).
 - **16b** the marginal cost of a further step on already-connected hosts: a pipeline of
   ``STEPS`` such steps against one of a single step, the difference divided by ``STEPS - 1``
   (the median of the differences of runs paired by round); the floor is the same difference
-  for the asyncssh loop doing ``STEPS`` rounds of ``true`` on its open connections instead of
-  one: the client's own exec round trip on 20 hosts. Target: at most 1.2x. (``true`` is a
-  builtin of the login shell there, so the floor starts no process; the details also give the
-  round trip of ``exec true``, which starts the program as Shipyard's command does.)
+  for the asyncssh loop doing ``STEPS`` rounds of ``exec true`` on its open connections instead
+  of one: the client's own exec round trip on 20 hosts, starting the program as Shipyard's
+  command does (it must: a signal sent over the channel has to reach the program, not a shell).
+  Target: at most 1.2x. The details also give the round trip of a bare ``true``, a builtin of
+  the login shell that starts no process at all.
 - **16c** the peak RSS (``VmHWM``) of ``shipyard deploy`` of one ``sy.ssh("true")`` step on 100
   hosts with ``batch=100`` (100 sshd on 100 loopback addresses). Target: under 150 MB.
 
@@ -194,8 +195,10 @@ def figures(opts: Options) -> list[dict[str, Any]]:
                measured=t["shipyard_median_ms"], unit="ms", floor=t["floor_median_ms"],
                floor_label="plain asyncssh loop", max_ratio=TARGET, details=t),
         figure("16b", f"a further ssh('true') step on {HOSTS} connected hosts",
-               measured=t["marginal_step_ms"], unit="ms", floor=t["marginal_round_trip_ms"],
-               floor_label="asyncssh exec round trip on the same hosts", max_ratio=TARGET),
+               measured=t["marginal_step_ms"], unit="ms",
+               floor=t["marginal_exec_program_round_trip_ms"],
+               floor_label="asyncssh exec of `exec true` on the same hosts", max_ratio=TARGET,
+               details={k: v for k, v in t.items() if k.startswith("marginal")}),
         figure("16c", f"peak RSS, ssh('true') on {BIG} hosts, batch={BIG}",
                measured=m["peak_rss_mb"], unit="MB", max_value=RSS_LIMIT_MB, strict=True,
                details=m),
