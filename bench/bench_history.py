@@ -237,7 +237,8 @@ def _create_empty(path: Path) -> dict[str, Any]:
         )
     db = sqlite3.connect(path, isolation_level=None)
     tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
-    for table in tables:
+    # The deployments first: their triggers write the kept stats tables, emptied after them.
+    for table in sorted(tables, key=lambda t: t != "deployments"):
         if table != "sqlite_sequence":
             db.execute(f'DELETE FROM "{table}"')
     db.close()

@@ -12,7 +12,8 @@ SQLite specifics, and why:
 - ``PRAGMA application_id`` marks the file as ours and ``PRAGMA user_version`` is the schema
   version: any other file, or a newer schema, is refused and left untouched.
 
-All of Shipyard's SQL lives in this module.
+All of Shipyard's SQLite SQL lives in this module, but for the kept delivery figures of
+``stats`` (their own module, :mod:`shipyard._sqlitestats`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from ._exceptions import NoPreviousDeployment
 from ._identity import runner_identity
 from ._reports import Status
 from ._reports import utcnow
+from ._sqlitestats import add_stats_v6
 from ._store import ENVIRONMENT_LOCK
 from ._store import ArtifactRow
 from ._store import AuditRow
@@ -68,7 +70,7 @@ if TYPE_CHECKING:
 #: "SHYD" - marks a SQLite file as a Shipyard history.
 APPLICATION_ID = 0x53485944
 #: The schema version this code writes; migrations bring older files up to it.
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 BUSY_TIMEOUT_MS = 30_000
 #: Bytes of the file read through a memory map rather than read() calls: the pages are the
 #: kernel's page cache, shared by every process, and a large history's scans (``stats``) no longer
@@ -293,7 +295,7 @@ def _add_measurements_v5(db: Any) -> None:
 #: Migrations by the version they produce. Each runs inside one transaction.
 MIGRATIONS = {
     1: _create_v1, 2: _add_artifacts_v2, 3: _add_lock_runner_v3, 4: _add_gates_v4,
-    5: _add_measurements_v5,
+    5: _add_measurements_v5, 6: add_stats_v6,
 }  # fmt: skip
 
 
@@ -462,6 +464,13 @@ class SQLiteStore:
             raise HistoryError(f"cannot read the history at {self.path}: {exc}") from exc
         cols = [d[0] for d in cur.description]
         return [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]
+
+    def _tuples(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """:meth:`_query`'s rows as tuples, for many rows of few columns."""
+        try:
+            return self.conn.execute(sql, params).fetchall()
+        except sqlite3.OperationalError as exc:
+            raise HistoryError(f"cannot read the history at {self.path}: {exc}") from exc
 
     # -- deployments ------------------------------------------------------------------------------
 
@@ -1236,85 +1245,34 @@ class SQLiteStore:
         self, *, pipeline: str | None = None, environment: str | None = None,
         since: str | None = None, commits: bool = True,
     ) -> _StatsRows:  # fmt: skip
-        """The delivery figures of a window (docs/guides/dora.md), aggregated in SQL: one scan
-        of the window for the counts; the failures found from the rollbacks (ix_dep_rollback_of)
-        and ``status`` (ix_dep_status); each failure's restore one probe of ix_dep_pes."""
-        where, params = ["1=1"], []
-        for column, value in (("started_at >=", since), ("pipeline =", pipeline),
-                              ("environment =", environment)):  # fmt: skip
-            if value is not None:
-                where.append(f"d.{column} ?")
-                params.append(value)
-        w = " AND ".join(where)
-        # Without ANALYZE, SQLite prefers ix_dep_status for ``status = ...`` even in a narrow
-        # window; there the window's index (ix_dep_window) is far better: ``+`` says so.
-        st = "+d.status" if since is not None else "d.status"
-        rb = "+d.rollback_of" if since is not None else "d.rollback_of"
-        counts = self._query(
-            "SELECT count(CASE WHEN rollback_of IS NULL AND status IN ('succeeded', 'failed') "
-            "THEN 1 END) AS changes, "
-            "count(CASE WHEN rollback_of IS NULL AND status = 'failed' THEN 1 END) AS failed, "
-            "count(rollback_of) AS rollbacks, "
-            "count(CASE WHEN rollback_of IS NULL AND status = 'succeeded' THEN 1 END) "
-            "AS succeeded, count(DISTINCT CASE WHEN rollback_of IS NULL AND status = 'succeeded' "
-            "THEN substr(started_at, 1, 10) END) AS days, "
-            f"min(started_at) AS first_at, max(started_at) AS last_at FROM deployments d WHERE {w}",
-            params,
-        )[0]
-        # The deployments a rollback of the window names or follows: rolled back.
-        hit = (
-            "WITH rb AS (SELECT d.id, d.rollback_of, d.pipeline, d.environment, d.started_at "
-            f"FROM deployments d WHERE {rb} > 0 AND {w}), "
-            "hit(id) AS (SELECT rollback_of FROM rb UNION SELECT x FROM (SELECT (SELECT p.id "
-            "FROM deployments p WHERE p.pipeline = rb.pipeline AND p.environment = "
-            "rb.environment AND p.started_at < rb.started_at ORDER BY p.started_at DESC, "
-            "p.id DESC LIMIT 1) AS x FROM rb) WHERE x IS NOT NULL) "
-        )
-        # Each failure's restore: the next succeeded deployment there that was not rolled back
-        # itself; failures restored by one deployment are one outage, from the first of them.
-        # One statement with the rolled-back count (its first row), so ``hit`` is found once.
-        rows = self._query(
-            hit.replace("hit(id) AS (", "hit(id) AS MATERIALIZED (")
-            + ", f AS (SELECT d.pipeline, d.environment, d.started_at, "
-            "coalesce(d.finished_at, d.started_at) AS at FROM deployments d "
-            f"WHERE {st} = 'failed' AND {w} UNION SELECT d.pipeline, d.environment, "
-            "d.started_at, coalesce(d.finished_at, d.started_at) FROM deployments d "
-            f"WHERE d.id IN (SELECT id FROM hit) AND {w}), "
-            "g AS MATERIALIZED (SELECT f.at, (SELECT s.id FROM deployments s WHERE s.pipeline = "
-            "f.pipeline "
-            "AND s.environment = f.environment AND s.status = 'succeeded' AND s.started_at > "
-            "f.started_at AND s.id NOT IN (SELECT id FROM hit) ORDER BY s.started_at, s.id "
-            "LIMIT 1) AS sid FROM f) "
-            "SELECT 0 AS kind, NULL AS sid, count(*) AS n, NULL AS seconds FROM deployments d "
-            "WHERE d.id IN (SELECT id FROM hit) "
-            f"AND +d.rollback_of IS NULL AND {st} = 'succeeded' AND {w} "
-            "UNION ALL SELECT * FROM (SELECT 1, g.sid, count(*), (julianday(s.finished_at) - "
-            "julianday(min(g.at))) * 86400.0 FROM g LEFT JOIN deployments s ON s.id = g.sid "
-            "GROUP BY g.sid)",
-            params * 4,
-        )
-        rolled_back = rows[0]["n"]
-        outages = [r for r in rows if r["kind"] == 1]
-        found: list[CommitRow] = []
-        if commits:
-            found = self._query(  # type: ignore[assignment]
-                "SELECT pipeline, environment, git_commit, "
-                "min(coalesce(finished_at, started_at)) AS deployed_at, count(*) AS deployments "
-                f"FROM deployments d WHERE {st} = 'succeeded' AND +d.rollback_of IS NULL "
-                f"AND d.git_commit IS NOT NULL AND {w} GROUP BY git_commit, pipeline, environment",
-                params,
-            )
-        return {
-            **counts,  # type: ignore[typeddict-item]
-            "rolled_back": rolled_back,
-            "restores": [max(0.0, o["seconds"]) for o in outages if o["sid"] is not None],
-            "unrestored": sum(o["n"] for o in outages if o["sid"] is None),
-            "commits": found,
-        }
+        """The delivery figures of a window (docs/guides/dora.md), read from what the store keeps
+        up to date (:mod:`shipyard._sqlitestats`) after bringing it up to date: one short write
+        transaction when deployments were written since the last ``stats``. A read-only history
+        computes them from the deployments alone."""
+        from . import _sqlitestats as kept
+
+        args: dict[str, Any] = {"pipeline": pipeline, "environment": environment,
+                                "since": since, "commits": commits}  # fmt: skip
+        if self.read_only:
+            return kept.direct_rows(self._query, **args)
+        args["rows"] = self._tuples
+        c = self.conn
+        try:
+            c.execute("BEGIN")  # one snapshot for every figure
+            try:
+                if c.execute("SELECT 1 FROM stats_dirty LIMIT 1").fetchone() is None:
+                    return kept.kept_rows(self._query, **args)
+            finally:
+                if c.in_transaction:
+                    c.execute("COMMIT")
+        except sqlite3.OperationalError as exc:
+            raise HistoryError(f"cannot read the history at {self.path}: {exc}") from exc
+        with self._tx() as c:
+            kept.refresh(c)
+            return kept.kept_rows(self._query, **args)
 
 
 if TYPE_CHECKING:  # the row types of stats_rows (issue #19)
-    from ._store import CommitRow
     from ._store import StatsRows as _StatsRows
 
 
