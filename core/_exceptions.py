@@ -24,7 +24,6 @@ uses for it and how to show itself::
 
 from __future__ import annotations
 
-import difflib
 import enum
 from collections.abc import Iterable
 from typing import Any
@@ -146,6 +145,8 @@ class PipelineNotFound(DeploymentError):
         known = sorted(known)
         defined = ", ".join(repr(k) for k in known) or "none"
         msg = f"no pipeline {name!r} in {path} (defined: {defined})"
+        import difflib
+
         close = difflib.get_close_matches(name, known, n=1)
         if close:
             msg += f"; did you mean {close[0]!r}?"

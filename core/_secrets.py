@@ -13,6 +13,7 @@ import os
 import re
 import sys
 import threading
+import types
 from collections.abc import Iterable
 from collections.abc import Iterator
 from collections.abc import Mapping
@@ -60,7 +61,9 @@ def secret(name: str) -> Secret:
     return Secret(name)
 
 
-_SCALARS = frozenset({int, float, bool, bytes, type(None)})
+#: Types walked no further: scalars, and functions (callables are never walked into).
+_OPAQUE = frozenset({int, float, bool, bytes, type(None), types.FunctionType,
+                     types.BuiltinFunctionType, types.MethodType})  # fmt: skip
 
 
 def names_in(obj: Any) -> set[str]:
@@ -72,11 +75,15 @@ def names_in(obj: Any) -> set[str]:
         item = stack.pop()
         kind = type(item)
         # Exact types first: a pipeline of a thousand steps walks tens of thousands of these.
+        if kind in _OPAQUE:
+            continue
         if kind is str or isinstance(item, str):
             if "{{shipyard.secret:" in item:
                 found.update(_PLACEHOLDER.findall(item))
             continue
-        if item is None or kind in _SCALARS or isinstance(item, (int, float)) or id(item) in seen:
+        if kind is tuple and not item:
+            continue
+        if isinstance(item, (int, float)) or id(item) in seen:
             continue
         seen.add(id(item))
         if isinstance(item, Mapping):
