@@ -561,14 +561,16 @@ def test_expire_sends_the_reminders_due_once_per_period(fleet: _Approvals) -> No
     import time
 
     events = fleet.root / "events.jsonl"
-    gate = "dict(timeout='1h', remind_every=1)"
+    # A period of 3 s: the second ``expire`` right after the first must fall inside it even on
+    # a loaded machine (with 1 s, a slow start of that process was a second reminder).
+    gate = "dict(timeout='1h', remind_every=3)"
     _deploy_to_the_gate(fleet, GATE=gate, EVENTS=str(events))
     cron = fleet.runner(user="cron", GATE=gate, EVENTS=str(events))
 
     def reminders() -> list[dict[str, Any]]:
         return [e for e in _events(events) if e["event"] == "approval_reminder"]
 
-    time.sleep(1.1)
+    time.sleep(3.1)
     out = cron.run("expire")
     assert out.returncode == 0, out_of(out)
     assert "reminder sent" in out.stderr
@@ -578,7 +580,7 @@ def test_expire_sends_the_reminders_due_once_per_period(fleet: _Approvals) -> No
     assert (first["stage"], first["approvals"], first["required"]) == ("approve", 0, 1)
     assert first["commands"]["approve"] == "shipyard approve 1"
     assert cron.run("show", "1").stdout.count(" remind by shipyard") == 1
-    time.sleep(1.1)
+    time.sleep(3.1)
     assert cron.run("expire").returncode == 0
     assert len(reminders()) == 2
     # Nothing was decided by reminding: it still waits.
