@@ -1509,13 +1509,10 @@ class PostgresStore:
         since: str | None = None, commits: bool = True,
     ) -> _StatsRows:  # fmt: skip
         """The same queries as :meth:`SQLiteStore.stats_rows`, in PostgreSQL's dialect."""
-        where, params = ["true"], []
-        for column, value in (("started_at >=", since), ("pipeline =", pipeline),
-                              ("environment =", environment)):  # fmt: skip
-            if value is not None:
-                where.append(f"d.{column} %s")
-                params.append(value)
-        w = " AND ".join(where)
+        from ._stats import failures_sql
+        from ._stats import window_sql
+
+        w, params = window_sql(pipeline, environment, since, placeholder="%s")
         counts = self._query(
             "SELECT count(*) FILTER (WHERE rollback_of IS NULL AND status IN ('succeeded', "
             "'failed')) AS changes, "
@@ -1527,35 +1524,18 @@ class PostgresStore:
             f"min(started_at) AS first_at, max(started_at) AS last_at FROM deployments d WHERE {w}",
             params,
         )[0]
-        hit = (
-            "WITH rb AS (SELECT d.id, d.rollback_of, d.pipeline, d.environment, d.started_at "
-            f"FROM deployments d WHERE d.rollback_of > 0 AND {w}), "
-            "hit(id) AS MATERIALIZED (SELECT rollback_of FROM rb UNION SELECT x FROM (SELECT "
-            "(SELECT p.id FROM deployments p WHERE p.pipeline = rb.pipeline AND p.environment = "
-            "rb.environment AND p.started_at < rb.started_at ORDER BY p.started_at DESC, "
-            "p.id DESC LIMIT 1) AS x FROM rb) AS prev WHERE x IS NOT NULL) "
-        )
-        rolled_back = self._query(
-            hit + "SELECT count(*) AS n FROM deployments d WHERE d.id IN (SELECT id FROM hit) "
-            f"AND d.rollback_of IS NULL AND d.status = 'succeeded' AND {w}",
-            params * 2,
-        )[0]["n"]
-        outages = self._query(
-            hit + ", f AS (SELECT d.pipeline, d.environment, d.started_at, "
-            "coalesce(d.finished_at, d.started_at) AS at FROM deployments d "
-            f"WHERE d.status = 'failed' AND {w} UNION SELECT d.pipeline, d.environment, "
-            "d.started_at, coalesce(d.finished_at, d.started_at) FROM deployments d "
-            f"WHERE d.id IN (SELECT id FROM hit) AND {w}), "
-            "g AS MATERIALIZED (SELECT f.at, (SELECT s.id FROM deployments s WHERE s.pipeline = "
-            "f.pipeline "
-            "AND s.environment = f.environment AND s.status = 'succeeded' AND s.started_at > "
-            "f.started_at AND s.id NOT IN (SELECT id FROM hit) ORDER BY s.started_at, s.id "
-            "LIMIT 1) AS sid FROM f) "
-            "SELECT g.sid, count(*) AS n, extract(epoch FROM max(s.finished_at)::timestamptz "
-            "- min(g.at)::timestamptz)::float8 AS seconds FROM g "
+        # The rolled-back count (kind 0) and one row per restore (kind 1), in one statement.
+        rows = self._query(
+            failures_sql(w) + "SELECT 0 AS kind, NULL::bigint AS sid, count(*) AS n, "
+            "NULL::float8 AS seconds FROM deployments d WHERE d.id IN (SELECT id FROM hit) "
+            f"AND d.rollback_of IS NULL AND d.status = 'succeeded' AND {w} "
+            "UNION ALL SELECT 1, g.sid, count(*), extract(epoch FROM "
+            "max(s.finished_at)::timestamptz - min(g.at)::timestamptz)::float8 FROM g "
             "LEFT JOIN deployments s ON s.id = g.sid GROUP BY g.sid",
-            params * 3,
+            params * 4,
         )
+        rolled_back = next(r["n"] for r in rows if r["kind"] == 0)
+        outages = [r for r in rows if r["kind"] == 1]
         found: list[CommitRow] = []
         if commits:
             found = cast("list[CommitRow]", self._query(

@@ -248,13 +248,9 @@ def _refresh_pair(c: sqlite3.Connection, p: str, e: str, since: str) -> None:
 def _window(
     pipeline: str | None, environment: str | None, since: str | None, alias: str = "d"
 ) -> tuple[str, list[Any]]:
-    where, params = ["1=1"], []
-    for column, value in (("started_at >=", since), ("pipeline =", pipeline),
-                          ("environment =", environment)):  # fmt: skip
-        if value is not None:
-            where.append(f"{alias}.{column} ?")
-            params.append(value)
-    return " AND ".join(where), params
+    from ._stats import window_sql
+
+    return window_sql(pipeline, environment, since, alias=alias)
 
 
 def _next_day(ts: str) -> str:
@@ -358,6 +354,8 @@ def direct_rows(
     """The figures of a window from the deployments alone, kept nothing: one scan of the window
     for the counts; the failures found from the rollbacks (ix_dep_rollback_of) and ``status``
     (ix_dep_status); each failure's restore one probe of ix_dep_pes."""
+    from ._stats import failures_sql
+
     w, params = _window(pipeline, environment, since)
     # Without ANALYZE, SQLite prefers ix_dep_status for ``status = ...`` even in a narrow
     # window; there the window's index (ix_dep_window) is far better: ``+`` says so.
@@ -374,30 +372,11 @@ def direct_rows(
         f"min(started_at) AS first_at, max(started_at) AS last_at FROM deployments d WHERE {w}",
         params,
     )[0]
-    # The deployments a rollback of the window names or follows: rolled back.
-    hit = (
-        "WITH rb AS (SELECT d.id, d.rollback_of, d.pipeline, d.environment, d.started_at "
-        f"FROM deployments d WHERE {rb} > 0 AND {w}), "
-        "hit(id) AS MATERIALIZED (SELECT rollback_of FROM rb UNION SELECT x FROM (SELECT "
-        "(SELECT p.id FROM deployments p WHERE p.pipeline = rb.pipeline AND p.environment = "
-        "rb.environment AND p.started_at < rb.started_at ORDER BY p.started_at DESC, "
-        "p.id DESC LIMIT 1) AS x FROM rb) WHERE x IS NOT NULL) "
-    )
-    # Each failure's restore: the next succeeded deployment there that was not rolled back
-    # itself; failures restored by one deployment are one outage, from the first of them.
-    # One statement with the rolled-back count (its first row), so ``hit`` is found once.
+    # The rolled-back count (kind 0) and one row per restore (kind 1), in one statement, so
+    # ``hit`` is found once.
     rows = query(
-        hit + ", f AS (SELECT d.pipeline, d.environment, d.started_at, "
-        "coalesce(d.finished_at, d.started_at) AS at FROM deployments d "
-        f"WHERE {st} = 'failed' AND {w} UNION SELECT d.pipeline, d.environment, "
-        "d.started_at, coalesce(d.finished_at, d.started_at) FROM deployments d "
-        f"WHERE d.id IN (SELECT id FROM hit) AND {w}), "
-        "g AS MATERIALIZED (SELECT f.at, (SELECT s.id FROM deployments s WHERE s.pipeline = "
-        "f.pipeline "
-        "AND s.environment = f.environment AND s.status = 'succeeded' AND s.started_at > "
-        "f.started_at AND s.id NOT IN (SELECT id FROM hit) ORDER BY s.started_at, s.id "
-        "LIMIT 1) AS sid FROM f) "
-        "SELECT 0 AS kind, NULL AS sid, count(*) AS n, NULL AS seconds FROM deployments d "
+        failures_sql(w, status=st, rollback_of=rb)
+        + "SELECT 0 AS kind, NULL AS sid, count(*) AS n, NULL AS seconds FROM deployments d "
         "WHERE d.id IN (SELECT id FROM hit) "
         f"AND +d.rollback_of IS NULL AND {st} = 'succeeded' AND {w} "
         "UNION ALL SELECT * FROM (SELECT 1, g.sid, count(*), (julianday(s.finished_at) - "
@@ -408,7 +387,7 @@ def direct_rows(
     outages = [r for r in rows if r["kind"] == 1]
     return {
         **counts,  # type: ignore[typeddict-item]
-        "rolled_back": rows[0]["n"],
+        "rolled_back": next(r["n"] for r in rows if r["kind"] == 0),
         "restores": [max(0.0, o["seconds"]) for o in outages if o["sid"] is not None],
         "unrestored": sum(o["n"] for o in outages if o["sid"] is None),
         "commits": commit_rows(query, w, params) if commits else [],

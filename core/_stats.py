@@ -171,6 +171,55 @@ def restore_band(seconds: float) -> str:
     return "low"
 
 
+# -- the SQL both stores share --------------------------------------------------------------------
+
+
+def window_sql(
+    pipeline: str | None,
+    environment: str | None,
+    since: str | None,
+    *,
+    alias: str = "d",
+    placeholder: str = "?",
+) -> tuple[str, list[Any]]:
+    """The window's condition on ``alias`` (a deployment row) and its parameters."""
+    where, params = ["1=1"], []
+    for column, value in (("started_at >=", since), ("pipeline =", pipeline),
+                          ("environment =", environment)):  # fmt: skip
+        if value is not None:
+            where.append(f"{alias}.{column} {placeholder}")
+            params.append(value)
+    return " AND ".join(where), params
+
+
+def failures_sql(w: str, *, status: str = "d.status", rollback_of: str = "d.rollback_of") -> str:
+    """The common table expressions of a window's failures and their restores, as both stores
+    compute them from the deployments alone: ``hit`` (what a rollback of the window names or
+    follows), ``f`` (the window's failed and rolled-back deployments) and ``g`` (each of those
+    with ``sid``, its restore: the next succeeded deployment there not rolled back itself).
+
+    ``w`` is the window's condition on ``d``, used three times; ``status`` and ``rollback_of``
+    are how the columns are written in it (SQLite's ``+d.status`` turns an index away).
+    """
+    return (
+        "WITH rb AS (SELECT d.id, d.rollback_of, d.pipeline, d.environment, d.started_at "
+        f"FROM deployments d WHERE {rollback_of} > 0 AND {w}), "
+        "hit(id) AS MATERIALIZED (SELECT rollback_of FROM rb UNION SELECT x FROM (SELECT "
+        "(SELECT p.id FROM deployments p WHERE p.pipeline = rb.pipeline AND p.environment = "
+        "rb.environment AND p.started_at < rb.started_at ORDER BY p.started_at DESC, "
+        "p.id DESC LIMIT 1) AS x FROM rb) AS prev WHERE x IS NOT NULL), "
+        "f AS (SELECT d.pipeline, d.environment, d.started_at, "
+        "coalesce(d.finished_at, d.started_at) AS at FROM deployments d "
+        f"WHERE {status} = 'failed' AND {w} UNION SELECT d.pipeline, d.environment, "
+        "d.started_at, coalesce(d.finished_at, d.started_at) FROM deployments d "
+        f"WHERE d.id IN (SELECT id FROM hit) AND {w}), "
+        "g AS MATERIALIZED (SELECT f.at, (SELECT s.id FROM deployments s WHERE s.pipeline = "
+        "f.pipeline AND s.environment = f.environment AND s.status = 'succeeded' "
+        "AND s.started_at > f.started_at AND s.id NOT IN (SELECT id FROM hit) "
+        "ORDER BY s.started_at, s.id LIMIT 1) AS sid FROM f) "
+    )
+
+
 # -- the figures ------------------------------------------------------------------------------
 
 
