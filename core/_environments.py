@@ -168,10 +168,11 @@ def from_settings(table: Any) -> dict[str, Environment]:
 def resolve(pipe: Pipeline[Any], config: Config, name: str) -> Environment | None:
     """The settings of environment ``name`` for ``pipe``: its own declaration, else the
     project's, else None (a plain name)."""
-    own = getattr(pipe, "environment_specs", {}).get(name)
+    own: Environment | None = getattr(pipe, "environment_specs", {}).get(name)
     if own is not None:
         return own
-    return from_settings(config.settings.get("environments")).get(name)
+    project: Environment | None = from_settings(config.settings.get("environments")).get(name)
+    return project
 
 
 def gated(stages: list[Any], env: Environment | None, rollback: bool) -> list[Any]:
@@ -205,7 +206,7 @@ def merged_vars(env: Environment | None, given: Mapping[str, str]) -> dict[str, 
 
 def provenance(env: Environment | None, given: Mapping[str, str]) -> dict[str, str]:
     """Where each variable of :func:`merged_vars` comes from."""
-    out = {k: env.source for k in (env.vars if env else {})}
+    out = {k: env.source for k in env.vars} if env else {}
     out.update({k: "--var" for k in given})
     return out
 

@@ -1500,9 +1500,10 @@ class PostgresStore:
         reads, checkpoints and background records move, which runs ahead of a commit's
         visibility, and which a standby cannot answer). Server-wide: writes to other
         databases move it too (a reader then re-reads for nothing)."""
-        return self._retrying(
+        token: object = self._retrying(
             "read", lambda: self.conn.execute("SELECT pg_current_snapshot()::text").fetchone()[0]
         )
+        return token
 
     def stats_rows(
         self, *, pipeline: str | None = None, environment: str | None = None,

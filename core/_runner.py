@@ -183,8 +183,8 @@ class StepContext:
     def emit(self, event_type: type[Event], **fields: Any) -> None:
         """Send an event of this step (``sdk.AnalysisStarted``, ...) to the history, the console,
         the sinks and the plugins' hooks; the deployment, stage and step are filled in."""
-        where = {"stage": self.stage.name, "stage_index": self.stage_index, "index": self.index,
-                 "step": self.step.name}  # fmt: skip
+        where: dict[str, Any] = {"stage": self.stage.name, "stage_index": self.stage_index,
+                                 "index": self.index, "step": self.step.name}  # fmt: skip
         self._runner.bus.emit(event_type(deployment=self.deployment, **where, **fields))
 
     def restored_artifact(self, name: str) -> str | None:

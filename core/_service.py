@@ -628,7 +628,7 @@ class DeploymentService:
         now = time.time()
         for x in waiting:
             gate = store.gate(x["id"])
-            every = (gate or {}).get("spec", {}).get("remind_every")
+            every = (gate.get("spec") or {}).get("remind_every") if gate is not None else None
             if gate is None or gate["status"] != "waiting" or not every:
                 continue
             if now > parse_ts(gate["expires_at"]):
@@ -643,10 +643,14 @@ class DeploymentService:
             approvals = len({a["user"] for a in gate["decisions"] if a["decision"] == "approve"})
             store.add_audit("remind", x["id"], user="shipyard",
                             reason=f"reminder: waiting since {gate['requested_at']}")  # fmt: skip
-            self._announce(x, lambda d, gate=gate, n=approvals: ApprovalReminder(
-                deployment=d, stage=gate["stage"], requested_at=gate["requested_at"],
-                expires_at=gate["expires_at"], approvals=n,
-                required=int(gate["spec"].get("required") or 1)))  # fmt: skip
+
+            def reminder(d: Deployment, gate: GateRow = gate, n: int = approvals) -> Event:
+                return ApprovalReminder(
+                    deployment=d, stage=gate["stage"], requested_at=gate["requested_at"],
+                    expires_at=gate["expires_at"], approvals=n,
+                    required=int(gate["spec"].get("required") or 1))  # fmt: skip
+
+            self._announce(x, reminder)
             out.append(x)
         return out
 
@@ -735,9 +739,13 @@ class DeploymentService:
                 out.append((x, f"left waiting: {exc}", None))
                 continue
             store.add_audit("expire", x["id"], user="shipyard", reason=why)
-            self._announce(x, lambda d, gate=gate, approve=approve: ApprovalExpired(
-                deployment=d, stage=gate["stage"], expires_at=gate["expires_at"],
-                outcome="approved" if approve else "rejected"))  # fmt: skip
+
+            def expired(d: Deployment, gate: GateRow = gate, approve: bool = approve) -> Event:
+                return ApprovalExpired(
+                    deployment=d, stage=gate["stage"], expires_at=gate["expires_at"],
+                    outcome="approved" if approve else "rejected")  # fmt: skip
+
+            self._announce(x, expired)
             if decision.outcome == "resume" and req is not None:
                 req.approvals = _approvals(store.gate(x["id"]) or gate)
                 out.append((x, "approved", req))

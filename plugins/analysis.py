@@ -391,7 +391,8 @@ class PrometheusProvider:
                 f"prometheus refused the query ({kind}): {message}", fatal=kind == "bad_data"
             )
         data: dict[str, Any] = doc.get("data") or {}
-        kind, result = data.get("resultType"), data.get("result") or ()
+        kind = data.get("resultType")
+        result: Any = data.get("result") or ()
         if kind == "vector":
             values = [float(sample["value"][1]) for sample in result or ()]
             return None if not values else values[0] if len(values) == 1 else values

@@ -123,7 +123,7 @@ class Reader:
         reader = self
         base: Any = type(self.manager.service)
 
-        class ReadOnlyService(base):  # type: ignore[misc,valid-type]  # the façade's service
+        class ReadOnlyService(base):  # type: ignore[misc]  # the façade's service
             """The service of ``show --json``, over this reader's store (opened without
             ``repair``, so that reading never writes)."""
 
@@ -250,7 +250,8 @@ class Reader:
 
     def document(self, dep_id: int) -> dict[str, Any]:
         """``show ID --json``."""
-        return self.service.document(dep_id)
+        doc: dict[str, Any] = self.service.document(dep_id)
+        return doc
 
     def audit(self, dep_id: int) -> list[dict[str, Any]]:
         return [dict(a) for a in self.store().audit_trail(deployment_id=dep_id)]
@@ -702,11 +703,13 @@ def build_app(reader: Reader, guard: Guard, actions: Actions) -> tuple[Starlette
         yield f"retry: {RETRY_MS}\n\n"
         while not h.stopping.is_set():
             version = h.version
+
             # The status first: the last lines are committed with (or before) the final status,
             # so once it says finished, the lines read next are all there are.
-            status, rows = await h.read(
-                lambda after=last: (reader.status(dep_id), reader.logs(dep_id, after))
-            )
+            def poll(after: int = last) -> tuple[Any, list[Any]]:
+                return reader.status(dep_id), reader.logs(dep_id, after)
+
+            status, rows = await h.read(poll)
             for r in rows:
                 last = r["id"]
                 yield f"id: {r['id']}\nevent: log\ndata: {json.dumps(r)}\n\n"
