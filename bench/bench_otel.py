@@ -12,6 +12,9 @@ configurations, run round-robin:
 - 13a: on - off, per step: <= 0.1 ms (a step span and an attempt span, TRACEPARENT set);
 - 13b: off - disabled, per step: zero, i.e. within the noise of the measurement (<= 0.01 ms).
 
+The floor of 13a, for context: bench/floor_otel_spans.py, the OpenTelemetry SDK alone starting,
+ending and exporting the same spans to the same collector (its marginal cost per span).
+
 Run alone: ``python bench/bench_otel.py [RUNS]``.
 """
 
@@ -24,12 +27,14 @@ from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from _common import BENCH
 from _common import Options
 from _common import child_env
 from _common import cpu_ms
 from _common import figure
 from _common import interleaved
 from _common import median
+from _common import python
 from _common import run_process
 from _common import spread
 from _common import tmpdir
@@ -85,19 +90,21 @@ def otel_steps(opts: Options) -> dict[str, Any]:
                     commands[f"{name}{n}"] = lambda argv=argv, env=env: run_process(
                         argv, cwd=tmp, env=env
                     )
+                floor = [python(), str(BENCH / "floor_otel_spans.py"), str(n), f"{url}/v1/traces"]
+                commands[f"floor{n}"] = lambda argv=floor: run_process(argv, cwd=tmp, env=plain)
             runs = interleaved(commands, runs=opts.runs, warmup=1)
     finally:
         server.shutdown()
         server.server_close()
     ms = {k: walls_ms(v) for k, v in runs.items()}
     cpu = cpu_ms(runs)
-    per = {name: _per_step(ms, name) for name in envs}
+    per = {name: _per_step(ms, name) for name in (*envs, "floor")}
     details: dict[str, Any] = {k: spread(v) for k, v in ms.items()}
     details["cpu_ms_median"] = cpu
     details["wall_ms_per_step"] = {k: round(v, 4) for k, v in per.items()}
     details["cpu_ms_per_step"] = {
         name: round((cpu[f"{name}{LARGE}"] - cpu[f"{name}{SMALL}"]) / (LARGE - SMALL), 4)
-        for name in envs
+        for name in (*envs, "floor")
     }
     return {
         "figures": [
@@ -106,6 +113,8 @@ def otel_steps(opts: Options) -> dict[str, Any]:
                 "tracing on: extra cost per no-op python step (spans exported over OTLP/HTTP)",
                 measured=per["on"] - per["off"],
                 unit="ms/step",
+                floor=per["floor"],
+                floor_label="OpenTelemetry SDK alone: a span started, ended, exported (per span)",
                 max_value=0.1,
                 details=details,
             ),

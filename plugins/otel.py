@@ -362,11 +362,9 @@ class Tracing:
             return
         step = event.step
         assert run is not None
-        span = self._tracer.start_span(
-            f"step {step.name}",
-            context=stage[1],
-            attributes={"shipyard.step": step.name, "shipyard.step.kind": step.kind},
-        )
+        # Its attributes are set once, when it ends (nothing reads them before: the sampler is
+        # the parent's), in one call: a no-op step pays for one attribute pass, not two.
+        span = self._tracer.start_span(f"step {step.name}", context=stage[1])
         # The step's context (the parent of attempt spans) is made only for retried steps.
         run.steps[event.stage_index, event.index] = (span, None)
 
@@ -434,8 +432,9 @@ class Tracing:
         pair = run.steps.pop((event.stage_index, event.index), None) if run else None
         if pair is None:
             return
-        span, r = pair[0], event.result
-        attributes: dict[str, Any] = {"shipyard.status": str(r.status)}
+        span, r, step = pair[0], event.result, event.step
+        attributes: dict[str, Any] = {"shipyard.step": step.name, "shipyard.step.kind": step.kind,
+                                      "shipyard.status": str(r.status)}  # fmt: skip
         if r.attempts != 1:
             attributes["shipyard.attempts"] = r.attempts
         if r.exit_code is not None:
