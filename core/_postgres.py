@@ -588,7 +588,6 @@ class PostgresStore:
                lock_key: str | None = None) -> Begun:  # fmt: skip
 
         interrupted: list[int] = []
-        now = utcnow()
         user = info.get("user")
         lk = lock_key or pipeline
         key, serial = self._lock_keys(lk, environment)
@@ -600,6 +599,9 @@ class PostgresStore:
                     c.execute("SELECT pg_advisory_xact_lock(%s)", (serial,))
                     self._check_queue(c, lk, environment, ticket, is_dead)
                     self._acquire(c, lc, key, lk, environment, is_dead, interrupted)
+                # The clock is read holding the lock: a deployment that waited for the previous
+                # one's end never records a start from before that end.
+                now = utcnow()
                 args = info.get("args")
                 dep_id = c.execute(
                     'INSERT INTO deployments (pipeline, version, environment, status, created_at, '

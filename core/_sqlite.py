@@ -498,10 +498,12 @@ class SQLiteStore:
         """
         interrupted: list[int] = []
         info = info or {}
-        now = utcnow()
         user = info.get("user")
         key = lock_key or pipeline
         with self._tx(durable=True) as c:
+            # Read the clock holding the write lock: a deployment waiting for the previous one's
+            # end must not record a start from before that end.
+            now = utcnow()
             if lock:
                 self._check_queue(c, key, environment, ticket, is_dead)
                 holder = self._lock(c, key, environment)

@@ -168,7 +168,7 @@ def test_ten_deploys_at_once_exactly_one_runs(sy: Harness) -> None:
         time.sleep(0.02)
     results = {p.pid: p.wait() for p in refused}
     assert len(results) == 9, [p.args for p in procs if p.poll() is None]
-    assert all(r.code == 3 for r in results.values()), list(results.values())
+    assert [r for r in results.values() if r.code != 3] == []
     (runner,) = [p for p in procs if p.pid not in results]
     sy.wait_marker("release", procs=[runner])
     assert len(sy.markers_named("release")) == 1
