@@ -81,8 +81,6 @@ def names_in(obj: Any) -> set[str]:
             if "{{shipyard.secret:" in item:
                 found.update(_PLACEHOLDER.findall(item))
             continue
-        if kind is tuple and not item:
-            continue
         if isinstance(item, (int, float)) or id(item) in seen:
             continue
         seen.add(id(item))

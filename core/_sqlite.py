@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 from typing import Any
 from typing import cast
 
+from . import _sqlitestats as kept
 from ._exceptions import ApprovalRefused
 from ._exceptions import DeploymentNotFound
 from ._exceptions import EnvironmentLocked
@@ -40,7 +41,6 @@ from ._exceptions import NoPreviousDeployment
 from ._identity import runner_identity
 from ._reports import Status
 from ._reports import utcnow
-from ._sqlitestats import add_stats_v6
 from ._store import ENVIRONMENT_LOCK
 from ._store import ArtifactRow
 from ._store import AuditRow
@@ -295,7 +295,7 @@ def _add_measurements_v5(db: Any) -> None:
 #: Migrations by the version they produce. Each runs inside one transaction.
 MIGRATIONS = {
     1: _create_v1, 2: _add_artifacts_v2, 3: _add_lock_runner_v3, 4: _add_gates_v4,
-    5: _add_measurements_v5, 6: add_stats_v6,
+    5: _add_measurements_v5, 6: kept.add_stats_v6,
 }  # fmt: skip
 
 
@@ -457,20 +457,20 @@ class SQLiteStore:
             hint = " (is the disk full, or a file size limit reached?)"
         return HistoryError(f"cannot write the history at {self.path}: {exc}{hint}")
 
-    def _query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+    def _read(self, sql: str, params: Sequence[Any]) -> sqlite3.Cursor:
         try:
-            cur = self.conn.execute(sql, params)
+            return self.conn.execute(sql, params)
         except sqlite3.OperationalError as exc:
             raise HistoryError(f"cannot read the history at {self.path}: {exc}") from exc
+
+    def _query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        cur = self._read(sql, params)
         cols = [d[0] for d in cur.description]
         return [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]
 
     def _tuples(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         """:meth:`_query`'s rows as tuples, for many rows of few columns."""
-        try:
-            return self.conn.execute(sql, params).fetchall()
-        except sqlite3.OperationalError as exc:
-            raise HistoryError(f"cannot read the history at {self.path}: {exc}") from exc
+        return self._read(sql, params).fetchall()
 
     # -- deployments ------------------------------------------------------------------------------
 
@@ -1251,8 +1251,6 @@ class SQLiteStore:
         up to date (:mod:`shipyard._sqlitestats`) after bringing it up to date: one short write
         transaction when deployments were written since the last ``stats``. A read-only history
         computes them from the deployments alone."""
-        from . import _sqlitestats as kept
-
         args: dict[str, Any] = {"pipeline": pipeline, "environment": environment,
                                 "since": since, "commits": commits}  # fmt: skip
         if self.read_only:

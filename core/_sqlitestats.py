@@ -5,7 +5,9 @@ What the store keeps (schema version 6), beside the deployments themselves:
 
 - ``stats_days``: per pipeline, environment and day (UTC, from ``started_at``), how many changes,
   failed changes, rollbacks and succeeded changes started that day. Triggers on ``deployments``
-  keep it exact on every insert and every change of a status, a start, a rollback target.
+  keep it exact on every insert and every change of a status, a start, a rollback target;
+  ``stats_days_all`` is the same per day alone (its sums over pipelines and environments), so
+  that a window over all of them reads thousands of rows, not hundreds of thousands.
 - ``stats_hits``: which deployments each rollback marks as rolled back (the one it names and the
   one it follows); ``stats_failures``: every failed or rolled-back deployment with the deployment
   that restored it (the next succeeded one there that was not rolled back itself), its start and
@@ -38,24 +40,40 @@ Rows = Callable[[str, Sequence[Any]], list[tuple[Any, ...]]]
 
 # -- the schema (version 6) -------------------------------------------------------------------------
 
-#: The counts kept per day.
-_COUNTS = ("changes", "failed", "rollbacks", "succeeded")
-#: What one deployment row adds to its day: the day, then each of :data:`_COUNTS`, as SQL over
-#: ``{r}`` (NEW or OLD).
-_CONTRIBUTION = (
-    "coalesce(substr({r}.started_at, 1, 10), ''), "
-    "CASE WHEN {r}.rollback_of IS NULL AND {r}.status IN ('succeeded', 'failed') THEN 1 ELSE 0 "
-    "END, CASE WHEN {r}.rollback_of IS NULL AND {r}.status = 'failed' THEN 1 ELSE 0 END, "
-    "CASE WHEN {r}.rollback_of IS NOT NULL THEN 1 ELSE 0 END, "
-    "CASE WHEN {r}.rollback_of IS NULL AND {r}.status = 'succeeded' THEN 1 ELSE 0 END"
-)
+#: What each kept count counts, as a condition on a deployment row (``{r}``: ``NEW.``, ``OLD.``
+#: or nothing): the triggers, the migration and the queries of the deployments all use these.
+_COUNTED = {
+    "changes": "{r}rollback_of IS NULL AND {r}status IN ('succeeded', 'failed')",
+    "failed": "{r}rollback_of IS NULL AND {r}status = 'failed'",
+    "rollbacks": "{r}rollback_of IS NOT NULL",
+    "succeeded": "{r}rollback_of IS NULL AND {r}status = 'succeeded'",
+}
+_COUNTS = tuple(_COUNTED)
+#: The day a deployment counts on (UTC, from its start); ``''`` for one that never started.
+_DAY = "coalesce(substr({r}started_at, 1, 10), '')"
+#: The distinct days with a succeeded change, over rows of ``stats_days`` or ``stats_days_all``.
+_DAYS = "count(DISTINCT CASE WHEN succeeded > 0 AND day <> '' THEN day END) AS days"
+
+
+def count_columns(r: str = "") -> str:
+    """``count(...) AS changes, ...``: the kept counts, computed from deployment rows."""
+    return ", ".join(
+        f"count(CASE WHEN {cond.format(r=r)} THEN 1 END) AS {name}"
+        for name, cond in _COUNTED.items()
+    )
+
+
+def _contribution(r: str) -> str:
+    """What the row ``r`` (``NEW`` or ``OLD``) adds to its day: the day, then each count."""
+    ones = (f"CASE WHEN {cond.format(r=r + '.')} THEN 1 ELSE 0 END" for cond in _COUNTED.values())
+    return ", ".join([_DAY.format(r=r + "."), *ones])
 
 
 def _add(r: str, sign: str) -> str:
     """The trigger statements adding (``+``) or taking away (``-``) the row ``r``'s counts, in
     its pipeline and environment's day and in the whole history's day."""
     update = ", ".join(f"{k} = {k} {sign} excluded.{k}" for k in _COUNTS)
-    counts, values = ", ".join(_COUNTS), _CONTRIBUTION.format(r=r)
+    counts, values = ", ".join(_COUNTS), _contribution(r)
     return (
         f"INSERT INTO stats_days (pipeline, environment, day, {counts}) "
         f"VALUES ({r}.pipeline, {r}.environment, {values}) "
@@ -134,18 +152,14 @@ def add_stats_v6(db: Any) -> None:
         f"CREATE TRIGGER stats_delete AFTER DELETE ON deployments BEGIN {_add('OLD', '-')} "
         f"{_dirty('OLD')} END"
     )
+    counts = ", ".join(_COUNTS)
     db.execute(
-        "INSERT INTO stats_days (pipeline, environment, day, changes, failed, rollbacks, "
-        "succeeded) SELECT pipeline, environment, coalesce(substr(started_at, 1, 10), ''), "
-        "count(CASE WHEN rollback_of IS NULL AND status IN ('succeeded', 'failed') THEN 1 END), "
-        "count(CASE WHEN rollback_of IS NULL AND status = 'failed' THEN 1 END), "
-        "count(rollback_of), "
-        "count(CASE WHEN rollback_of IS NULL AND status = 'succeeded' THEN 1 END) "
-        "FROM deployments GROUP BY 1, 2, 3"
+        f"INSERT INTO stats_days (pipeline, environment, day, {counts}) SELECT pipeline, "
+        f"environment, {_DAY.format(r='')}, {count_columns()} FROM deployments GROUP BY 1, 2, 3"
     )
+    sums = ", ".join(f"sum({k})" for k in _COUNTS)
     db.execute(
-        "INSERT INTO stats_days_all (day, changes, failed, rollbacks, succeeded) "
-        "SELECT day, sum(changes), sum(failed), sum(rollbacks), sum(succeeded) FROM stats_days "
+        f"INSERT INTO stats_days_all (day, {counts}) SELECT day, {sums} FROM stats_days "
         "GROUP BY day"
     )
     db.execute(
@@ -157,33 +171,36 @@ def add_stats_v6(db: Any) -> None:
 # -- keeping the failures up to date ------------------------------------------------------------
 
 
-def refresh(c: sqlite3.Connection) -> int:
+def refresh(c: sqlite3.Connection) -> None:
     """Recompute what the deployments written since the last refresh can have changed; inside
-    the caller's write transaction. Returns how many pipeline-environment pairs it looked at."""
-    dirty = c.execute("SELECT pipeline, environment, since FROM stats_dirty").fetchall()
-    for pipeline, environment, since in dirty:
+    the caller's write transaction."""
+    for pipeline, environment, since in c.execute(
+        "SELECT pipeline, environment, since FROM stats_dirty"
+    ).fetchall():
         _refresh_pair(c, pipeline, environment, since)
     c.execute("DELETE FROM stats_dirty")
-    return len(dirty)
 
 
-def _refresh_pair(c: sqlite3.Connection, p: str, e: str, since: str) -> None:
-    pe = (p, e)
-    # 1. The rollbacks that started from ``since`` on mark their deployments again (the one each
-    # names, if it is of this pipeline and environment, and the one it follows there).
-    old_hit = c.execute(
+def _first_hit(c: sqlite3.Connection, pe: tuple[str, str], since: str) -> str | None:
+    """The earliest start of a deployment that a rollback of ``pe`` from ``since`` on marks."""
+    row = c.execute(
         "SELECT min(started_at) FROM stats_hits WHERE pipeline=? AND environment=? "
         "AND rollback_started_at >= ?",
         (*pe, since),
-    ).fetchone()[0]
+    ).fetchone()
+    return row[0] if row else None
+
+
+def _refresh_pair(c: sqlite3.Connection, p: str, e: str, since: str) -> None:
+    from ._stats import previous_sql
+
+    pe = (p, e)
+    # 1. The rollbacks that started from ``since`` on mark their deployments again (the one each
+    # names, if it is of this pipeline and environment, and the one it follows there).
+    old_hit = _first_hit(c, pe, since)
     c.execute(
         "DELETE FROM stats_hits WHERE pipeline=? AND environment=? AND rollback_started_at >= ?",
         (*pe, since),
-    )
-    prev = (
-        "(SELECT x.id FROM deployments x WHERE x.pipeline = rb.pipeline AND x.environment = "
-        "rb.environment AND x.started_at < rb.started_at ORDER BY x.started_at DESC, x.id DESC "
-        "LIMIT 1)"
     )
     c.execute(
         "INSERT OR IGNORE INTO stats_hits (rollback_id, deployment_id, pipeline, environment, "
@@ -192,18 +209,14 @@ def _refresh_pair(c: sqlite3.Connection, p: str, e: str, since: str) -> None:
         "SELECT rb.id AS rb, rb.started_at AS at, rb.pipeline AS p, rb.environment AS e, "
         "rb.rollback_of AS target FROM deployments rb WHERE rb.pipeline=? AND rb.environment=? "
         "AND rb.started_at >= ? AND rb.rollback_of > 0 "
-        f"UNION ALL SELECT rb.id, rb.started_at, rb.pipeline, rb.environment, {prev} "
+        f"UNION ALL SELECT rb.id, rb.started_at, rb.pipeline, rb.environment, {previous_sql()} "
         "FROM deployments rb WHERE rb.pipeline=? AND rb.environment=? AND rb.started_at >= ? "
         "AND rb.rollback_of > 0) AS h "
         "JOIN deployments t ON t.id = h.target AND t.pipeline = h.p AND t.environment = h.e "
         "AND t.started_at IS NOT NULL",
         (*pe, since, *pe, since),
     )
-    new_hit = c.execute(
-        "SELECT min(started_at) FROM stats_hits WHERE pipeline=? AND environment=? "
-        "AND rollback_started_at >= ?",
-        (*pe, since),
-    ).fetchone()[0]
+    new_hit = _first_hit(c, pe, since)
     start = min(s for s in (since, old_hit, new_hit) if s is not None)
     # 2. The failures whose facts that can change: from ``start`` on, those not yet restored,
     # and those restored from ``start`` on (by a deployment now rolled back, or no longer the
@@ -273,8 +286,7 @@ def kept_rows(
     )
     if since is None:
         counts = query(
-            f"SELECT {sums}, count(DISTINCT CASE WHEN succeeded > 0 AND day <> '' THEN day END) AS days "
-            f"FROM {days} k WHERE {pe_where}",
+            f"SELECT {sums}, {_DAYS} FROM {days} k WHERE {pe_where}",
             pe_params,
         )[0]
     else:
@@ -282,21 +294,15 @@ def kept_rows(
         # from the deployments of that day alone.
         nxt = _next_day(since)
         counts = query(
-            f"SELECT {sums}, count(DISTINCT CASE WHEN succeeded > 0 AND day <> '' THEN day END) AS days "
-            f"FROM {days} k WHERE k.day >= ? AND {pe_where}",
+            f"SELECT {sums}, {_DAYS} FROM {days} k WHERE k.day >= ? AND {pe_where}",
             [nxt, *pe_params],
         )[0]
         w, params = _window(pipeline, environment, since)
         first = query(
-            "SELECT count(CASE WHEN rollback_of IS NULL AND status IN ('succeeded', 'failed') "
-            "THEN 1 END) AS changes, "
-            "count(CASE WHEN rollback_of IS NULL AND status = 'failed' THEN 1 END) AS failed, "
-            "count(rollback_of) AS rollbacks, "
-            "count(CASE WHEN rollback_of IS NULL AND status = 'succeeded' THEN 1 END) "
-            f"AS succeeded FROM deployments d WHERE {w} AND d.started_at < ?",
+            f"SELECT {count_columns()} FROM deployments d WHERE {w} AND d.started_at < ?",
             [*params, nxt],
         )[0]
-        for k in ("changes", "failed", "rollbacks", "succeeded"):
+        for k in _COUNTS:
             counts[k] += first[k]
         counts["days"] += 1 if first["succeeded"] else 0
     w, params = _window(pipeline, environment, since)
@@ -316,9 +322,10 @@ def kept_rows(
         "AND f.status = 'succeeded'",
         fparams,
     )[0]["n"]
-    # One row per restore (and one for the failures not restored yet): tuples, not dicts,
-    # for a whole history's tens of thousands of outages. A window from ``since`` reads its range of ix_stats_fail_at (``+``: not the whole of
-    # ix_stats_fail_restore, which only spares the sort).
+    # One row per restore (and one for the failures not restored yet): tuples, not dicts, for
+    # a whole history's tens of thousands of outages. A window from ``since`` reads its range
+    # of ix_stats_fail_at (``+``: not the whole of ix_stats_fail_restore, which only spares the
+    # sort).
     group = "+f.restore_id" if since is not None else "f.restore_id"
     outages = rows(
         "SELECT f.restore_id IS NULL, count(*), (max(f.restored_jd) - min(f.at_jd)) * 86400.0 "
@@ -331,13 +338,14 @@ def kept_rows(
         "rolled_back": rolled_back,
         "restores": [max(0.0, seconds) for unrestored, _, seconds in outages if not unrestored],
         "unrestored": sum(n for unrestored, n, _ in outages if unrestored),
-        "commits": commit_rows(query, w, params) if commits else [],
+        "commits": commit_rows(query, w, params, windowed=since is not None) if commits else [],
     }
 
 
-def commit_rows(query: Query, w: str, params: Sequence[Any]) -> list[CommitRow]:
-    """The commits deployed in the window: succeeded changes, per pipeline and environment."""
-    st = "+d.status" if "started_at" in w else "d.status"
+def commit_rows(query: Query, w: str, params: Sequence[Any], *, windowed: bool) -> list[CommitRow]:
+    """The commits deployed in the window: succeeded changes, per pipeline and environment.
+    ``windowed``: the window has a start (see :func:`direct_rows` about the ``+``)."""
+    st = "+d.status" if windowed else "d.status"
     return query(  # type: ignore[return-value]
         "SELECT pipeline, environment, git_commit, "
         "min(coalesce(finished_at, started_at)) AS deployed_at, count(*) AS deployments "
@@ -362,12 +370,7 @@ def direct_rows(
     st = "+d.status" if since is not None else "d.status"
     rb = "+d.rollback_of" if since is not None else "d.rollback_of"
     counts = query(
-        "SELECT count(CASE WHEN rollback_of IS NULL AND status IN ('succeeded', 'failed') "
-        "THEN 1 END) AS changes, "
-        "count(CASE WHEN rollback_of IS NULL AND status = 'failed' THEN 1 END) AS failed, "
-        "count(rollback_of) AS rollbacks, "
-        "count(CASE WHEN rollback_of IS NULL AND status = 'succeeded' THEN 1 END) "
-        "AS succeeded, count(DISTINCT CASE WHEN rollback_of IS NULL AND status = 'succeeded' "
+        f"SELECT {count_columns()}, count(DISTINCT CASE WHEN {_COUNTED['succeeded'].format(r='')} "
         "THEN substr(started_at, 1, 10) END) AS days, "
         f"min(started_at) AS first_at, max(started_at) AS last_at FROM deployments d WHERE {w}",
         params,
@@ -390,5 +393,5 @@ def direct_rows(
         "rolled_back": next(r["n"] for r in rows if r["kind"] == 0),
         "restores": [max(0.0, o["seconds"]) for o in outages if o["sid"] is not None],
         "unrestored": sum(o["n"] for o in outages if o["sid"] is None),
-        "commits": commit_rows(query, w, params) if commits else [],
+        "commits": commit_rows(query, w, params, windowed=since is not None) if commits else [],
     }

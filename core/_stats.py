@@ -192,6 +192,16 @@ def window_sql(
     return " AND ".join(where), params
 
 
+def previous_sql(of: str = "rb") -> str:
+    """The deployment started just before ``of`` in its pipeline and environment (its id): the
+    one a rollback ``of`` follows, and so marks as rolled back."""
+    return (
+        f"(SELECT p.id FROM deployments p WHERE p.pipeline = {of}.pipeline AND p.environment = "
+        f"{of}.environment AND p.started_at < {of}.started_at ORDER BY p.started_at DESC, "
+        "p.id DESC LIMIT 1)"
+    )
+
+
 def failures_sql(w: str, *, status: str = "d.status", rollback_of: str = "d.rollback_of") -> str:
     """The common table expressions of a window's failures and their restores, as both stores
     compute them from the deployments alone: ``hit`` (what a rollback of the window names or
@@ -205,9 +215,7 @@ def failures_sql(w: str, *, status: str = "d.status", rollback_of: str = "d.roll
         "WITH rb AS (SELECT d.id, d.rollback_of, d.pipeline, d.environment, d.started_at "
         f"FROM deployments d WHERE {rollback_of} > 0 AND {w}), "
         "hit(id) AS MATERIALIZED (SELECT rollback_of FROM rb UNION SELECT x FROM (SELECT "
-        "(SELECT p.id FROM deployments p WHERE p.pipeline = rb.pipeline AND p.environment = "
-        "rb.environment AND p.started_at < rb.started_at ORDER BY p.started_at DESC, "
-        "p.id DESC LIMIT 1) AS x FROM rb) AS prev WHERE x IS NOT NULL), "
+        f"{previous_sql()} AS x FROM rb) AS prev WHERE x IS NOT NULL), "
         "f AS (SELECT d.pipeline, d.environment, d.started_at, "
         "coalesce(d.finished_at, d.started_at) AS at FROM deployments d "
         f"WHERE {status} = 'failed' AND {w} UNION SELECT d.pipeline, d.environment, "

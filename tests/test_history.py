@@ -357,3 +357,29 @@ def test_history_error_is_a_shipyard_error(tmp_path):
     with pytest.raises(HistoryError) as info:
         open_store(str(path))
     assert info.value.exit_code == 2
+
+
+def test_a_deployment_that_waits_for_the_write_lock_starts_after_it_got_it(tmp_path):
+    # begin reads the clock holding the lock: a start recorded while another writer (the
+    # previous deployment's finish) held the file would precede that writer's end.
+    import threading
+    import time
+
+    from shipyard._reports import parse_ts
+
+    path = tmp_path / "history.db"
+    store = open_store(str(path))
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    ids: list[int] = []
+    waiter = threading.Thread(target=lambda: ids.append(begin(store, lock=False)))
+    waiter.start()
+    time.sleep(0.3)
+    released = time.time()
+    other.execute("COMMIT")
+    waiter.join(10)
+    other.close()
+    try:
+        assert parse_ts(store.get(ids[0])["started_at"]) >= released - 0.001
+    finally:
+        store.close()

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import random
 import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -86,6 +88,16 @@ class History:
         return out
 
 
+@pytest.fixture
+def history(tmp_path: Path) -> Iterator[History]:
+    """A new history written at chosen times; closed after the test."""
+    store = SQLiteStore(tmp_path / "history.db")
+    try:
+        yield History(store, random.Random(1))
+    finally:
+        store.close()
+
+
 def assert_kept_equals_direct(history: History) -> None:
     for w in history.windows():
         got = normalized(history.store.stats_rows(**w))
@@ -106,9 +118,8 @@ def test_the_kept_figures_are_the_direct_ones_as_the_history_grows(tmp_path, see
         store.close()
 
 
-def test_a_rollback_of_a_restore_moves_the_outage_to_the_next_good_deployment(tmp_path):
-    store = SQLiteStore(tmp_path / "history.db")
-    h = History(store, random.Random(1))
+def test_a_rollback_of_a_restore_moves_the_outage_to_the_next_good_deployment(history):
+    h, store = history, history.store
     web = ("web", "prod")
     h.deploy(web, Status.SUCCEEDED)
     h.deploy(web, Status.FAILED)
@@ -126,12 +137,10 @@ def test_a_rollback_of_a_restore_moves_the_outage_to_the_next_good_deployment(tm
     assert (len(after["restores"]), after["unrestored"], after["rolled_back"]) == (1, 0, 1)
     assert normalized(after) == normalized(direct(store))
     assert after["restores"][0] > before["restores"][0]
-    store.close()
 
 
-def test_a_deployment_marks_only_its_own_pipeline_and_environment_from_its_start(tmp_path):
-    store = SQLiteStore(tmp_path / "history.db")
-    h = History(store, random.Random(2))
+def test_a_deployment_marks_only_its_own_pipeline_and_environment_from_its_start(history):
+    h, store = history, history.store
     h.random(10)
     store.stats_rows()
     dirty = "SELECT pipeline, environment, since FROM stats_dirty"
@@ -147,7 +156,6 @@ def test_a_deployment_marks_only_its_own_pipeline_and_environment_from_its_start
     store.finish(dep_id, Status.FAILED, "x")
     assert store.conn.execute(dirty).fetchall() == [("api", "prod", start)]
     assert normalized(store.stats_rows()) == normalized(direct(store))
-    store.close()
 
 
 def test_a_schema_5_history_is_migrated_and_its_figures_kept_from_all_of_it(tmp_path):
@@ -183,7 +191,28 @@ def test_a_read_only_history_computes_the_figures_and_writes_nothing(tmp_path):
     assert dirty > 0
     want = normalized(direct(store))
     store.read_only = "a test says so"  # what a file nobody may write gets on opening
-    assert normalized(store.stats_rows()) == want
+    got = normalized(store.stats_rows())
+    assert got == want
     assert store.conn.execute("SELECT count(*) FROM stats_dirty").fetchone()[0] == dirty
     assert store.conn.execute("SELECT count(*) FROM stats_failures").fetchone()[0] == 0
+    # The same answer as the kept figures, once the file may be written again.
+    store.read_only = None
+    assert normalized(store.stats_rows()) == got
+    assert store.conn.execute("SELECT count(*) FROM stats_failures").fetchone()[0] > 0
     store.close()
+
+
+def test_an_end_time_changed_after_a_refresh_is_recomputed(history):
+    # The outages' lengths are kept; a write of finished_at alone must mark them for redoing.
+    h, store = history, history.store
+    web = ("web", "prod")
+    h.deploy(web, Status.FAILED)
+    fix = h.deploy(web, Status.SUCCEEDED)
+    before = store.stats_rows()["restores"]
+    store.conn.execute(
+        "UPDATE deployments SET finished_at=? WHERE id=?", (format_ts(h.t + 7200), fix)
+    )
+    after = store.stats_rows()["restores"]
+    assert normalized(store.stats_rows()) == normalized(direct(store))
+    assert len(before) == len(after) == 1
+    assert after[0] > before[0] + 7000
