@@ -117,6 +117,13 @@ class ThreadedFollower:
         """Why following failed, in one sentence; None to say nothing (the outcome decides)."""
         return None
 
+    def release(self, handle: Any) -> None:
+        """Free what :meth:`open` took, once reading has ended, however it ended.
+
+        Called in the reading thread, also when :meth:`close` came before :meth:`open` returned.
+        The default does nothing; a stream whose socket outlives an interrupt closes it here.
+        """
+
     # -- driving ----------------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -146,6 +153,7 @@ class ThreadedFollower:
     def _run(self) -> None:
         splitter = LineSplitter()
         problem = None
+        handle = None
         try:
             handle, chunks = self.open()
             with self._lock:
@@ -161,6 +169,11 @@ class ThreadedFollower:
         except Exception as exc:  # a broken stream loses output, never the step's outcome
             problem = self.explain(exc)
         finally:
+            if handle is not None:
+                try:
+                    self.release(handle)
+                except Exception:  # releasing is best effort
+                    pass
             rest = splitter.finish()
             if rest:
                 self._post(self._emit, rest)

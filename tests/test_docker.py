@@ -144,6 +144,66 @@ def test_run_cancel_stops_and_removes_the_container(docker_engine: Any, target: 
     assert ours(docker_engine, target) == []
 
 
+class Lines:
+    """Where a log follower delivers its lines (the part of a step context it uses)."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def log_lines(self, lines: list[str], stream: str) -> None:
+        self.lines.extend(lines)
+
+
+@pytest.mark.docker
+@pytest.mark.parametrize("when", ["while reading", "before its stream opened"])
+def test_log_follower_releases_its_socket_when_closed(
+    docker_engine: Any, target: Target, when: str
+) -> None:
+    """Closing a follower frees the engine socket at once, not when the collector finds it.
+
+    The SDK's stream close marks the socket closed, but while the response's file is open the
+    descriptor stays open; left to the garbage collector, it surfaced as a ResourceWarning in
+    whichever test happened to be running.
+    """
+    from shipyard.plugins.docker._engine import Engine
+    from shipyard.plugins.docker._logs import LogPump
+
+    class Watched(LogPump):
+        def open(self) -> Any:
+            handle, chunks = super().open()
+            self.sock = handle._response.raw._fp.fp.raw._sock
+            return handle, chunks
+
+    container = docker_engine.containers.run(
+        BUSYBOX, ["sh", "-c", "echo started; sleep 60"], detach=True, labels=target.labels
+    )
+
+    async def scenario() -> Watched:
+        engine = await Engine.connect()
+        pump = Watched(engine, container.id, Lines(), "web")  # type: ignore[arg-type]
+        try:
+            if when == "before its stream opened":
+                pump.close()
+            pump.start()
+            deadline = time.monotonic() + 20
+            while when == "while reading" and not pump.context.lines:  # type: ignore[attr-defined]
+                assert time.monotonic() < deadline, "no output arrived"
+                await asyncio.sleep(0.02)
+            pump.close()
+            await pump.wait(timeout=10)
+            return pump
+        finally:
+            engine.close()
+
+    try:
+        pump = asyncio.run(scenario())
+    finally:
+        container.remove(force=True)
+    if when == "while reading":
+        assert pump.context.lines == ["started"]  # type: ignore[attr-defined]
+    assert pump.sock.fileno() == -1, "the stream's socket is still open"
+
+
 @pytest.mark.docker
 def test_run_missing_image_with_pull_never_names_the_image(
     docker_engine: Any, target: Target

@@ -31,6 +31,12 @@ class LogPump(ThreadedFollower):
     def interrupt(self, handle: Any) -> None:
         handle.close()
 
+    def release(self, handle: Any) -> None:
+        # The stream's close marks its socket closed, but while the response's file is open the
+        # descriptor stays open; left to the garbage collector it surfaces later as a
+        # ResourceWarning. Closing the response here frees it now.
+        handle._response.close()
+
 
 def exit_text(rc: int, oom: bool = False) -> str:
     """How a container ended: ``exited with 137 (killed by SIGKILL)``, or killed for memory."""
