@@ -289,10 +289,30 @@ def _known_entries(path: str, host: Host) -> bool:
     return False
 
 
+def _asyncssh() -> Any:
+    """asyncssh, imported without the warning cryptography gives about its DSA support.
+
+    asyncssh still knows ``ssh-dss`` keys, and recent cryptography releases deprecate DSA with a
+    warning raised while asyncssh imports: noise in every deployment's output about something
+    its author cannot change (and an error under ``-W error``). Only that warning is silenced.
+    """
+    import sys
+
+    module = sys.modules.get("asyncssh")
+    if module is not None:
+        return module
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="DSA is deprecated", module="asyncssh")
+        import asyncssh
+    return asyncssh
+
+
 async def _open(host: Host, how: _Connect, limit: asyncio.Semaphore) -> Any:
     import asyncio
 
-    import asyncssh
+    asyncssh = _asyncssh()
 
     options: dict[str, Any] = {
         "port": host.port,
@@ -581,7 +601,7 @@ async def run_remote(
     A cancel sends SIGTERM over the channel, waits a moment, then closes the channel."""
     import asyncio
 
-    import asyncssh
+    asyncssh = _asyncssh()
 
     done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
     output = _Output(host, context, done)
@@ -1113,7 +1133,7 @@ class UploadStep(FleetStep):
     async def apply(
         self, conn: Any, host: Host, context: StepContext, run: _HostRun, state: _HostState
     ) -> None:
-        import asyncssh
+        asyncssh = _asyncssh()
 
         local = context.rootdir / self.local
         if not local.is_file():
