@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import nox
@@ -11,6 +12,7 @@ nox.options.reuse_existing_virtualenvs = True
 
 PYTHON = "3.11"
 EXTRAS = ".[test,docker,kubernetes,postgres,serve,otel,ssh]"
+CONSTRAINTS = Path(__file__).parent / ".ci" / "constraints.txt"
 
 
 @nox.session(python=PYTHON)
@@ -21,8 +23,12 @@ def tests(session: nox.Session) -> None:
     SHIPYARD_SKIP_K8S_REAL=1 skips them (docs/dev/kubernetes-real.md). One PostgreSQL cluster
     is started for the run (tests/pg_cluster.py; Debian's postgresql, which .ci/run installs);
     SHIPYARD_SKIP_POSTGRES=1 skips the tests that need it.
+
+    Dependencies are installed within .ci/constraints.txt, the versions the suite last passed
+    with; SHIPYARD_LATEST_DEPS=1 installs the newest releases instead (to refresh that file).
     """
-    session.install("-e", EXTRAS)
+    pins = [] if os.environ.get("SHIPYARD_LATEST_DEPS") else ["-c", str(CONSTRAINTS)]
+    session.install(*pins, "-e", EXTRAS)
     args = session.posargs or ["-n", "2", "--dist", "loadgroup"]
     session.run("python", "-m", "pytest", *args)
 
