@@ -9,7 +9,8 @@ configurations, run round-robin:
 - ``on``: spans exported over OTLP/HTTP to a loopback collector in this process that answers
   200 to every export (it reads the body, decodes nothing).
 
-- 13a: on - off, per step: <= 0.1 ms (a step span and an attempt span, TRACEPARENT set);
+- 13a: on - off, per step: <= 0.1 ms (a step span, made in one piece as the step ends, and
+  TRACEPARENT set; no attempt span, as the steps are not retried);
 - 13b: off - disabled, per step: zero, i.e. within the noise of the measurement (<= 0.01 ms).
 
 The floor of 13a, for context: bench/floor_otel_spans.py, the OpenTelemetry SDK alone starting,

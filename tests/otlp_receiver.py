@@ -51,6 +51,10 @@ class ReceivedSpan:
     status_code: int
     status_message: str
     resource: dict[str, Any] = field(default_factory=dict)
+    #: The instrumentation scope's name and version.
+    scope: tuple[str, str] = ("", "")
+    #: The span's kind (1 internal, 2 server, 3 client, ...).
+    kind: int = 0
 
     @property
     def service(self) -> str | None:
@@ -112,7 +116,8 @@ class OTLPReceiver:
                             attributes=_attrs(s.attributes),
                             events=[(e.name, _attrs(e.attributes)) for e in s.events],
                             status_code=s.status.code, status_message=s.status.message,
-                            resource=resource,
+                            resource=resource, scope=(ss.scope.name, ss.scope.version),
+                            kind=s.kind,
                         )
                     )  # fmt: skip
         with self._lock:

@@ -162,8 +162,18 @@ def test_span_tree_of_a_failed_deployment_and_its_rollback(shipyarder, receiver,
 
     (step,) = children(trace, release)
     assert step.attributes["shipyard.exit_code"] == 3
+    assert step.attributes["shipyard.step"] == "release"
+    assert step.attributes["shipyard.status"] == "failed"
+    assert "exited with 3" in step.attributes["shipyard.error"]
     assert step.status_code == 2
+    assert "exited with 3" in step.status_message
     assert children(trace, step) == []  # no retries: no attempt spans
+    # A step span that is not retried is made in one piece at its end (figure 13): the same
+    # resource, scope and kind as the spans the SDK makes, and its times inside its stage's.
+    assert (step.resource, step.scope, step.kind) == (release.resource, release.scope, 1)
+    assert step.scope[0] == "shipyard"
+    assert release.start_ns <= step.start_ns < step.end_ns <= release.end_ns
+    assert left.parent_span_id == right.parent_span_id == verify.span_id
 
     # The automatic rollback: a deployment of its own, a child of the one that failed.
     assert rollback.attributes["shipyard.rollback_of"] == 2
@@ -249,6 +259,37 @@ def test_each_attempt_gets_its_own_traceparent(shipyarder, receiver, service):
     attempts = {s.span_id for s in by_name(receiver.of_service(service), "attempt 1")}
     attempts |= {s.span_id for s in by_name(receiver.of_service(service), "attempt 2")}
     assert {TRACEPARENT.match(tp).group(2) for tp in seen} == attempts  # type: ignore[union-attr]
+
+
+def test_the_sdk_settings_apply_to_step_spans(shipyarder, receiver, service):
+    """Step spans made in one piece honour the SDK's value limit and samplers as its own do."""
+    shipyarder.makepipelines(
+        """
+        import shipyard as sy
+
+
+        @sy.pipeline()
+        def job(d: sy.Deployment):
+            return [sy.stage("s", sy.command("sh", "-c", 'echo "tp=$TRACEPARENT"; exit 4',
+                                             name="fails"))]
+        """
+    )
+    env = tracing_env(receiver, service, OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT="9")
+    assert shipyarder.run("deploy", "job", "1", "-e", "x", env=env).exit_code == 1
+    step, stage = (
+        one(receiver.of_service(service), "step fails"),
+        one(receiver.of_service(service), "stage s"),
+    )
+    assert step.attributes["shipyard.step"] == "fails"
+    assert len(step.attributes["shipyard.error"]) == 9
+    assert stage.attributes["shipyard.stage"] == "s"
+    # Nothing sampled: no spans; the processes still get the trace's context, with the sampled
+    # flag (bit 0) clear (bit 1 says the trace id is random, W3C Trace Context level 2).
+    env = tracing_env(receiver, f"{service}-off", OTEL_TRACES_SAMPLER="always_off")
+    result = shipyarder.run("deploy", "job", "2", "-e", "x", env=env)
+    assert result.exit_code == 1
+    assert re.search(r"tp=00-[0-9a-f]{32}-[0-9a-f]{16}-0[02]\b", result.stdout), result.stdout
+    assert receiver.of_service(f"{service}-off") == []
 
 
 def test_tracing_off_leaves_traceparent_alone(shipyarder, receiver, service):
