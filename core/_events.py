@@ -367,6 +367,46 @@ class CanaryStepReached(Event):
         return out
 
 
+@dataclass(kw_only=True, eq=False)
+class HostFinished(Event):
+    """One action of a fleet step on one host ended (``sy.ssh``, ``sy.upload``, ...): applying
+    the step, reverting it, or re-checking the host's health between batches.
+
+    Sent to plugins and core listeners, never to notification sinks (a fleet of 100 hosts would
+    be 100 chat messages): the step's log and its ``hosts`` artifact already say it all."""
+
+    hook = "shipyard_host_finished"
+    stage: str
+    stage_index: int
+    index: int
+    step: str
+    #: ``address:port`` as the step's output shows it.
+    host: str
+    address: str
+    port: int
+    group: str
+    region: str | None
+    #: ``apply``, ``revert`` or ``check``.
+    action: str
+    attempt: int
+    #: ``succeeded``, ``failed`` or ``cancelled``.
+    status: str
+    exit_code: int | None
+    error: str | None
+    #: Seconds since the epoch.
+    started_at: float
+    finished_at: float
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out.update(stage=self.stage, stage_index=self.stage_index, step=self.step,
+                   host=self.host, address=self.address, port=self.port, group=self.group,
+                   region=self.region, action=self.action, attempt=self.attempt,
+                   status=self.status, exit_code=self.exit_code, error=self.error,
+                   started_at=self.started_at, finished_at=self.finished_at)  # fmt: skip
+        return out
+
+
 class Listener(Protocol):
     """A core consumer of events (history, console, notifier dispatcher)."""
 

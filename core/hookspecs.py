@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from ._events import DeploymentFinished
     from ._events import DeploymentStarted
     from ._events import DeploymentSuspended
+    from ._events import HostFinished
     from ._events import RollbackStarted
     from ._events import StageFinished
     from ._events import StageStarted
@@ -387,6 +388,12 @@ def shipyard_analysis_finished(event: AnalysisFinished) -> None:
 @hookspec
 def shipyard_canary_step_reached(event: CanaryStepReached) -> None:
     """A canary moved ``event.percent`` of ``event.service``'s traffic to the new version."""
+
+
+@hookspec
+def shipyard_host_finished(event: HostFinished) -> None:
+    """A fleet step's action on one host ended: ``event.action`` (``apply``, ``revert`` or
+    ``check``) on ``event.host``, with its ``status``, ``exit_code``, ``error`` and times."""
 
 
 @hookspec

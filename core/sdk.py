@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from ._events import DeploymentFinished as DeploymentFinished
     from ._events import DeploymentStarted as DeploymentStarted
     from ._events import Event as Event
+    from ._events import HostFinished as HostFinished
     from ._events import LogLine as LogLine
     from ._events import RollbackStarted as RollbackStarted
     from ._events import StageFinished as StageFinished
@@ -154,6 +155,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "AnalysisFinished": ("shipyard._events", "AnalysisFinished"),
     "AnalysisStarted": ("shipyard._events", "AnalysisStarted"),
     "CanaryStepReached": ("shipyard._events", "CanaryStepReached"),
+    "HostFinished": ("shipyard._events", "HostFinished"),
     "ArtifactRow": ("shipyard._store", "ArtifactRow"),
     "MeasurementRecord": ("shipyard._store", "MeasurementRecord"),
     "MeasurementRow": ("shipyard._store", "MeasurementRow"),

@@ -13,6 +13,7 @@ The trace of a deployment::
       stage NAME                    shipyard.stage, .stage.index, .stage.parallel, .status
         step NAME                   shipyard.step, .step.kind, .status, .attempts, .exit_code
           attempt N                 (steps with retries=) shipyard.attempt, .status, .exit_code
+            host ADDRESS[:PORT]     (fleet steps) shipyard.host, server.address, .port, ...
       deploy PIPELINE (rollback)    the automatic rollback: a child of the failed deployment
 
 Events: ``retry`` on a step span (each attempt after the first), ``rollback`` on the deployment
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
 
     from shipyard.sdk import DeploymentFinished
     from shipyard.sdk import DeploymentStarted
+    from shipyard.sdk import HostFinished
     from shipyard.sdk import RollbackStarted
     from shipyard.sdk import StageFinished
     from shipyard.sdk import StageStarted
@@ -128,7 +130,7 @@ def traceparent(span: Any) -> str:
 class _Run:
     """The open spans of one deployment."""
 
-    __slots__ = ("context", "deployment", "finished_ns", "span", "stages", "steps")
+    __slots__ = ("attempts", "context", "deployment", "finished_ns", "span", "stages", "steps")
 
     def __init__(self, deployment: Any, span: Any, context: Any) -> None:
         self.deployment = deployment
@@ -139,6 +141,8 @@ class _Run:
         self.stages: dict[int, tuple[Any, Any]] = {}
         #: (stage index, step index) -> (span, context)
         self.steps: dict[tuple[int, int], tuple[Any, Any]] = {}
+        #: (stage index, step index) -> the span of the attempt running (steps with retries=)
+        self.attempts: dict[tuple[int, int], Any] = {}
         #: When it ended failed; the span stays open for the rollback event until then.
         self.finished_ns: int | None = None
 
@@ -157,7 +161,7 @@ class _StepSpan:
 
     __slots__ = ("_owner", "_parent", "attributes", "context", "name", "start", "status")
 
-    def __init__(self, owner: Tracing, name: str, parent: Any) -> None:
+    def __init__(self, owner: Tracing, name: str, parent: Any, start: int | None = None) -> None:
         self._owner = owner
         self._parent = parent
         self.name = name
@@ -168,7 +172,7 @@ class _StepSpan:
             trace_flags=parent.trace_flags,
             trace_state=parent.trace_state,
         )
-        self.start: int | None = time.time_ns()
+        self.start: int | None = time.time_ns() if start is None else start
         self.attributes: dict[str, Any] = {}
         self.status: tuple[Any, str | None] | None = None
 
@@ -184,9 +188,9 @@ class _StepSpan:
     def set_status(self, code: Any, description: str | None = None) -> None:
         self.status = (code, description)
 
-    def end(self) -> None:
+    def end(self, end_time: int | None = None) -> None:
         if self.start is not None:
-            self._owner._emit(self)
+            self._owner._emit(self, end_time)
             self.start = None
 
 
@@ -296,7 +300,7 @@ class Tracing:
         self._scope = InstrumentationScope("shipyard", __version__)
         return provider.get_tracer("shipyard", __version__)
 
-    def _emit(self, span: _StepSpan) -> None:
+    def _emit(self, span: _StepSpan, end_time: int | None = None) -> None:
         """Hand a finished :class:`_StepSpan` to the span processors, as the SDK's end does."""
         from opentelemetry.sdk.trace import ReadableSpan
         from opentelemetry.trace import Status
@@ -317,7 +321,7 @@ class Tracing:
                 attributes=attributes,
                 status=status,
                 start_time=span.start,
-                end_time=time.time_ns(),
+                end_time=time.time_ns() if end_time is None else end_time,
                 instrumentation_scope=self._scope,
             )
         )
@@ -481,6 +485,7 @@ class Tracing:
             f"attempt {n}", context=pair[1], attributes={"shipyard.attempt": n}
         )
         context.process_env["TRACEPARENT"] = traceparent(span)
+        run.attempts[key] = span
         try:
             awaitable = yield
         except BaseException as exc:
@@ -525,6 +530,8 @@ class Tracing:
         pair = run.steps.pop((event.stage_index, event.index), None) if run else None
         if pair is None:
             return
+        assert run is not None
+        run.attempts.pop((event.stage_index, event.index), None)
         span, r, step = pair[0], event.result, event.step
         attributes: dict[str, Any] = {"shipyard.step": step.name, "shipyard.step.kind": step.kind,
                                       "shipyard.status": str(r.status)}  # fmt: skip
@@ -538,6 +545,38 @@ class Tracing:
         if r.error:
             self._end(span, str(r.status), r.error)
         span.end()
+
+    @hookimpl
+    def shipyard_host_finished(self, event: HostFinished) -> None:
+        """A span per action of a fleet step on a host, under its step's (or attempt's) span."""
+        run = self._runs.get(id(event.deployment))
+        key = (event.stage_index, event.index)
+        pair = run.steps.get(key) if run else None
+        if pair is None:
+            return
+        assert run is not None
+        parent = run.attempts.get(key) or pair[0]
+        name = f"host {event.host}" + ("" if event.action == "apply" else f" ({event.action})")
+        start, end = int(event.started_at * 1e9), int(event.finished_at * 1e9)
+        ctx = parent.get_span_context()
+        span: Any
+        if isinstance(parent, _StepSpan) or (self._quick and ctx.trace_flags.sampled):
+            span = _StepSpan(self, name, ctx, start)
+        else:
+            parent_context = self._otel[0].set_span_in_context(parent)
+            span = self._tracer.start_span(name, context=parent_context, start_time=start)
+        attributes: dict[str, Any] = {
+            "shipyard.host": event.host, "server.address": event.address,
+            "server.port": event.port, "shipyard.host.group": event.group,
+            "shipyard.host.action": event.action, "shipyard.attempt": event.attempt,
+        }  # fmt: skip
+        if event.region:
+            attributes["shipyard.region"] = event.region
+        if event.exit_code is not None:
+            attributes["shipyard.exit_code"] = event.exit_code
+        span.set_attributes(attributes)
+        self._end(span, event.status, event.error)
+        span.end(end_time=end)
 
     @hookimpl
     def shipyard_stage_finished(self, event: StageFinished) -> None:

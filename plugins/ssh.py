@@ -837,12 +837,14 @@ class FleetStep(Step):
         except asyncio.CancelledError:
             run.status, run.error, run.finished_at = "cancelled", "cancelled", time.time()
             state.status = "cancelled"
+            _host_finished(context, host, run)
             raise
         except Exception as exc:  # a host's failure is that host's: the rollout decides
             run.status, run.error = "failed", f"{type(exc).__name__}: {exc}"
         else:
             run.status = "succeeded"
         run.finished_at = time.time()
+        _host_finished(context, host, run)
         ok = run.status == "succeeded"
         if action == "apply":
             state.status = "succeeded" if ok else "failed"
@@ -990,6 +992,21 @@ class FleetStep(Step):
                 "shipyard",
             )
         return StepResult(exit_code=0)
+
+
+def _host_finished(context: StepContext, host: Host, run: _HostRun) -> None:
+    """Tell the plugins (tracing, for one) that ``run`` on ``host`` ended."""
+    from shipyard.sdk import HostFinished
+    from shipyard.sdk import mask
+
+    assert run.started_at is not None
+    assert run.finished_at is not None
+    context.emit(
+        HostFinished, host=host.label, address=host.address, port=host.port, group=host.group,
+        region=host.region, action=run.action, attempt=run.attempt, status=run.status,
+        exit_code=run.exit_code, error=mask(run.error) if run.error else None,
+        started_at=run.started_at, finished_at=run.finished_at,
+    )  # fmt: skip
 
 
 def _last_failure(record: _Record, host: Host) -> _HostRun:

@@ -109,6 +109,55 @@ def test_rolling_deploy_switches_every_host(shipyarder, fleet: Fleet, five):
     ]
 
 
+def test_each_host_action_is_a_span_of_its_step(shipyarder, fleet: Fleet, five):
+    """With tracing on, every host a fleet step touched is a span under the step's (#19)."""
+    from otlp_receiver import OTLPReceiver
+
+    three = five[:3]
+    for h in three[:2]:
+        (h.home / "ready").write_text("")
+    body = """[sy.stage("check",
+        ssh("test", "-e", "ready", hosts=WEB, max_failures=1, **OPTS),
+        ssh("sh", "-c", "test -e ready || exit 7", hosts=WEB, max_failures=1, retries=1,
+            name="retried", **OPTS))]"""
+    shipyarder.makepipelines(_pipelines(fleet, three, body))
+    receiver = OTLPReceiver()
+    try:
+        env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url, "OTEL_SERVICE_NAME": "fleet-trace",
+               "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": None, "TRACEPARENT": None}  # fmt: skip
+        result = shipyarder.run("deploy", "app", "1.0", "-e", "prod", env=env)
+        spans = receiver.of_service("fleet-trace")
+    finally:
+        receiver.close()
+    assert result.exit_code == 0, result.output  # one failed host is within max_failures
+    labels = [f"{h.address}:{h.port}" for h in three]
+    (step,) = [s for s in spans if s.name == "step ssh test -e ready"]
+    hosts = sorted((s for s in spans if s.parent_span_id == step.span_id), key=lambda s: s.name)
+    assert [s.name for s in hosts] == sorted(f"host {label}" for label in labels)
+    for span in hosts:
+        address, port = span.attributes["server.address"], span.attributes["server.port"]
+        assert span.name == f"host {address}:{port}"
+        assert span.attributes["shipyard.region"] == "eu"
+        assert span.attributes["shipyard.host.group"] == "web"
+        assert span.attributes["shipyard.host.action"] == "apply"
+        assert step.start_ns <= span.start_ns < span.end_ns <= step.end_ns
+    by_host = {s.attributes["shipyard.host"]: s for s in hosts}
+    assert [by_host[label].attributes["shipyard.status"] for label in labels] == [
+        "succeeded", "succeeded", "failed",
+    ]  # fmt: skip
+    failed = by_host[labels[2]]
+    assert (failed.status_code, failed.attributes["shipyard.exit_code"]) == (2, 1)
+    assert "exited with 1" in failed.attributes["shipyard.error"]
+    # A step with retries=: the hosts are under the attempt they ran in.
+    (retried,) = [s for s in spans if s.name == "step retried"]
+    (attempt,) = [s for s in spans if s.parent_span_id == retried.span_id]
+    assert attempt.name == "attempt 1"  # within max_failures: one attempt was enough
+    under = [s for s in spans if s.parent_span_id == attempt.span_id]
+    assert sorted(s.attributes["shipyard.host"] for s in under) == sorted(labels)
+    assert {s.attributes["shipyard.attempt"] for s in under} == {1}
+    assert [s.attributes.get("shipyard.exit_code") for s in under if s.status_code == 2] == [7]
+
+
 def test_failures_beyond_max_failures_stop_and_roll_back(shipyarder, fleet: Fleet, five):
     shipyarder.makefile("app.py", "v\n")
     shipyarder.makepipelines(_pipelines(fleet, five, _RELEASE))

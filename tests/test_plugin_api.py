@@ -24,6 +24,7 @@ SDK_NAMES = {
     "Step", "StepContext", "StepResult", "StepFailed", "StepTypeRegistry", "NotifierRegistry",
     "ProviderRegistry", "AnalysisStarted", "AnalysisFinished",
     "CanaryStepReached",
+    "HostFinished",
     "PipelineDefinitionError", "HealthCheckFailed", "Deployment", "Status", "hookimpl",
     "reject_unknown_options", "__version__",
     # output, processes and threads
