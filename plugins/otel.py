@@ -292,7 +292,8 @@ class Tracing:
         from opentelemetry.sdk.trace import SpanLimits
         from opentelemetry.sdk.trace import sampling
 
-        kinds = (sampling.ParentBased, sampling.TraceIdRatioBased, sampling.StaticSampler)
+        kinds = (sampling.ParentBased, sampling.ParentBasedTraceIdRatio,
+                 sampling.TraceIdRatioBased, sampling.StaticSampler)  # fmt: skip
         self._quick = type(provider.sampler) in kinds
         self._max_value = SpanLimits().max_span_attribute_length
         from opentelemetry.sdk.util.instrumentation import InstrumentationScope

@@ -290,6 +290,14 @@ def test_the_sdk_settings_apply_to_step_spans(shipyarder, receiver, service):
     assert result.exit_code == 1
     assert re.search(r"tp=00-[0-9a-f]{32}-[0-9a-f]{16}-0[02]\b", result.stdout), result.stdout
     assert receiver.of_service(f"{service}-off") == []
+    # Sampled by trace id, all of them: the step's span under its stage's, as with the default.
+    env = tracing_env(
+        receiver, f"{service}-ratio",
+        OTEL_TRACES_SAMPLER="parentbased_traceidratio", OTEL_TRACES_SAMPLER_ARG="1",
+    )  # fmt: skip
+    assert shipyarder.run("deploy", "job", "3", "-e", "x", env=env).exit_code == 1
+    spans = receiver.of_service(f"{service}-ratio")
+    assert one(spans, "step fails").parent_span_id == one(spans, "stage s").span_id
 
 
 def test_tracing_off_leaves_traceparent_alone(shipyarder, receiver, service):
