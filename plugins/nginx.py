@@ -273,10 +273,15 @@ class NginxRouter:
         try:
             async with asyncio.timeout(COMMAND_TIMEOUT):
                 out, _ = await proc.communicate()
-        except BaseException:
+        except BaseException as exc:
             if proc.returncode is None:
                 proc.kill()
                 await proc.wait()
+            if isinstance(exc, TimeoutError):
+                raise StepFailed(
+                    f"`{shown}` did not {what} within {COMMAND_TIMEOUT:g}s and was killed; the "
+                    "previous upstream file was restored"
+                ) from None
             raise
         if proc.returncode != 0:
             lines = out.decode("utf-8", "replace").strip().splitlines()[-10:]

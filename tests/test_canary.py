@@ -269,6 +269,30 @@ def test_failed_validation_keeps_the_previous_weights(
     assert shares(f"http://127.0.0.1:{nginx.port}/", 20) == {"blue": 100.0}
 
 
+def test_a_hanging_nginx_test_is_a_step_failure_and_the_file_is_restored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An ``nginx -t`` that never returns is killed after its timeout: a clear failure."""
+    import shipyard.plugins.nginx as nginx_plugin
+
+    hanging = tmp_path / "nginx"
+    hanging.write_text("#!/bin/sh\nexec sleep 60\n")
+    hanging.chmod(0o755)
+    include = tmp_path / "conf.d"
+    include.mkdir()
+    monkeypatch.setattr(nginx_plugin, "COMMAND_TIMEOUT", 0.3)
+    router = sy.nginx(str(include), nginx=str(hanging))
+    ctx: Any = FakeContext()
+    started = time.monotonic()
+    with pytest.raises(StepFailed) as info:
+        asyncio.run(router.set_weights("web", {8001: 90, 8002: 10}, ctx))
+    assert time.monotonic() - started < 10
+    assert info.value.message.startswith(f"`{hanging} -t")
+    assert "did not validate the configuration within 0.3s and was killed" in info.value.message
+    assert "the previous upstream file was restored" in info.value.message
+    assert list(include.iterdir()) == []  # there was none: none is left
+
+
 def test_route_steps_in_a_plain_pipeline_split_the_traffic(
     nginx: NginxServer, backends: dict[str, LoopbackServer]
 ) -> None:
