@@ -76,6 +76,7 @@ if TYPE_CHECKING:
     from .plugins.notify import webhook as webhook
     from .plugins.python import python as python
     from .plugins.ssh import hosts as hosts
+    from .plugins.ssh import inventory as inventory
     from .plugins.ssh import ssh as ssh
     from .plugins.ssh import upload as upload
     from .plugins.ssh import waves as waves
@@ -140,6 +141,7 @@ _LAZY: dict[str, str] = {
     "pipeline": "shipyard._pipeline",
     "python": "shipyard.plugins.python",
     "hosts": "shipyard.plugins.ssh",
+    "inventory": "shipyard.plugins.ssh",
     "ssh": "shipyard.plugins.ssh",
     "upload": "shipyard.plugins.ssh",
     "waves": "shipyard.plugins.ssh",

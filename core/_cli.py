@@ -309,12 +309,15 @@ def list_cmd(state: _State, as_json: bool) -> None:
     for p in pipelines.values():
         env = (p.environments or ["*"])[0]
         try:
-            stages = [s.name for s in p.build(Deployment(0, p.name, "<version>", env))]
+            built = p.build(Deployment(0, p.name, "<version>", env))
         except PipelineDefinitionError:
-            stages = []
+            built = []
+        # The hosts (or other targets) its steps act on, each once, in order.
+        targets = list(dict.fromkeys(t for s in built for step in s.steps for t in step.targets()))
         rows.append(
             {"name": p.name, "description": p.description.split("\n")[0],
-             "environments": p.environments, "rollback": p.rollback, "stages": stages}
+             "environments": p.environments, "rollback": p.rollback,
+             "stages": [s.name for s in built], "targets": targets}
         )  # fmt: skip
     if as_json:
         _echo_json(rows)
@@ -330,6 +333,8 @@ def list_cmd(state: _State, as_json: bool) -> None:
         click.echo(
             f"    stages: {' -> '.join(r['stages']) or '(could not be built without a version)'}"
         )
+        for target in r["targets"]:
+            click.echo(f"    hosts {target}")
 
 
 @cli.command()

@@ -120,6 +120,12 @@ class Step:
         """One line for ``plan`` (secrets appear as placeholders, masked by the caller)."""
         return self.name
 
+    def targets(self) -> list[str]:
+        """Where the step acts besides this machine, as ``list`` shows it under its pipeline
+        (a fleet step: its host groups, ``web (region eu): 10.0.0.1, 10.0.0.2``); none by
+        default. Like :meth:`plan_details`, it must talk to no server."""
+        return []
+
     def plan_details(self, deployment: Deployment, rootdir: Path) -> list[str]:
         """Extra lines ``plan`` shows under the step (e.g. rendered objects); none by default.
 

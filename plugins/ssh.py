@@ -131,6 +131,8 @@ class HostGroup:
         if not members:
             raise _definition_error(f"hosts {name!r}: the group has no host")
         self.hosts: tuple[Host, ...] = tuple(members)
+        #: The loading of pipelines during which it was declared (see ``shipyard_configure``).
+        self.generation = _GENERATION[0]
         _GROUPS[name] = self
 
     def __repr__(self) -> str:
@@ -145,8 +147,109 @@ class HostGroup:
 #: Groups by name, as declared (the latest declaration of a name wins): ``hosts="web"``,
 #: ``hosts="region:eu"``, ``hosts="tag:canary"`` look here.
 _GROUPS: dict[str, HostGroup] = {}
+#: How many times pipelines were loaded and configured in this process.
+_GENERATION = [0]
 
 hosts = HostGroup
+
+
+@hookimpl
+def shipyard_configure(config: Any) -> None:
+    """Forget the groups of the pipelines files loaded before this one.
+
+    Groups are declared while a pipelines file loads, which is before this hook: the ones older
+    than the previous configure belong to another file, loaded earlier in the same process (the
+    test harness, a pytest run of several projects), and must not answer ``"tag:web"`` here.
+    """
+    stale = [name for name, g in _GROUPS.items() if g.generation < _GENERATION[0]]
+    for name in stale:
+        del _GROUPS[name]
+    _GENERATION[0] += 1
+
+
+#: What a group of an inventory file may say, as ``hosts(...)`` takes it.
+_INVENTORY_KEYS = ("hosts", "region", "user", "port", "tags")
+
+
+def inventory(path: str | os.PathLike[str]) -> dict[str, HostGroup]:
+    """Host groups from a TOML or YAML file (by its extension), one table per group::
+
+        [web]
+        hosts = ["10.0.1.11", "deploy@10.0.1.12:2222"]
+        region = "eu"
+        tags = ["web"]
+
+    Each group is declared as ``hosts(name, ...)`` would declare it, so steps can name it
+    (``hosts="web"``, ``"region:eu"``, ``"tag:web"``); they are returned by name. A relative
+    ``path`` is relative to the file that calls this (``pipelines.py``). YAML is read with
+    ``yaml.safe_load``.
+
+    :raises PipelineDefinitionError: naming the file (and the group) and what to change.
+    """
+    import sys
+    from pathlib import Path
+
+    from shipyard.sdk import PipelineDefinitionError
+
+    file = Path(path)
+    if not file.is_absolute():
+        caller = sys._getframe(1).f_globals.get("__file__")
+        file = (Path(caller).parent if caller else Path.cwd()) / file
+    where = f"inventory {file}"
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise _definition_error(f"{where}: cannot read it ({exc.strerror or exc})") from None
+    data: Any
+    if file.suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise _definition_error(f"{where}: not valid YAML: {exc}") from None
+    elif file.suffix == ".toml":
+        import tomllib
+
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise _definition_error(f"{where}: not valid TOML: {exc}") from None
+    else:
+        raise _definition_error(f"{where}: name a .toml, .yaml or .yml file")
+    if not isinstance(data, dict) or not data:
+        raise _definition_error(f"{where}: expected a table of host groups, like [web]")
+    groups: dict[str, HostGroup] = {}
+    for name, spec in data.items():
+        if not isinstance(spec, dict):
+            raise _definition_error(
+                f"{where}: group {name!r} must be a table with hosts = [...], not {spec!r}"
+            )
+        unknown = sorted(set(spec) - set(_INVENTORY_KEYS))
+        if unknown:
+            raise _definition_error(
+                f"{where}: group {name!r}: unknown key(s) {', '.join(unknown)}; "
+                f"a group takes {', '.join(_INVENTORY_KEYS)}"
+            )
+        addresses, port, tags = spec.get("hosts"), spec.get("port", 22), spec.get("tags", [])
+        if not isinstance(addresses, list) or not all(isinstance(a, str) for a in addresses):
+            raise _definition_error(f"{where}: group {name!r}: hosts must be a list of addresses")
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+            raise _definition_error(f"{where}: group {name!r}: port must be 1-65535, not {port!r}")
+        if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+            raise _definition_error(f"{where}: group {name!r}: tags must be a list of names")
+        for key in ("region", "user"):
+            if spec.get(key) is not None and not isinstance(spec[key], str):
+                raise _definition_error(f"{where}: group {name!r}: {key} must be a string")
+        try:
+            groups[str(name)] = HostGroup(
+                str(name), addresses, region=spec.get("region"), user=spec.get("user"),
+                port=port, tags=tags,
+            )  # fmt: skip
+        except PipelineDefinitionError as exc:
+            raise _definition_error(f"{where}: {exc}") from None
+    return groups
+
 
 _Selection = HostGroup | Host | str | Sequence["HostGroup | Host | str"]
 
@@ -184,6 +287,16 @@ def select(selection: _Selection, label: str) -> list[Host]:
             f"{label}: hosts={selection!r} selects no host (groups declared: {known})"
         )
     return unique
+
+
+def _group_lines(hosts: Iterable[Host]) -> list[str]:
+    """``web (region eu): 10.0.0.1, 10.0.0.2``: the hosts by group, in order."""
+    groups: dict[str, list[str]] = {}
+    for h in hosts:
+        groups.setdefault(h.group + (f" (region {h.region})" if h.region else ""), []).append(
+            h.label
+        )
+    return [f"{name}: {', '.join(labels)}" for name, labels in groups.items()]
 
 
 def _count(value: int | str | None, total: int, what: str, label: str, default: int) -> int:
@@ -747,13 +860,11 @@ class FleetStep(Step):
             parts.append("HOST KEYS NOT CHECKED")
         return "; ".join(parts)
 
+    def targets(self) -> list[str]:
+        return _group_lines(self.hosts)
+
     def plan_details(self, deployment: Any, rootdir: Any) -> list[str]:
-        groups: dict[str, list[str]] = {}
-        for h in self.hosts:
-            groups.setdefault(h.group + (f" (region {h.region})" if h.region else ""), []).append(
-                h.label
-            )
-        return [f"hosts {name}: {', '.join(labels)}" for name, labels in groups.items()]
+        return [f"hosts {line}" for line in self.targets()]
 
     # -- what subclasses provide ------------------------------------------------------------
 
@@ -1357,6 +1468,9 @@ class Waves(Step):
         if self.rollback:
             parts.append(f"rollback={self.rollback}")
         return "; ".join(parts)
+
+    def targets(self) -> list[str]:
+        return _group_lines(h for r in self.regions for h in self._wave_hosts(r))
 
     def plan_details(self, deployment: Any, rootdir: Any) -> list[str]:
         lines = [

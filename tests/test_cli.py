@@ -97,6 +97,7 @@ def test_list(project):
         "environments": ["staging", "production"],
         "rollback": "manual",
         "stages": ["build", "release"],
+        "targets": [],  # no step acts on other hosts
     }
 
 

@@ -60,6 +60,7 @@ EXPECTED = [
     "hookspec",
     "hosts",
     "http_json",
+    "inventory",
     "jsonl",
     "kubernetes",
     "metric",

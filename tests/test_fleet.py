@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import sqlite3
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -562,6 +563,104 @@ def test_bad_waves_are_definition_errors(
     shipyarder.makepipelines(text)
     result = shipyarder.run("plan", "app", "1.0", "-e", "prod")
     assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+_INVENTORY_PIPELINES = """
+import shipyard as sy
+
+GROUPS = sy.inventory("inventory/hosts.{ext}")
+
+@sy.pipeline()
+def app(d):
+    return [sy.stage("release",
+                     sy.ssh("true", hosts="region:eu", name="eu"),
+                     sy.ssh("true", hosts=[GROUPS["db"], "tag:canary"], name="db and canaries"))]
+"""
+
+
+@pytest.mark.parametrize("ext", ["toml", "yaml"])
+def test_an_inventory_file_declares_groups_that_list_and_plan_show(shipyarder, ext):
+    """Groups from a TOML or YAML inventory, addressed by group, region and tag (#16 item 1)."""
+    toml = """
+        [web]
+        hosts = ["10.9.0.1", "deploy@10.9.0.2:2222"]
+        region = "eu"
+        tags = ["canary"]
+
+        [db]
+        hosts = ["10.9.1.1"]
+        region = "us"
+        user = "pg"
+        port = 2200
+    """
+    yaml = """
+        web:
+          hosts: [10.9.0.1, "deploy@10.9.0.2:2222"]
+          region: eu
+          tags: [canary]
+        db:
+          hosts: [10.9.1.1]
+          region: us
+          user: pg
+          port: 2200
+    """
+    (shipyarder.path / "inventory").mkdir()
+    shipyarder.makefile(f"inventory/hosts.{ext}", textwrap.dedent(toml if ext == "toml" else yaml))
+    shipyarder.makepipelines(_INVENTORY_PIPELINES.replace("{ext}", ext))
+    listed = shipyarder.run("list")
+    assert listed.exit_code == 0, listed.output
+    assert "    hosts web (region eu): 10.9.0.1, 10.9.0.2:2222\n" in listed.output
+    assert "    hosts db (region us): 10.9.1.1:2200\n" in listed.output
+    (row,) = shipyarder.run("list", "--json").json()
+    assert row["targets"] == [
+        "web (region eu): 10.9.0.1, 10.9.0.2:2222", "db (region us): 10.9.1.1:2200",
+    ]  # fmt: skip
+    plan = shipyarder.run("plan", "app", "1.0", "-e", "prod")
+    assert plan.exit_code == 0, plan.output
+    # The second step: the db group, then the canary-tagged hosts, each once, in that order.
+    assert "(on 3 host(s): 10.9.1.1:2200, 10.9.0.1, 10.9.0.2:2222" in plan.output
+
+
+def test_groups_of_a_file_loaded_earlier_in_the_process_are_forgotten(shipyarder):
+    """``"tag:..."`` selects only from the pipelines file loaded now (in-process runs)."""
+    old = """
+import shipyard as sy
+OLD = sy.hosts("old", ["10.8.0.1"], tags=["canary"])
+
+@sy.pipeline()
+def app(d):
+    return [sy.stage("release", sy.ssh("true", hosts="tag:canary"))]
+"""
+    shipyarder.makepipelines(old)
+    assert "(on 1 host(s): 10.8.0.1" in shipyarder.run("plan", "app", "1", "-e", "x").output
+    shipyarder.makepipelines(old.replace('"old", ["10.8.0.1"]', '"new", ["10.8.0.2"]'))
+    plan = shipyarder.run("plan", "app", "1", "-e", "x")
+    assert plan.exit_code == 0, plan.output
+    assert "(on 1 host(s): 10.8.0.2" in plan.output  # not 10.8.0.1 as well
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (None, "cannot read it"),
+        ("[web\n", "not valid TOML"),
+        ("web = 3\n", "group 'web' must be a table with hosts = [...]"),
+        ('[web]\nhost = ["a"]\n', "group 'web': unknown key(s) host; a group takes hosts,"),
+        ('[web]\nhosts = "a"\n', "group 'web': hosts must be a list of addresses"),
+        ('[web]\nhosts = ["a"]\nport = 0\n', "group 'web': port must be 1-65535, not 0"),
+        ('[web]\nhosts = ["a:port"]\n', "bad address 'a:port'"),
+        ("", "expected a table of host groups"),
+    ],
+)
+def test_a_bad_inventory_is_a_definition_error_naming_the_file(shipyarder, text, message):
+    if text is not None:
+        shipyarder.makefile("inventory/hosts.toml", text)
+    shipyarder.makepipelines(_INVENTORY_PIPELINES.replace("{ext}", "toml"))
+    result = shipyarder.run("list")
+    assert result.exit_code == 2, result.output
+    assert f"inventory {shipyarder.path / 'inventory' / 'hosts.toml'}: " in result.output
     assert message in result.output
     assert "Traceback" not in result.output
 
