@@ -249,6 +249,40 @@ def _spawn(d: Path, name: str, argv: list[str]) -> int:
     return proc.pid
 
 
+#: The hollow kubelet's fake container runtime listens here, a path compiled into kubemark: two
+#: hollow nodes on one machine share it, and the one that exits last removes the other's socket
+#: (its pods then stay ContainerCreating for good).
+RUNTIME_SOCKET = "/tmp/kubelet_remote.sock"
+
+
+def _other_hollow_nodes() -> list[int]:
+    """Pids of running hollow kubelets (of another plane: a test run beside this one)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"/kubemark") and b"--morph=kubelet" in argv:
+            found.append(int(entry.name))
+    return found
+
+
+def _wait_for_other_hollow_nodes(timeout: float) -> None:
+    """Start no hollow node while another runs (or is still exiting): see RUNTIME_SOCKET."""
+    deadline = time.monotonic() + timeout
+    while others := _other_hollow_nodes():
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"another hollow kubelet is running (pid {', '.join(map(str, others))}) and "
+                f"would share {RUNTIME_SOCKET} with this one; stop its plane "
+                "(python tests/k8s_real.py down DIR) or let its test run finish"
+            )
+        time.sleep(0.2)
+
+
 def up(d: Path, timeout: float = 120) -> dict[str, object]:
     """Start the plane in ``d`` (see the module's docstring); its state."""
     bins = build()
@@ -311,6 +345,7 @@ def up(d: Path, timeout: float = 120) -> dict[str, object]:
         str(bins["kube-scheduler"]), f"--kubeconfig={sched}", "--leader-elect=false",
         "--bind-address=127.0.0.1", "--secure-port=0", "--port=0",
     ])  # fmt: skip
+    _wait_for_other_hollow_nodes(timeout)
     pids["kubemark"] = _spawn(d, "kubemark", [
         str(bins["kubemark"]), "--morph=kubelet", f"--name={NODE}", f"--kubeconfig={node}",
         f"--kubelet-port={kl}", f"--kubelet-read-only-port={klro}",
