@@ -147,31 +147,65 @@ class _Run:
         self.finished_ns: int | None = None
 
 
-class _StepSpan:
-    """The span of a step that is not retried, made in one piece when the step ends.
+class _Pieces:
+    """What a :class:`_StepSpan` is made of, looked up once when tracing starts."""
 
-    Its ids are drawn when the step starts (its ``TRACEPARENT`` must exist before the step's
+    __slots__ = ("ReadableSpan", "SpanContext", "Status", "ids", "limit", "processor",
+                 "resource", "scope", "unset")  # fmt: skip
+
+    def __init__(self, tracer: Any, version: str) -> None:
+        from opentelemetry.sdk.trace import ReadableSpan
+        from opentelemetry.sdk.trace import SpanLimits
+        from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+        from opentelemetry.trace import SpanContext
+        from opentelemetry.trace import Status
+        from opentelemetry.trace import StatusCode
+
+        self.ReadableSpan, self.SpanContext, self.Status = ReadableSpan, SpanContext, Status
+        self.unset = Status(StatusCode.UNSET)
+        self.ids, self.processor = tracer.id_generator, tracer.span_processor
+        self.resource, self.scope = tracer.resource, InstrumentationScope("shipyard", version)
+        #: The longest attribute value the SDK would keep (``OTEL_*ATTRIBUTE_VALUE_LENGTH_LIMIT``).
+        self.limit: int | None = SpanLimits().max_span_attribute_length
+
+    def finish(self, span: _StepSpan, end_time: int | None) -> None:
+        """Hand ``span``, ended, to the span processors, as the SDK's own end does."""
+        attributes, limit = span.attributes, self.limit
+        if limit is not None:
+            attributes = {k: v[:limit] if isinstance(v, str) else v for k, v in attributes.items()}
+        self.processor.on_end(
+            self.ReadableSpan(
+                span.name, context=span.context, parent=span.parent, resource=self.resource,
+                attributes=attributes,
+                status=self.unset if span.status is None else self.Status(*span.status),
+                start_time=span.start, end_time=time.time_ns() if end_time is None else end_time,
+                instrumentation_scope=self.scope,
+            )
+        )  # fmt: skip
+
+
+class _StepSpan:
+    """The span of a step that is not retried (or of a host), made in one piece at its end.
+
+    Its ids are drawn when it starts (a step's ``TRACEPARENT`` must exist before the step's
     processes do), its attributes and status are gathered as the SDK's span would gather them,
     and :meth:`end` hands the finished span to the span processors, as the SDK does at a span's
     end. Such a span has no events, links or children, so nothing is lost; what is saved is the
     SDK's bookkeeping for a span still open (a lock, the sampler's second opinion, a validation
     pass per attribute): more than half of what tracing cost a no-op step (figure 13). Used only
-    where the SDK's sampler would follow the parent's choice anyway (see ``_build``).
+    where the SDK's sampler would follow the parent's choice anyway (see ``Tracing._build``).
     """
 
-    __slots__ = ("_owner", "_parent", "attributes", "context", "name", "start", "status")
+    __slots__ = ("_pieces", "attributes", "context", "name", "parent", "start", "status")
 
-    def __init__(self, owner: Tracing, name: str, parent: Any, start: int | None = None) -> None:
-        self._owner = owner
-        self._parent = parent
+    def __init__(self, pieces: _Pieces, name: str, parent: Any, start: int | None = None) -> None:
+        self._pieces = pieces
+        self.parent = parent
         self.name = name
-        self.context = owner._otel[3](
-            parent.trace_id,
-            owner._tracer.id_generator.generate_span_id(),
-            is_remote=False,
-            trace_flags=parent.trace_flags,
-            trace_state=parent.trace_state,
-        )
+        self.context = pieces.SpanContext(
+            parent.trace_id, pieces.ids.generate_span_id(), is_remote=False,
+            trace_flags=parent.trace_flags, trace_state=parent.trace_state,
+        )  # fmt: skip
         self.start: int | None = time.time_ns() if start is None else start
         self.attributes: dict[str, Any] = {}
         self.status: tuple[Any, str | None] | None = None
@@ -190,7 +224,7 @@ class _StepSpan:
 
     def end(self, end_time: int | None = None) -> None:
         if self.start is not None:
-            self._owner._emit(self, end_time)
+            self._pieces.finish(self, end_time)
             self.start = None
 
 
@@ -206,11 +240,8 @@ class Tracing:
         self._processor: Any = None
         self._exporter: Any = None
         self._otel: Any = None
-        #: Whether steps may get a :class:`_StepSpan` (the sampler follows the parent's choice).
-        self._quick = False
-        #: The longest attribute value the SDK would keep (``OTEL_*ATTRIBUTE_VALUE_LENGTH_LIMIT``).
-        self._max_value: int | None = None
-        self._scope: Any = None
+        #: Set when spans may be made in one piece (the sampler follows the parent's choice).
+        self._pieces: _Pieces | None = None
         self._broken = False
         self._closed = False
         #: Open deployments by ``id()`` of their Deployment object.
@@ -286,46 +317,28 @@ class Tracing:
         )
         self._processor = BatchSpanProcessor(self._exporter)
         provider.add_span_processor(self._processor)
-        self._otel = (trace, otel_context, TraceContextTextMapPropagator(), trace.SpanContext)
-        # A step's one-piece span skips the sampler: right only for samplers that decide as the
-        # parent did (the OTEL_TRACES_SAMPLER choices: parent-based, by trace id, always).
-        from opentelemetry.sdk.trace import SpanLimits
+        self._otel = (trace, otel_context, TraceContextTextMapPropagator())
+        tracer = provider.get_tracer("shipyard", __version__)
+        # A one-piece span skips the sampler: right only for samplers that decide as the parent
+        # did (the OTEL_TRACES_SAMPLER choices: parent-based, by trace id, always).
         from opentelemetry.sdk.trace import sampling
 
         kinds = (sampling.ParentBased, sampling.ParentBasedTraceIdRatio,
                  sampling.TraceIdRatioBased, sampling.StaticSampler)  # fmt: skip
-        self._quick = type(provider.sampler) in kinds
-        self._max_value = SpanLimits().max_span_attribute_length
-        from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+        if type(provider.sampler) in kinds:
+            self._pieces = _Pieces(tracer, __version__)
+        return tracer
 
-        self._scope = InstrumentationScope("shipyard", __version__)
-        return provider.get_tracer("shipyard", __version__)
+    def _child(self, name: str, parent: Any, context: Any = None, start: int | None = None) -> Any:
+        """A span under ``parent``: in one piece where that is exact, else the SDK's.
 
-    def _emit(self, span: _StepSpan, end_time: int | None = None) -> None:
-        """Hand a finished :class:`_StepSpan` to the span processors, as the SDK's end does."""
-        from opentelemetry.sdk.trace import ReadableSpan
-        from opentelemetry.trace import Status
-        from opentelemetry.trace import StatusCode
-
-        attributes = span.attributes
-        limit = self._max_value
-        if limit is not None:
-            attributes = {k: v[:limit] if isinstance(v, str) else v for k, v in attributes.items()}
-        status = Status(StatusCode.UNSET) if span.status is None else Status(*span.status)
-        tracer = self._tracer
-        tracer.span_processor.on_end(
-            ReadableSpan(
-                span.name,
-                context=span.context,
-                parent=span._parent,
-                resource=tracer.resource,
-                attributes=attributes,
-                status=status,
-                start_time=span.start,
-                end_time=time.time_ns() if end_time is None else end_time,
-                instrumentation_scope=self._scope,
-            )
-        )
+        ``context`` is ``parent``'s OpenTelemetry context when the caller has it at hand."""
+        ctx = parent.get_span_context()
+        if self._pieces is not None and ctx.trace_flags.sampled:
+            return _StepSpan(self._pieces, name, ctx, start)
+        if context is None:
+            context = self._otel[0].set_span_in_context(parent)
+        return self._tracer.start_span(name, context=context, start_time=start)
 
     @hookimpl
     def shipyard_unconfigure(self, config: Any) -> None:
@@ -458,11 +471,11 @@ class Tracing:
         assert run is not None
         # Its attributes are set once, when it ends (nothing reads them before: the sampler is
         # the parent's), in one call: a no-op step pays for one attribute pass, not two.
-        parent = stage[0].get_span_context()
-        if self._quick and not step.retries and parent.trace_flags.sampled:
-            span: Any = _StepSpan(self, f"step {step.name}", parent)
+        name = f"step {step.name}"
+        if step.retries:  # attempt spans and retry events: the SDK's span
+            span = self._tracer.start_span(name, context=stage[1])
         else:
-            span = self._tracer.start_span(f"step {step.name}", context=stage[1])
+            span = self._child(name, stage[0], stage[1])
         # The step's context (the parent of attempt spans) is made only for retried steps.
         run.steps[event.stage_index, event.index] = (span, None)
 
@@ -559,13 +572,7 @@ class Tracing:
         parent = run.attempts.get(key) or pair[0]
         name = f"host {event.host}" + ("" if event.action == "apply" else f" ({event.action})")
         start, end = int(event.started_at * 1e9), int(event.finished_at * 1e9)
-        ctx = parent.get_span_context()
-        span: Any
-        if isinstance(parent, _StepSpan) or (self._quick and ctx.trace_flags.sampled):
-            span = _StepSpan(self, name, ctx, start)
-        else:
-            parent_context = self._otel[0].set_span_in_context(parent)
-            span = self._tracer.start_span(name, context=parent_context, start_time=start)
+        span = self._child(name, parent, start=start)
         attributes: dict[str, Any] = {
             "shipyard.host": event.host, "server.address": event.address,
             "server.port": event.port, "shipyard.host.group": event.group,

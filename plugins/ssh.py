@@ -116,6 +116,15 @@ class HostGroup:
             raise _definition_error(f"hosts: the group name must be a non-empty string: {name!r}")
         if isinstance(addresses, str):
             raise _definition_error(f"hosts {name!r}: give a list of addresses, not one string")
+        if not isinstance(addresses, Iterable) or not all(isinstance(a, str) for a in addresses):
+            raise _definition_error(f"hosts {name!r}: hosts must be a list of addresses")
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+            raise _definition_error(f"hosts {name!r}: port must be 1-65535, not {port!r}")
+        if isinstance(tags, str) or not all(isinstance(t, str) for t in tags):
+            raise _definition_error(f"hosts {name!r}: tags must be a list of names, not {tags!r}")
+        for key, value in (("region", region), ("user", user)):
+            if value is not None and not isinstance(value, str):
+                raise _definition_error(f"hosts {name!r}: {key} must be a string, not {value!r}")
         self.name = name
         self.region = region
         self.tags = tuple(tags)
@@ -231,21 +240,9 @@ def inventory(path: str | os.PathLike[str]) -> dict[str, HostGroup]:
                 f"{where}: group {name!r}: unknown key(s) {', '.join(unknown)}; "
                 f"a group takes {', '.join(_INVENTORY_KEYS)}"
             )
-        addresses, port, tags = spec.get("hosts"), spec.get("port", 22), spec.get("tags", [])
-        if not isinstance(addresses, list) or not all(isinstance(a, str) for a in addresses):
-            raise _definition_error(f"{where}: group {name!r}: hosts must be a list of addresses")
-        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
-            raise _definition_error(f"{where}: group {name!r}: port must be 1-65535, not {port!r}")
-        if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
-            raise _definition_error(f"{where}: group {name!r}: tags must be a list of names")
-        for key in ("region", "user"):
-            if spec.get(key) is not None and not isinstance(spec[key], str):
-                raise _definition_error(f"{where}: group {name!r}: {key} must be a string")
-        try:
-            groups[str(name)] = HostGroup(
-                str(name), addresses, region=spec.get("region"), user=spec.get("user"),
-                port=port, tags=tags,
-            )  # fmt: skip
+        options = {k: v for k, v in spec.items() if k != "hosts"}
+        try:  # sy.hosts checks the values, for a file as for pipelines.py
+            groups[str(name)] = HostGroup(str(name), spec.get("hosts") or [], **options)
         except PipelineDefinitionError as exc:
             raise _definition_error(f"{where}: {exc}") from None
     return groups

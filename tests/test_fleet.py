@@ -126,11 +126,18 @@ def test_each_host_action_is_a_span_of_its_step(shipyarder, fleet: Fleet, five):
     try:
         env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url, "OTEL_SERVICE_NAME": "fleet-trace",
                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": None, "TRACEPARENT": None}  # fmt: skip
-        result = shipyarder.run("deploy", "app", "1.0", "-e", "prod", env=env)
+        events = shipyarder.path / "events.jsonl"
+        result = shipyarder.run(
+            "deploy", "app", "1.0", "-e", "prod", "--notify", f"jsonl:{events}", env=env
+        )
         spans = receiver.of_service("fleet-trace")
     finally:
         receiver.close()
     assert result.exit_code == 0, result.output  # one failed host is within max_failures
+    # Host events reach plugins (the spans below), never notification sinks.
+    sent = [json.loads(line)["event"] for line in events.read_text().splitlines()]
+    assert "step_finished" in sent
+    assert not [e for e in sent if e.startswith("host")]
     labels = [f"{h.address}:{h.port}" for h in three]
     (step,) = [s for s in spans if s.name == "step ssh test -e ready"]
     hosts = sorted((s for s in spans if s.parent_span_id == step.span_id), key=lambda s: s.name)
@@ -426,6 +433,11 @@ def test_waves_failure_in_the_last_region_rolls_back_the_first_two(shipyarder, f
     plan = shipyarder.run("plan", "app", "1.0", "-e", "prod")
     assert plan.exit_code == 0, plan.output
     assert "wave 1: region canary: " + _label(everyone[0]) in plan.output
+    # list names the hosts of a waves step too, region by region, in wave order.
+    (row,) = shipyarder.run("list", "--json").json()
+    assert [t.split(" (region ")[1].split(")")[0] for t in row["targets"]] == [
+        "canary", "eu", "us",
+    ]  # fmt: skip
     _release(everyone, "1.0")
     first = shipyarder.run("deploy", "app", "1.0", "-e", "prod")
     assert first.exit_code == 0, first.output
@@ -648,8 +660,9 @@ def app(d):
         ("[web\n", "not valid TOML"),
         ("web = 3\n", "group 'web' must be a table with hosts = [...]"),
         ('[web]\nhost = ["a"]\n', "group 'web': unknown key(s) host; a group takes hosts,"),
-        ('[web]\nhosts = "a"\n', "group 'web': hosts must be a list of addresses"),
-        ('[web]\nhosts = ["a"]\nport = 0\n', "group 'web': port must be 1-65535, not 0"),
+        ('[web]\nhosts = "a"\n', "hosts 'web': give a list of addresses, not one string"),
+        ('[web]\nhosts = ["a"]\nport = 0\n', "hosts 'web': port must be 1-65535, not 0"),
+        ('[web]\nhosts = ["a"]\ntags = "x"\n', "hosts 'web': tags must be a list of names"),
         ('[web]\nhosts = ["a:port"]\n', "bad address 'a:port'"),
         ("", "expected a table of host groups"),
     ],
@@ -661,6 +674,24 @@ def test_a_bad_inventory_is_a_definition_error_naming_the_file(shipyarder, text,
     result = shipyarder.run("list")
     assert result.exit_code == 2, result.output
     assert f"inventory {shipyarder.path / 'inventory' / 'hosts.toml'}: " in result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        ('sy.hosts("web", ["10.0.0.1"], port=70000)', "hosts 'web': port must be 1-65535"),
+        ('sy.hosts("web", ["10.0.0.1"], tags="canary")', "hosts 'web': tags must be a list"),
+        ('sy.hosts("web", [10])', "hosts 'web': hosts must be a list of addresses"),
+        ('sy.hosts("web", ["10.0.0.1"], region=1)', "hosts 'web': region must be a string"),
+    ],
+)
+def test_bad_host_groups_are_definition_errors(shipyarder, call, message):
+    """The checks an inventory file gets are those of sy.hosts: one place for both."""
+    shipyarder.makepipelines(f"import shipyard as sy\nWEB = {call}\n")
+    result = shipyarder.run("list")
+    assert result.exit_code == 2, result.output
     assert message in result.output
     assert "Traceback" not in result.output
 
